@@ -1,0 +1,128 @@
+"""Model checkpoints with megatron-core ``dist_checkpointing``, saved atomically.
+
+A checkpoint directory holds the dist_checkpointing files (loadable at any TP/PP) plus
+``opdlm_model_config.json``. Saving writes into ``<dir>.partial-<tag>`` and renames it into place
+only after every rank has finished, so an interrupted save never leaves a half-written ``<dir>``.
+The config saved with the checkpoint pins the padded vocabulary, so the checkpoint reloads at
+another tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import CONFIG_FILE_NAME, ModelConfig
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def is_checkpoint(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "metadata.json")) and os.path.isfile(
+        os.path.join(directory, CONFIG_FILE_NAME)
+    )
+
+
+def atomic_directory_save(directory: str, write) -> None:
+    """Runs ``write(tmp_dir)`` on every rank, then moves ``tmp_dir`` to ``directory`` on rank 0.
+
+    ``write`` must be a collective that fills the (empty, existing) temporary directory.
+    """
+    directory = os.path.abspath(directory)
+    tag = _broadcast_object(f"{os.getpid()}")
+    tmp = f"{directory}.partial-{tag}"
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+    try:
+        write(tmp)
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _rank() == 0:
+        old = None
+        if os.path.exists(directory):
+            old = f"{directory}.old-{tag}"
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_state: Optional[Dict] = None) -> None:
+    """Saves this rank's part of ``model`` (a GPTModel) as a dist checkpoint with its config.
+
+    ``extra_state`` (plain picklable objects, identical on all ranks) goes into the common part.
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pinned = config.replace(padded_vocab=config.padded_vocab_size(tp))
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded = {**sharded, "opdlm_extra_state": extra_state}
+
+    def write(tmp: str) -> None:
+        dist_checkpointing.save(sharded, tmp)
+        if _rank() == 0:
+            pinned.save(tmp)
+
+    atomic_directory_save(directory, write)
+
+
+def load_model_config(directory: str) -> ModelConfig:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    return ModelConfig.load(directory)
+
+
+def load_model_checkpoint(model, directory: str, strict: bool = True) -> Dict:
+    """Loads a dist checkpoint into ``model`` (any TP/PP); returns the checkpoint's extra state."""
+    from megatron.core import dist_checkpointing
+
+    if not is_checkpoint(directory):
+        raise FileNotFoundError(
+            f"{directory} is not an opdlm-megatron checkpoint (needs metadata.json and {CONFIG_FILE_NAME})"
+        )
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, directory)
+    extra = state.pop("opdlm_extra_state", {}) if isinstance(state, dict) else {}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"checkpoint {directory} does not match the model: missing={missing} unexpected={unexpected}")
+    return extra
+
+
+def build_from_checkpoint(directory: str, role: str = "student", **build_kwargs):
+    """Builds a model for the current parallel layout from a checkpoint's config and loads its weights."""
+    from .model import build_model
+
+    config = load_model_config(directory)
+    model = build_model(config, role, **build_kwargs)
+    load_model_checkpoint(model, directory)
+    return model, config

@@ -1,0 +1,251 @@
+"""Attention structure for every use in OPDLM, from one rule.
+
+Each token carries three attributes (an ``AttentionLayout``):
+
+* ``block_ids`` - the block it belongs to (causal: its position; bidirectional: 0),
+* ``noisy`` - False for clean tokens (prompt, committed answer x0), True for the partially masked
+  copy ``xt`` of the OPD training layout,
+* ``valid`` - False for padding.
+
+Query q may attend key k iff k is valid and
+
+* q clean: k clean and ``block(k) <= block(q)`` (block-causal; b=1 is causal, one block is bidirectional),
+* q noisy: (k clean and ``block(k) < block(q)``) or (k noisy and ``block(k) == block(q)``),
+
+so an ``xt`` token of block j sees the prompt, x0 of blocks < j, and xt of block j. Padding queries
+attend everywhere: their outputs are finite garbage that no loss reads, and no valid query reads them.
+
+Every mask is available dense (megatron-core convention: a bool tensor ``[B, 1, Sq, Sk]`` in which
+**True means "masked out"**, consumed by ``AttnMaskType.arbitrary``) and, where torch provides it, as
+a FlexAttention ``BlockMask`` built from the same rule (``flex_block_mask``), which skips fully masked
+tiles. KV-cached decoding uses the same rule with the layout of the cached keys concatenated in front
+of the layout of the current queries (``AttentionLayout.cat`` / ``columns``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttentionLayout:
+    """Per-token attention attributes of a batch, all of shape ``[B, S]``."""
+
+    block_ids: Tensor
+    noisy: Tensor
+    valid: Tensor
+    position_ids: Tensor
+
+    def __post_init__(self) -> None:
+        shapes = {t.shape for t in (self.block_ids, self.noisy, self.valid, self.position_ids)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"layout tensors must share one [B, S] shape, got {sorted(map(tuple, shapes))}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.block_ids.shape[1]
+
+    def columns(self, start: int, end: Optional[int] = None) -> "AttentionLayout":
+        """The layout of sequence columns ``[start, end)``."""
+        sl = slice(start, end)
+        return AttentionLayout(self.block_ids[:, sl], self.noisy[:, sl], self.valid[:, sl], self.position_ids[:, sl])
+
+    def rows(self, index: Tensor) -> "AttentionLayout":
+        """The layout of the batch rows selected by ``index``."""
+        return AttentionLayout(self.block_ids[index], self.noisy[index], self.valid[index], self.position_ids[index])
+
+    @staticmethod
+    def cat(layouts: Sequence["AttentionLayout"]) -> "AttentionLayout":
+        """Concatenates layouts along the sequence (e.g. cached keys followed by new queries)."""
+        return AttentionLayout(
+            torch.cat([x.block_ids for x in layouts], 1),
+            torch.cat([x.noisy for x in layouts], 1),
+            torch.cat([x.valid for x in layouts], 1),
+            torch.cat([x.position_ids for x in layouts], 1),
+        )
+
+    def to(self, device) -> "AttentionLayout":
+        return AttentionLayout(*(t.to(device) for t in (self.block_ids, self.noisy, self.valid, self.position_ids)))
+
+    # ------------------------------------------------------------------------------------ masks
+    def allowed(self, keys: Optional["AttentionLayout"] = None) -> Tensor:
+        """``[B, Sq, Sk]`` bool, True where query (this layout) may attend key (``keys``, default self)."""
+        keys = self if keys is None else keys
+        if keys.batch_size != self.batch_size:
+            raise ValueError(f"query batch {self.batch_size} != key batch {keys.batch_size}")
+        return _allowed(
+            self.block_ids[:, :, None], self.noisy[:, :, None], self.valid[:, :, None],
+            keys.block_ids[:, None, :], keys.noisy[:, None, :], keys.valid[:, None, :],
+        )
+
+    def dense_mask(self, keys: Optional["AttentionLayout"] = None) -> Tensor:
+        """megatron-core attention mask ``[B, 1, Sq, Sk]``: True = masked out."""
+        return ~self.allowed(keys)[:, None]
+
+    def flex_block_mask(self, keys: Optional["AttentionLayout"] = None, block_size: int = 128, compile: bool = False):
+        """FlexAttention ``BlockMask`` for the same rule as ``allowed`` (all heads share it)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        keys = self if keys is None else keys
+        qb, qn, qv = self.block_ids, self.noisy, self.valid
+        kb, kn, kv = keys.block_ids, keys.noisy, keys.valid
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return _allowed(qb[b, q_idx], qn[b, q_idx], qv[b, q_idx], kb[b, kv_idx], kn[b, kv_idx], kv[b, kv_idx])
+
+        return create_block_mask(
+            mask_mod, B=self.batch_size, H=None, Q_LEN=self.seq_len, KV_LEN=keys.seq_len,
+            device=self.block_ids.device, BLOCK_SIZE=block_size, _compile=compile,
+        )
+
+
+def _allowed(qb, qn, qv, kb, kn, kv):
+    clean_rule = ~kn & (kb <= qb)
+    noisy_rule = (~kn & (kb < qb)) | (kn & (kb == qb))
+    allow = torch.where(qn, noisy_rule, clean_rule) & kv
+    return allow | ~qv
+
+
+# ------------------------------------------------------------------------------------ builders
+def positions_from_valid(valid: Tensor) -> Tensor:
+    """Position ids counting valid tokens only (left padding gets position 0)."""
+    return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _check_valid(valid: Tensor) -> Tensor:
+    if valid.dim() != 2 or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a [B, S] bool tensor, got shape {tuple(valid.shape)} dtype {valid.dtype}")
+    return valid
+
+
+def block_ids_for(positions: Tensor, block_size: int, prompt_lengths: Optional[Tensor] = None) -> Tensor:
+    """Block id of each position.
+
+    Without ``prompt_lengths`` blocks tile the sequence from position 0. With them, the prompt is
+    tiled from its start (its last block may be short) and the answer starts a fresh block, so every
+    answer block holds exactly ``block_size`` answer tokens.
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if prompt_lengths is None:
+        return positions // block_size
+    plen = prompt_lengths.to(positions.device).long()[:, None]
+    prompt_blocks = (plen + block_size - 1) // block_size
+    in_prompt = positions < plen
+    return torch.where(in_prompt, positions // block_size, prompt_blocks + (positions - plen) // block_size)
+
+
+def causal_layout(valid: Tensor) -> AttentionLayout:
+    """Teacher / AR layout: every token its own block."""
+    valid = _check_valid(valid)
+    pos = positions_from_valid(valid)
+    return AttentionLayout(pos.clone(), torch.zeros_like(valid), valid, pos)
+
+
+def bidirectional_layout(valid: Tensor) -> AttentionLayout:
+    """Full bidirectional attention over the valid tokens (block size = sequence length)."""
+    valid = _check_valid(valid)
+    pos = positions_from_valid(valid)
+    return AttentionLayout(torch.zeros_like(pos), torch.zeros_like(valid), valid, pos)
+
+
+def block_causal_layout(valid: Tensor, block_size: int, prompt_lengths: Optional[Tensor] = None) -> AttentionLayout:
+    """Student layout: bidirectional inside blocks of ``block_size``, causal across blocks."""
+    valid = _check_valid(valid)
+    pos = positions_from_valid(valid)
+    return AttentionLayout(block_ids_for(pos, block_size, prompt_lengths), torch.zeros_like(valid), valid, pos)
+
+
+@dataclass
+class OPDBatch:
+    """Student input of the OPD training layout ``[prompt | x0 | xt]`` (paper, Algorithm 1).
+
+    ``input_ids``/``layout`` are ``[B, P + 2A]``: prompts left-padded to ``P``, answers right-padded
+    to ``A``. ``xt_columns`` ``[B, A]`` index the xt copy of every answer token, ``prediction_columns``
+    ``[B, A]`` the column whose output predicts that answer token (itself, or with a logit shift the
+    previous token's column: inside the block its xt column, across a block boundary the clean x0 or
+    prompt column), ``answer_valid`` ``[B, A]`` marks real answer tokens.
+    """
+
+    input_ids: Tensor
+    layout: AttentionLayout
+    xt_columns: Tensor
+    prediction_columns: Tensor
+    answer_valid: Tensor
+
+    @property
+    def position_ids(self) -> Tensor:
+        return self.layout.position_ids
+
+
+def opd_training_batch(
+    prompt_ids: Tensor,
+    prompt_valid: Tensor,
+    x0_ids: Tensor,
+    xt_ids: Tensor,
+    answer_valid: Tensor,
+    block_size: int,
+    logit_shift: bool = False,
+) -> OPDBatch:
+    """Builds the ``[prompt | x0 | xt]`` layout.
+
+    ``prompt_ids``/``prompt_valid`` ``[B, P]`` are left-padded; ``x0_ids``/``xt_ids``/``answer_valid``
+    ``[B, A]`` right-padded. xt shares position ids with x0. Prompt and x0 are block-causal (the
+    answer starts a fresh block); xt of block j sees the prompt, x0 of earlier blocks and xt of block j.
+    """
+    _check_valid(prompt_valid)
+    _check_valid(answer_valid)
+    if x0_ids.shape != xt_ids.shape or x0_ids.shape != answer_valid.shape:
+        raise ValueError(
+            f"x0 {tuple(x0_ids.shape)}, xt {tuple(xt_ids.shape)} and answer_valid "
+            f"{tuple(answer_valid.shape)} must have one shape"
+        )
+    if prompt_ids.shape != prompt_valid.shape or prompt_ids.shape[0] != x0_ids.shape[0]:
+        raise ValueError(f"prompt {tuple(prompt_ids.shape)} does not match answers {tuple(x0_ids.shape)}")
+    if answer_valid.any():
+        # right padding: once a row's answer stops, it stays stopped
+        if (answer_valid[:, 1:] & ~answer_valid[:, :-1]).any():
+            raise ValueError("answer_valid must be right-padded (no valid token after a padding token)")
+    if (prompt_valid[:, :-1] & ~prompt_valid[:, 1:]).any():
+        raise ValueError("prompt_valid must be left-padded (no padding token after a valid token)")
+    if not prompt_valid.any(-1).all():
+        raise ValueError("every row needs at least one prompt token")
+
+    bsz, plen_max = prompt_ids.shape
+    alen_max = x0_ids.shape[1]
+    device = prompt_ids.device
+    prompt_lengths = prompt_valid.sum(-1)
+
+    prompt_pos = positions_from_valid(prompt_valid)
+    answer_pos = prompt_lengths[:, None] + torch.arange(alen_max, device=device)[None]
+    prompt_blocks = block_ids_for(prompt_pos, block_size)
+    answer_blocks = block_ids_for(answer_pos, block_size, prompt_lengths)
+
+    clean = torch.zeros_like(answer_valid)
+    layout = AttentionLayout(
+        block_ids=torch.cat([prompt_blocks, answer_blocks, answer_blocks], 1),
+        noisy=torch.cat([torch.zeros_like(prompt_valid), clean, ~clean], 1),
+        valid=torch.cat([prompt_valid, answer_valid, answer_valid], 1),
+        position_ids=torch.cat([prompt_pos, answer_pos, answer_pos], 1),
+    )
+    input_ids = torch.cat([prompt_ids, x0_ids, xt_ids], 1)
+
+    answer_index = torch.arange(alen_max, device=device)[None].expand(bsz, -1)
+    xt_columns = plen_max + alen_max + answer_index
+    if not logit_shift:
+        prediction_columns = xt_columns
+    else:
+        starts_block = (answer_index % block_size) == 0
+        # previous token's clean column: the last prompt token for answer 0, else x0 of answer i-1
+        prev_clean = torch.where(answer_index == 0, torch.full_like(answer_index, plen_max - 1),
+                                 plen_max + answer_index - 1)
+        prediction_columns = torch.where(starts_block, prev_clean, xt_columns - 1)
+    return OPDBatch(input_ids, layout, xt_columns, prediction_columns, answer_valid)

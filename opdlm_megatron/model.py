@@ -1,0 +1,202 @@
+"""Student and teacher GPTModels from one ``ModelConfig``.
+
+Both are megatron-core ``GPTModel``s built from the stock local or Transformer Engine layer spec,
+with two changes made through the spec and a subclass rather than a fork:
+
+* self-attention takes an explicit mask (``AttnMaskType.arbitrary``; the student's block-causal /
+  OPD layouts and the teacher's padded causal mask both come from ``masks.py``), optionally through
+  ``FlexCoreAttention`` (``attention_backend="flex"``);
+* RoPE follows the ``position_ids`` given to ``forward`` (``OPDGPTModel``): megatron's GPTModel
+  rotates by column index, but OPDLM needs per-row positions (left-padded batches) and the xt copy
+  of an answer sharing positions with x0.
+
+The student and the teacher have the same architecture and the same (padded) vocabulary, including
+the ``[MASK]`` row, so that their vocab-parallel logits line up shard for shard.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .attention import FlexCoreAttention
+from .config import ModelConfig
+from .masks import AttentionLayout
+
+ROLES = ("student", "teacher")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class OPDGPTModel(GPTModel):
+    """GPTModel whose rotary embedding is indexed by ``position_ids`` ``[B, S]``."""
+
+    def _rope_table(self, device: torch.device) -> Tensor:
+        table = getattr(self, "_opd_rope_table", None)
+        if table is None or table.device != device:
+            # [max_len, 1, 1, dim] in fp32, built by megatron's RotaryEmbedding (incl. its scaling)
+            table = self.rotary_pos_emb.get_emb(self.max_sequence_length).to(device)
+            self._opd_rope_table = table
+        return table
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        outputs = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if self.position_embedding_type != "rope" or position_ids is None:
+            return outputs
+        table = self._rope_table(position_ids.device)
+        if position_ids.numel() and int(position_ids.max()) >= table.shape[0]:
+            raise ValueError(
+                f"position id {int(position_ids.max())} exceeds max_sequence_length {table.shape[0]}"
+            )
+        # [B, S] -> [S, B, 1, dim]; megatron's RoPE broadcasts over heads and accepts per-row freqs
+        rotary = table[position_ids.t()].squeeze(2)
+        return (outputs[0], rotary, *outputs[2:])
+
+
+def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary) -> ModuleSpec:
+    """The stock megatron-core layer spec with our attention-mask handling plugged in."""
+    if config.transformer_impl == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    else:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE:
+            raise ImportError(
+                "transformer_impl='transformer_engine' needs Transformer Engine "
+                "(pip install 'opdlm-megatron[te]'); use transformer_impl='local' without it"
+            )
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    attention = spec.submodules.self_attention
+    attention.params = {**attention.params, "attn_mask_type": attn_mask_type}
+    if config.attention_backend == "flex":
+        attention.submodules.core_attention = FlexCoreAttention
+    return spec
+
+
+def _rope_kwargs(config: ModelConfig) -> dict:
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+    kwargs = dict(rotary_base=config.rotary_base, rotary_percent=config.rotary_percent)
+    if rope_type == "linear":
+        kwargs["seq_len_interpolation_factor"] = float(scaling["factor"])
+    return kwargs
+
+
+def _apply_llama3_rope_scaling(model: OPDGPTModel, config: ModelConfig) -> None:
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return
+    rope = model.rotary_pos_emb
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base,
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def build_model(
+    config: ModelConfig,
+    role: str = "student",
+    device: Optional[torch.device] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+    **transformer_overrides,
+) -> OPDGPTModel:
+    """Builds this rank's part of the student or teacher for the current megatron parallel state.
+
+    The teacher comes back in eval mode with gradients off; it never enters an optimizer.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("megatron parallel state is not initialised; call platform.initialize_runtime first")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp != 1:
+        raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    transformer_config = config.transformer_config(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=device.type == "cpu",
+        **transformer_overrides,
+    )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = OPDGPTModel(
+        config=transformer_config,
+        transformer_layer_spec=layer_spec(config, attn_mask_type),
+        vocab_size=config.padded_vocab_size(tp),
+        max_sequence_length=config.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        **_rope_kwargs(config),
+    )
+    _apply_llama3_rope_scaling(model, config)
+    model.to(device=device, dtype=config.torch_dtype)
+    model.opd_role = role
+    model.opd_config = config
+    if role == "teacher":
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def build_student_and_teacher(config: ModelConfig, teacher_config: Optional[ModelConfig] = None, **kwargs) -> List[OPDGPTModel]:
+    """Student and frozen teacher for the current parallel layout (teacher defaults to the same config)."""
+    teacher_config = teacher_config or config
+    student = build_model(config, "student", **kwargs)
+    teacher = build_model(teacher_config, "teacher", **kwargs)
+    return [student, teacher]
+
+
+def attention_mask(config: ModelConfig, queries: AttentionLayout, keys: Optional[AttentionLayout] = None):
+    """The mask object the model's attention backend consumes: dense bool (True = masked) or BlockMask."""
+    if config.attention_backend == "flex":
+        return queries.flex_block_mask(keys)
+    return queries.dense_mask(keys)
+
+
+def vocab_shard_range(config: ModelConfig) -> tuple:
+    """``[start, end)`` of the padded vocabulary held by this tensor-parallel rank."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    per_rank = config.padded_vocab_size(tp) // tp
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def mask_unused_vocab(logits: Tensor, config: ModelConfig, exclude_mask_token: bool = True) -> Tensor:
+    """Sets the vocab-parallel logits of padded rows (and, by default, of [MASK]) to -inf.
+
+    ``logits`` is this rank's shard ``[..., V / TP]``; returns a new tensor.
+    """
+    start, end = vocab_shard_range(config)
+    if logits.shape[-1] != end - start:
+        raise ValueError(f"logits shard has {logits.shape[-1]} columns, expected {end - start}")
+    ids = torch.arange(start, end, device=logits.device)
+    unused = ids >= config.model_vocab_size
+    if exclude_mask_token:
+        unused |= ids == config.mask_token_id
+    return logits.masked_fill(unused, float("-inf"))

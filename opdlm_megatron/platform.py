@@ -1,0 +1,258 @@
+"""Runtime set-up: torch.distributed, megatron-core parallel_state and RNG, on CUDA/NCCL or CPU/gloo.
+
+``initialize_runtime`` is the one call every entry point makes. With ``device="cpu"`` (or ``"auto"``
+on a machine without a GPU) it runs the *same* megatron-core code over gloo. megatron-core assumes
+CUDA in a handful of places on the paths we use; ``CpuShims`` redirects exactly those, and only
+while it is entered (``Runtime`` enters it and ``Runtime.close`` leaves it):
+
+1. ``torch.cuda.current_device`` -> ``torch.device("cpu")``: megatron passes it as ``device=`` to
+   buffers (global memory buffer, p2p shape exchange, pipeline receive buffers).
+2. ``torch.cuda.synchronize`` -> no-op (p2p communication synchronises after batched isend/irecv).
+3. The CUDA RNG: ``torch.cuda.{get,set}_rng_state``/``manual_seed`` and megatron's
+   ``tensor_parallel.random._{get,set}_cuda_rng_state`` act on the CPU generator, so megatron's
+   RNG tracker forks (tensor-parallel dropout, initialisation) keep their meaning on CPU.
+4. ``device="cuda"`` in tensor factories and ``Tensor.cuda()`` / ``Tensor.to("cuda")`` (pipeline
+   schedules allocate their token counters this way): a ``TorchFunctionMode`` maps them to CPU.
+
+In CUDA mode nothing is patched. ``tests/test_platform.py`` runs real TP=2 and PP=2
+forward/backward passes through ``get_forward_backward_func`` on a machine without CUDA, so a
+future megatron-core that adds an uncovered CUDA path fails that test instead of a user's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "cpu")
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU for the torch calls made while the mode is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuShims:
+    """Context manager that lets megatron-core's CUDA-assuming code paths run on CPU.
+
+    Re-entrant use is not supported; ``Runtime`` owns a single instance.
+    """
+
+    def __init__(self) -> None:
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    @property
+    def active(self) -> bool:
+        return self._stack is not None
+
+    def __enter__(self) -> "CpuShims":
+        if self._stack is not None:
+            raise RuntimeError("CpuShims is already active")
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        stack = contextlib.ExitStack()
+
+        def patch(owner: Any, name: str, value: Callable) -> None:
+            original = getattr(owner, name)
+            setattr(owner, name, value)
+            stack.callback(setattr, owner, name, original)
+
+        def get_rng_state(*_args, **_kwargs):
+            return torch.get_rng_state()
+
+        def set_rng_state(state, *_args, **_kwargs):
+            torch.set_rng_state(state)
+
+        patch(torch.cuda, "current_device", lambda: _CPU)
+        patch(torch.cuda, "synchronize", lambda *a, **k: None)
+        patch(torch.cuda, "get_rng_state", get_rng_state)
+        patch(torch.cuda, "set_rng_state", set_rng_state)
+        patch(torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
+        patch(torch.cuda.random, "get_rng_state", get_rng_state)
+        patch(mcore_random, "_get_cuda_rng_state", get_rng_state)
+        patch(mcore_random, "_set_cuda_rng_state", set_rng_state)
+        stack.enter_context(_CudaToCpuMode())
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Parallel layout of a run; data parallel is whatever the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+
+    def validate(self, world_size: int) -> int:
+        """Checks the sizes against ``world_size`` and returns the data-parallel size."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        model_parallel = (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        )
+        if world_size % model_parallel != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP({self.tensor_model_parallel_size}) x "
+                f"PP({self.pipeline_model_parallel_size}) x CP({self.context_parallel_size}) = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+
+def resolve_device(device: str) -> torch.device:
+    """Maps ``"auto" | "cuda" | "cpu"`` to a torch device (auto: CUDA when available)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return _CPU
+
+
+class Runtime:
+    """Handle on an initialised run. ``close()`` (or leaving the ``with`` block) undoes everything
+    ``initialize_runtime`` did: parallel state, the process group it created, and the CPU shims."""
+
+    def __init__(self, device: torch.device, sizes: ParallelSizes, created_process_group: bool, shims) -> None:
+        self.device = device
+        self.sizes = sizes
+        self._created_process_group = created_process_group
+        self._shims: Optional[CpuShims] = shims
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.data_parallel_size = sizes.validate(self.world_size)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def close(self) -> None:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if self._created_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        if self._shims is not None:
+            self._shims.__exit__(None, None, None)
+            self._shims = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy, torch and megatron's model-parallel RNG tracker (per TP/PP rank)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_runtime(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    device: str = "auto",
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> Runtime:
+    """Initialises torch.distributed (if needed), megatron parallel_state and RNG trackers.
+
+    Works single-process (a one-rank group is created in memory) and under ``torchrun``
+    (``env://``). ``device``: ``"auto"`` picks CUDA+NCCL when available, else CPU+gloo.
+    """
+    from megatron.core import parallel_state
+
+    torch_device = resolve_device(device)
+    sizes = ParallelSizes(tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
+    backend = "nccl" if torch_device.type == "cuda" else "gloo"
+
+    created = False
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        created = True
+    elif dist.get_backend() != backend:
+        raise RuntimeError(
+            f"torch.distributed is already initialised with backend {dist.get_backend()!r}, "
+            f"but device {torch_device.type!r} needs {backend!r}"
+        )
+    try:
+        sizes.validate(dist.get_world_size())
+    except ValueError:
+        if created:
+            dist.destroy_process_group()
+        raise
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+
+    shims = CpuShims().__enter__() if torch_device.type == "cpu" else None
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor_model_parallel_size,
+        pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
+        context_parallel_size=sizes.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    runtime = Runtime(torch_device, sizes, created, shims)
+    logger.info(
+        "runtime: device=%s backend=%s world=%d TP=%d PP=%d CP=%d DP=%d",
+        torch_device, backend, runtime.world_size, sizes.tensor_model_parallel_size,
+        sizes.pipeline_model_parallel_size, sizes.context_parallel_size, runtime.data_parallel_size,
+    )
+    return runtime

@@ -1,0 +1,45 @@
+"""opdlm-megatron: convert autoregressive LMs into diffusion LMs by on-policy self-distillation,
+as a plugin for NVIDIA Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    # Transformer Engine for the TE layer spec and FP8 (GPU only).
+    "te": ["transformer-engine[pytorch]>=2.0"],
+    "modelopt": ["nvidia-modelopt>=0.20"],
+    # HF checkpoints in and out, the GGUF-shipped SmolLM2 demo model.
+    "hf": ["transformers>=4.51", "safetensors>=0.4", "gguf>=0.10", "sentencepiece"],
+    "data": ["reasoning-gym>=0.1.20"],
+    "wandb": ["wandb"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"],
+}
+EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "dev") for d in EXTRAS[k]})
+
+setup(
+    name="opdlm-megatron",
+    version="0.1.0",
+    description="On-policy self-distillation of autoregressive LMs into block-diffusion LMs on Megatron-Core",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["opdlm_megatron", "opdlm_megatron.*"]),
+    install_requires=[
+        # Never PyPI's `apex` (an unrelated package); NVIDIA apex is optional for megatron-core.
+        "megatron-core>=0.16,<0.21",
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # megatron dist_checkpointing's file writer workers need it
+    ],
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "opdlm-convert-hf-to-megatron=opdlm_megatron.tools.convert_hf_to_megatron:main",
+            "opdlm-convert-megatron-to-hf=opdlm_megatron.tools.convert_megatron_to_hf:main",
+            "opdlm-prepare-smollm2=opdlm_megatron.tools.prepare_smollm2:main",
+            "opdlm-generate=opdlm_megatron.generate:main",
+            "opdlm-train=opdlm_megatron.train:main",
+        ]
+    },
+)

@@ -1,0 +1,105 @@
+"""Test helpers shared by in-process tests and the torchrun scripts in tests/distributed/."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from opdlm_megatron import masks
+from opdlm_megatron.config import ModelConfig
+from opdlm_megatron.model import attention_mask
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 4-layer GQA Llama-like model small enough for 2 CPU cores, splittable by TP=2 and PP=2."""
+    base = dict(
+        num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
+        vocab_size=250, max_sequence_length=128, eos_token_ids=[2], block_size=4,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_batch(config: ModelConfig, batch_size: int = 3, seq_len: int = 24, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Left-padded token batch with per-row prompt lengths (rows have different lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,), generator=g)
+    lengths[0] = seq_len
+    valid = torch.arange(seq_len)[None] >= (seq_len - lengths)[:, None]
+    prompt_lengths = torch.clamp(lengths - 9, min=1)
+    targets = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    return dict(input_ids=ids, valid=valid, prompt_lengths=prompt_lengths, targets=targets)
+
+
+def layout_for(kind: str, batch: Dict[str, torch.Tensor], block_size: int) -> masks.AttentionLayout:
+    if kind == "causal":
+        return masks.causal_layout(batch["valid"])
+    if kind == "bidirectional":
+        return masks.bidirectional_layout(batch["valid"])
+    if kind == "block":
+        return masks.block_causal_layout(batch["valid"], block_size, batch["prompt_lengths"])
+    raise ValueError(kind)
+
+
+def forward_backward(model, config: ModelConfig, batch, kind: str = "block", num_microbatches: int = 1,
+                     forward_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+    """Runs megatron's forward/backward schedule; returns loss, full-vocab logits and a grad norm.
+
+    The loss is token-mean cross entropy to ``batch['targets']`` over valid tokens, computed from
+    vocab-parallel logits with megatron's ``vocab_parallel_cross_entropy``. Results come back on
+    the last pipeline stage (None elsewhere); the grad norm is over the transformer layers'
+    parameters, all-reduced over the model-parallel group.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    layout = layout_for(kind, batch, config.block_size)
+    bsz, seq = batch["input_ids"].shape
+    if bsz % num_microbatches:
+        raise ValueError("batch size must divide into microbatches")
+    mbs = bsz // num_microbatches
+    microbatches = []
+    for i in range(num_microbatches):
+        rows = slice(i * mbs, (i + 1) * mbs)
+        sub = layout.rows(torch.arange(bsz)[rows])
+        microbatches.append(dict(ids=batch["input_ids"][rows], layout=sub, targets=batch["targets"][rows]))
+    total_tokens = float(layout.valid.sum())
+
+    def loss_func(mb, output):
+        # vocab_parallel_cross_entropy shifts its input in place: gather the logits first
+        logits = output.float()
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits).detach().clone()
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits, mb["targets"])
+        loss = (ce * mb["layout"].valid).sum() / total_tokens
+        return loss * num_microbatches, {"loss": loss.detach(), "logits": full}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        lay = mb["layout"]
+        output = model(mb["ids"], lay.position_ids, attention_mask(config, lay))
+        return output, partial(loss_func, mb)
+
+    model.zero_grad(set_to_none=True)
+    fb = get_forward_backward_func()
+    results = fb(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+    )
+    grad_norm = None
+    if not forward_only:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        sq = torch.zeros((), dtype=torch.float64)
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+                sq += p.grad.double().pow(2).sum()
+        torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+        grad_norm = sq.sqrt()
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    loss = sum(r["loss"] for r in results)
+    logits = torch.cat([r["logits"] for r in results], 0)[..., : config.model_vocab_size]
+    return {"loss": loss, "logits": logits, "grad_norm": grad_norm}
