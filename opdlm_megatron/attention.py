@@ -6,7 +6,8 @@ Drop-in for megatron-core's ``core_attention`` submodule (same constructor and f
 (across blocks, across the x0/xt streams) are skipped instead of computed and discarded.
 
 On CUDA the kernel is compiled once per process; on CPU eager FlexAttention runs torch's reference
-implementation (correct, not fast), which is what the equivalence tests exercise.
+implementation (correct, not fast), which is what the equivalence tests exercise. torch has no
+FlexAttention backward on CPU, so CPU training uses ``attention_backend="dense"``.
 """
 
 from __future__ import annotations
