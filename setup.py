@@ -8,7 +8,7 @@ EXTRAS = {
     "te": ["transformer-engine[pytorch]>=2.0"],
     "modelopt": ["nvidia-modelopt>=0.20"],
     # HF checkpoints in and out, the GGUF-shipped SmolLM2 demo model.
-    "hf": ["transformers>=4.51", "safetensors>=0.4", "gguf>=0.10", "sentencepiece"],
+    "hf": ["transformers>=4.51", "safetensors>=0.4", "gguf>=0.10", "accelerate"],
     "data": ["reasoning-gym>=0.1.20"],
     "wandb": ["wandb"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"],

@@ -111,6 +111,8 @@ def load_model_checkpoint(model, directory: str, strict: bool = True) -> Dict:
     sharded = model.sharded_state_dict()
     state = dist_checkpointing.load(sharded, directory)
     extra = state.pop("opdlm_extra_state", {}) if isinstance(state, dict) else {}
+    if isinstance(state, dict):
+        state.pop("optimizer", None)  # training checkpoints (train_checkpoint.py) also hold optimizer state
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):

@@ -13,6 +13,12 @@ while it is entered (``Runtime`` enters it and ``Runtime.close`` leaves it):
    RNG tracker forks (tensor-parallel dropout, initialisation) keep their meaning on CPU.
 4. ``device="cuda"`` in tensor factories and ``Tensor.cuda()`` / ``Tensor.to("cuda")`` (pipeline
    schedules allocate their token counters this way): a ``TorchFunctionMode`` maps them to CPU.
+5. ``torch.cuda.current_stream`` -> a stream whose ``wait_event``/``wait_stream``/``synchronize``
+   are no-ops (DDP's ``start_grad_sync`` waits on the current stream before every grad reduce).
+6. ``Tensor.type()`` (no arguments) reports CPU tensors under their CUDA type names
+   (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): megatron's optimizers and grad clipping
+   assert/branch on those names (``optimizer/clip_grads.py`` ``assert param.grad.type() ==
+   'torch.cuda.FloatTensor'``, ``distrib_optimizer.py`` / ``optimizer.py`` param-type switches).
 
 In CUDA mode nothing is patched. ``tests/test_platform.py`` runs real TP=2 and PP=2
 forward/backward passes through ``get_forward_backward_func`` on a machine without CUDA, so a
@@ -58,9 +64,28 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.current_stream()`` on CPU, where work is synchronous."""
+
+    def wait_event(self, *_args) -> None:
+        pass
+
+    def wait_stream(self, *_args) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_NULL_STREAM = _NullStream()
 
 
 class CpuShims:
@@ -95,6 +120,7 @@ class CpuShims:
             torch.set_rng_state(state)
 
         patch(torch.cuda, "current_device", lambda: _CPU)
+        patch(torch.cuda, "current_stream", lambda *a, **k: _NULL_STREAM)
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         patch(torch.cuda, "get_rng_state", get_rng_state)
         patch(torch.cuda, "set_rng_state", set_rng_state)

@@ -23,6 +23,11 @@ def test_shims_are_scoped():
         assert torch.ones(1).cuda().device.type == "cpu"
         assert torch.ones(1).to("cuda").device.type == "cpu"
         torch.cuda.synchronize()
+        torch.cuda.current_stream().wait_stream(None)
+        # megatron's optimizer / grad clipping check CUDA type names
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type(torch.float64).dtype == torch.float64
+    assert torch.ones(1).type() == "torch.FloatTensor"
     after = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.get_rng_state,
              mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state)
     assert after == originals

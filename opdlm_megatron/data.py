@@ -1,0 +1,237 @@
+"""Training data: prompt sources for on-policy training and a text/response source for baselines.
+
+Every source becomes a list of ``Sample``s (token ids) once, up front; ``SampleStream`` then walks it
+in a deterministic order (a fresh permutation per epoch from ``(seed, epoch)``) and its position
+``(epoch, index)`` is part of the training checkpoint, so a resumed run sees exactly the prompts an
+uninterrupted run would have seen.
+
+Sources (``DataConfig.source``):
+
+* ``jsonl_chat``: one JSON object per line with ``"messages"`` (chat turns; a trailing assistant turn
+  is dropped: on-policy training keeps only prompts) or ``"prompt"`` (a string, sent as one user
+  turn). The HF tokenizer's chat template is applied with ``add_generation_prompt=True``.
+* ``reasoning_gym``: questions from ``reasoning_gym.create_dataset(name, size, seed)`` for each name
+  in ``gym_datasets``, as user turns through the chat template.
+* ``text`` (MDLM baseline): ``{"messages": [..., assistant]}`` or ``{"prompt", "response"}`` records
+  (prompt through the chat template, response tokens + EOS), or ``{"text": ...}`` (the first token is
+  the prompt, the rest the response).
+* ``token_ids``: pre-tokenised ``{"prompt_ids": [...], "response_ids": [...]}`` (no tokenizer needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .train_config import DataConfig
+
+
+@dataclass
+class Sample:
+    """One training example as token ids; ``response_ids`` only for off-policy (text) sources."""
+
+    prompt_ids: List[int]
+    response_ids: Optional[List[int]] = None
+
+
+# ------------------------------------------------------------------------------- tokenizing
+def load_tokenizer(path: str):
+    """An HF tokenizer from a local directory (never from the hub)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _ids(encoded: Any) -> List[int]:
+    # transformers returns a list, or a BatchEncoding/dict when it defaults to return_dict=True
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    return [int(t) for t in encoded]
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict], system_prompt: Optional[str] = None) -> List[int]:
+    """Token ids of ``messages`` through the chat template, ending with the assistant header."""
+    messages = list(messages)
+    if system_prompt and (not messages or messages[0].get("role") != "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template; use a chat tokenizer or data.source 'token_ids'")
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path!r}")
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            records.append((line_no, record))
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def _prompt_messages(record: dict, where: str) -> List[dict]:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError(f"{where}: no prompt turns left after dropping the assistant answer")
+        return messages
+    if "prompt" in record:
+        return [{"role": "user", "content": str(record["prompt"])}]
+    raise ValueError(f"{where}: record needs 'messages' or 'prompt', has keys {sorted(record)}")
+
+
+def _crop_prompt(ids: List[int], max_tokens: int, where: str) -> List[int]:
+    if not ids:
+        raise ValueError(f"{where}: empty prompt")
+    # keep the end: it holds the question and the assistant header the model continues from
+    return ids[-max_tokens:]
+
+
+def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> List[Sample]:
+    samples = []
+    for line_no, record in _read_jsonl(cfg.path):
+        where = f"{cfg.path}:{line_no}"
+        ids = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt)
+        samples.append(Sample(_crop_prompt(ids, cfg.max_prompt_tokens, where)))
+    return samples
+
+
+def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> List[Sample]:
+    import reasoning_gym
+
+    if not cfg.gym_datasets:
+        raise ValueError("data.gym_datasets is empty")
+    samples = []
+    for offset, name in enumerate(cfg.gym_datasets):
+        try:
+            dataset = reasoning_gym.create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset)
+        except Exception as e:  # reasoning_gym raises a bare error for unknown names
+            raise ValueError(f"reasoning_gym dataset {name!r} could not be created: {e}") from e
+        for i in range(len(dataset)):
+            question = dataset[i]["question"]
+            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}], cfg.system_prompt)
+            samples.append(Sample(_crop_prompt(ids, cfg.max_prompt_tokens, f"{name}[{i}]")))
+    return samples
+
+
+def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> List[Sample]:
+    samples = []
+    for line_no, record in _read_jsonl(cfg.path):
+        where = f"{cfg.path}:{line_no}"
+        if "text" in record:
+            ids = _ids(tokenizer(str(record["text"]), add_special_tokens=False))
+            if len(ids) < 2:
+                raise ValueError(f"{where}: 'text' needs at least 2 tokens")
+            prompt, response = ids[:1], ids[1:]
+        else:
+            if "messages" in record:
+                messages = record["messages"]
+                if not messages or messages[-1].get("role") != "assistant":
+                    raise ValueError(f"{where}: 'messages' must end with an assistant turn for the text source")
+                answer = messages[-1]["content"]
+            elif "response" in record:
+                answer = record["response"]
+            else:
+                raise ValueError(f"{where}: text record needs 'text', 'messages' or 'prompt'+'response'")
+            prompt = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt)
+            response = _ids(tokenizer(str(answer), add_special_tokens=False))
+            if eos_token_id is not None:
+                response = response + [eos_token_id]
+        samples.append(Sample(_crop_prompt(prompt, cfg.max_prompt_tokens, where), response[: cfg.max_response_tokens]))
+    return samples
+
+
+def token_id_samples(cfg: DataConfig) -> List[Sample]:
+    samples = []
+    for line_no, record in _read_jsonl(cfg.path):
+        where = f"{cfg.path}:{line_no}"
+        if "prompt_ids" not in record:
+            raise ValueError(f"{where}: record needs 'prompt_ids'")
+        prompt = [int(t) for t in record["prompt_ids"]]
+        response = record.get("response_ids")
+        response = None if response is None else [int(t) for t in response][: cfg.max_response_tokens]
+        samples.append(Sample(_crop_prompt(prompt, cfg.max_prompt_tokens, where), response))
+    return samples
+
+
+def load_samples(cfg: DataConfig, tokenizer=None, eos_token_id: Optional[int] = None) -> List[Sample]:
+    """All samples of the configured source, tokenised."""
+    if cfg.source == "token_ids":
+        return token_id_samples(cfg)
+    if tokenizer is None:
+        raise ValueError(f"data.source {cfg.source!r} needs a tokenizer (model.tokenizer)")
+    if cfg.source == "jsonl_chat":
+        return jsonl_chat_prompts(cfg, tokenizer)
+    if cfg.source == "reasoning_gym":
+        return reasoning_gym_prompts(cfg, tokenizer)
+    if cfg.source == "text":
+        return text_samples(cfg, tokenizer, eos_token_id)
+    raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+# --------------------------------------------------------------------------------- ordering
+class SampleStream:
+    """Deterministic, resumable walk over ``samples``: epoch ``e`` visits them in the permutation
+    drawn from ``(seed, e)`` (identity when not shuffling)."""
+
+    def __init__(self, samples: Sequence[Sample], seed: int, shuffle: bool = True) -> None:
+        if not samples:
+            raise ValueError("the data source produced no samples")
+        self.samples = list(samples)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.samples)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.samples), generator=g).tolist()
+
+    def next_batch(self, n: int) -> List[Sample]:
+        """The next ``n`` samples, rolling over into the next epoch when this one runs out."""
+        batch = []
+        while len(batch) < n:
+            if self.index == len(self._order):
+                self.epoch += 1
+                self.index = 0
+                self._order = self._permutation(self.epoch)
+            batch.append(self.samples[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "num_samples": len(self.samples)}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state["num_samples"] != len(self.samples):
+            raise ValueError(
+                f"the checkpoint's data position is for {state['num_samples']} samples, but the data "
+                f"source now has {len(self.samples)}"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)

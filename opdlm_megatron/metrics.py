@@ -1,0 +1,126 @@
+"""Per-phase timers and the metrics sink of a training run (JSONL always, wandb when asked).
+
+Only the global rank 0 writes; every rank may call ``log`` (others return at once). wandb is
+optional: when ``LoggingConfig.wandb`` is set but the package is missing, the run logs a warning
+and keeps the JSONL file, which holds the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from .train_config import LoggingConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseTimers:
+    """Wall-clock seconds per named phase of one step (synchronising CUDA so GPU work is counted)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def reset(self) -> Dict[str, float]:
+        """Returns this step's times (``time/<phase>``) and clears them."""
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds = defaultdict(float)
+        return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class MetricsLogger:
+    """Writes one JSON object per step to ``<run_dir>/metrics.jsonl`` and mirrors it to wandb."""
+
+    def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: dict, is_writer: bool) -> None:
+        self.is_writer = is_writer
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._wandb = None
+        if not is_writer:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                logger.warning("logging.wandb is set but wandb is not installed; metrics go to %s only", self.path)
+            else:
+                self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=run_dir,
+                                         config=run_config, resume="allow")
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        if not self.is_writer:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and value != value:  # NaN is not valid JSON
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return str(value)
+    return value
+
+
+def read_metrics(path: str) -> list:
+    """The records of a ``metrics.jsonl`` file (for tests and analysis)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar on the writer rank, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True)
+
+
+def compact(metrics: Dict[str, float], keys=("loss", "kl", "grad_norm", "lr", "rollout_len",
+                                             "committed_per_forward", "teacher_nll")) -> Dict[str, str]:
+    """The few numbers shown on the progress bar."""
+    out: Dict[str, str] = {}
+    for key in keys:
+        if key in metrics and isinstance(metrics[key], (int, float)):
+            out[key] = f"{metrics[key]:.4g}"
+    times = {k[5:]: v for k, v in metrics.items() if k.startswith("time/")}
+    if times:
+        out["t"] = "/".join(f"{k[:4]}{v:.1f}" for k, v in times.items())
+    return out
+
+
+def optional_float(x: Optional[float]) -> float:
+    return float("nan") if x is None else float(x)

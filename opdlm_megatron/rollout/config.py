@@ -1,0 +1,95 @@
+"""Decoding settings of the block-diffusion rollout engine (paper section 4, appendix B)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+CONFIDENCES = ("probability", "margin", "neg_entropy")
+
+
+@dataclass
+class DecodeConfig:
+    """How the student decodes an answer.
+
+    Block diffusion: the answer is produced ``block_size`` tokens at a time; a block starts fully
+    masked and each denoising step predicts every masked slot of it. A block ends when nothing is
+    masked or after ``steps_per_block`` steps (the last step commits whatever is left).
+
+    Commit rule: static when ``tokens_per_step`` is set (the ``tokens_per_step`` most confident
+    masked slots per step), else dynamic (every masked slot whose confidence is >= ``threshold``,
+    and always at least the most confident one).
+
+    Confidence (always on the model's untempered, unfiltered distribution, as LLaDA / Fast-dLLM):
+    ``"probability"`` of the chosen token, ``"margin"`` top1 - top2 probability, or
+    ``"neg_entropy"`` reported as ``exp(-H)`` (monotone in the negative entropy, in (0, 1], so the
+    same threshold scale applies).
+
+    Sampling: greedy when ``temperature == 0``; else Gumbel-max sampling from the tempered,
+    ``top_k``/``top_p``-filtered distribution. The noise is a counter-based hash of ``seed``, the
+    prompt's index in the batch, the answer position, the sequence's round and the global vocabulary
+    index, so a seeded rollout is reproducible and identical at any TP/PP layout.
+
+    ``block_size`` and ``eos_token_ids`` default (None) to the model config's values.
+    ``use_cache=False`` recomputes the whole sequence every step (the naive baseline).
+    """
+
+    max_new_tokens: int = 256
+    block_size: Optional[int] = None
+    threshold: float = 0.9
+    tokens_per_step: Optional[int] = None
+    steps_per_block: Optional[int] = None
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    confidence: str = "probability"
+    seed: int = 0
+    eos_token_ids: Optional[Sequence[int]] = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeConfig.{name} must be a positive integer, got {value!r}")
+
+        positive_int("max_new_tokens")
+        positive_int("block_size", allow_none=True)
+        positive_int("tokens_per_step", allow_none=True)
+        positive_int("steps_per_block", allow_none=True)
+        positive_int("top_k", allow_none=True)
+        if not isinstance(self.threshold, (int, float)) or not 0.0 < float(self.threshold) <= 1.0:
+            raise ValueError(f"DecodeConfig.threshold must lie in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"DecodeConfig.temperature must be >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"DecodeConfig.top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"unknown confidence {self.confidence!r}; expected one of {CONFIDENCES}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"DecodeConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def resolved(self, model_block_size: int, model_eos_token_ids: Sequence[int]) -> "DecodeConfig":
+        """A copy with ``block_size``/``eos_token_ids``/``steps_per_block`` filled in and checked."""
+        block = self.block_size or model_block_size
+        eos: List[int] = list(model_eos_token_ids if self.eos_token_ids is None else self.eos_token_ids)
+        if block > self.max_new_tokens or self.max_new_tokens % block != 0:
+            raise ValueError(
+                f"block_size {block} does not fit max_new_tokens {self.max_new_tokens}: "
+                f"max_new_tokens must be a positive multiple of the block size"
+            )
+        if self.tokens_per_step is not None and self.tokens_per_step > block:
+            raise ValueError(f"tokens_per_step {self.tokens_per_step} exceeds the block size {block}")
+        # Default: enough steps for the rule to finish the block on its own.
+        steps = self.steps_per_block or (-(-block // self.tokens_per_step) if self.tokens_per_step else block)
+        return dataclasses.replace(self, block_size=block, eos_token_ids=[int(t) for t in eos], steps_per_block=steps)

@@ -1,0 +1,123 @@
+"""Which partially masked answer ``xt`` the student is trained on.
+
+* ``select_states``: states from the student's own reverse trajectory (OPDLM). ``commit_step``
+  of a ``RolloutResult`` records the round at which every answer token was committed, so the state
+  before round ``k`` is ``where(commit_step < k, x0, [MASK])``.
+
+  - ``mode="trajectory"`` (paper, Algorithm 1): one round ``k ~ U{0, ..., R-1}`` per trajectory
+    (``R`` = its number of rounds); the states before rounds ``0..R-1`` are exactly its non-terminal
+    states. Blocks finished before round ``k`` are fully revealed (no loss), later blocks fully masked.
+  - ``mode="block"`` (the public code's default): every block independently gets one of its own
+    rounds, uniformly, so every block is supervised at one of its intermediate states. The OPD layout
+    conditions block ``b``'s xt on the clean x0 of earlier blocks, so blocks are independent.
+
+* ``random_mask_states``: OPDLM_off ablation (paper Eq. 6): forward random masking of the rollout's
+  final answer instead of a trajectory state.
+* ``forward_mask``: the MDLM / LLaDA corruption for the masked-diffusion baseline: per block
+  ``t ~ U(0, 1)`` and each token masked with probability ``t``; ``t`` is returned for 1/t weights.
+
+All functions are pure and draw randomness only from the given ``torch.Generator`` (CPU), so a run
+that restores the generator state reproduces its states exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .rollout.types import RolloutResult
+
+STATE_MODES = ("trajectory", "block")
+
+
+def _uniform_index(counts: Tensor, generator: torch.Generator) -> Tensor:
+    """For every entry an integer uniform in ``[0, counts)`` (0 where ``counts == 0``)."""
+    u = torch.rand(counts.shape, generator=generator, dtype=torch.float64)
+    return torch.minimum((u * counts).floor().long(), (counts - 1).clamp_min(0))
+
+
+def _check_result(result: RolloutResult) -> None:
+    shape = result.answer_ids.shape
+    if result.commit_step.shape != shape or result.answer_valid.shape != shape:
+        raise ValueError(
+            f"commit_step {tuple(result.commit_step.shape)} and answer_valid {tuple(result.answer_valid.shape)} "
+            f"must match answer_ids {tuple(shape)}"
+        )
+    if (result.answer_valid & (result.commit_step < 0)).any():
+        raise ValueError("every valid answer token needs a commit_step >= 0")
+
+
+def select_states(result: RolloutResult, mode: str, generator: torch.Generator, mask_token_id: int,
+                  block_size: Optional[int] = None) -> Tensor:
+    """xt ``[B, A]``: one non-terminal state of each trajectory (``"trajectory"``) or of each block (``"block"``).
+
+    ``block_size``: the rollout's block size (blocks are counted from the first answer token, as in
+    the OPD layout); required by ``mode="block"``, unused by ``"trajectory"``. Padding positions hold ``mask_token_id``; rows without an answer are
+    all ``mask_token_id`` (and contribute no loss).
+    """
+    if mode not in STATE_MODES:
+        raise ValueError(f"unknown state selection mode {mode!r}; expected one of {STATE_MODES}")
+    _check_result(result)
+    if mode == "trajectory":
+        steps = result.commit_step.long().masked_fill(~result.answer_valid, -1)
+        rounds = steps.amax(-1) + 1 if steps.shape[1] else torch.zeros(steps.shape[0], dtype=torch.long)
+        chosen = _uniform_index(rounds, generator)
+        return result.state_before_round(chosen, mask_token_id)
+    if block_size is None:
+        raise ValueError("mode='block' needs block_size= (the block size the rollout decoded with)")
+    return result.state_before_round(_block_rounds(result, generator, block_size), mask_token_id)
+
+
+def _block_rounds(result: RolloutResult, generator: torch.Generator, block_size: int) -> Tensor:
+    """``[B, A]``: for every token, a round drawn uniformly from the distinct commit rounds of its block."""
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    bsz, alen = result.answer_ids.shape
+    num_blocks = -(-alen // block_size)
+    pad = num_blocks * block_size - alen
+    # sentinel larger than any round for padding, so it sorts last and is never chosen
+    sentinel = torch.iinfo(torch.int32).max
+    steps = result.commit_step.long().masked_fill(~result.answer_valid, sentinel)
+    steps = torch.nn.functional.pad(steps, (0, pad), value=sentinel).view(bsz, num_blocks, block_size)
+    ordered = steps.sort(-1).values
+    first_of_value = torch.ones_like(ordered, dtype=torch.bool)
+    first_of_value[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    first_of_value &= ordered != sentinel
+    distinct = first_of_value.sum(-1)  # [B, blocks]
+    pick = _uniform_index(distinct, generator)
+    rank = first_of_value.long().cumsum(-1) - 1  # index of each distinct value
+    hit = first_of_value & (rank == pick[..., None])
+    chosen = torch.where(hit, ordered, torch.zeros_like(ordered)).sum(-1)  # 0 for empty blocks
+    return chosen.repeat_interleave(block_size, dim=1)[:, :alen]
+
+
+def forward_mask(x0: Tensor, valid: Tensor, block_size: int, generator: torch.Generator, mask_token_id: int,
+                 eps: float = 1e-3) -> Tuple[Tensor, Tensor]:
+    """MDLM/LLaDA forward corruption per block: ``(xt, t)``, both ``[B, A]``.
+
+    Each block draws ``u ~ U(0, 1)`` and masks each valid token independently with probability
+    ``t = eps + (1 - eps) u`` (LLaDA's floor keeps 1/t finite); ``t`` is repeated over the block's
+    tokens for the 1/t loss weights. Blocks are counted from the first answer token.
+    """
+    if x0.shape != valid.shape or valid.dtype != torch.bool or x0.dim() != 2:
+        raise ValueError(f"x0 {tuple(x0.shape)} and bool valid {tuple(valid.shape)} must be one [B, A] shape")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
+    bsz, alen = x0.shape
+    num_blocks = -(-alen // block_size)
+    u = torch.rand((bsz, num_blocks), generator=generator)
+    t = (eps + (1.0 - eps) * u).repeat_interleave(block_size, dim=1)[:, :alen]
+    masked = (torch.rand((bsz, alen), generator=generator) < t) & valid
+    return torch.where(masked, torch.full_like(x0, mask_token_id), x0), t
+
+
+def random_mask_states(result: RolloutResult, generator: torch.Generator, mask_token_id: int,
+                       block_size: int = 4) -> Tensor:
+    """OPDLM_off: xt ``[B, A]`` by forward random masking of the rollout's final answer (per-block t)."""
+    _check_result(result)
+    xt, _ = forward_mask(result.answer_ids, result.answer_valid, block_size, generator, mask_token_id)
+    return xt

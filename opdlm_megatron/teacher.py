@@ -1,0 +1,233 @@
+"""The frozen autoregressive teacher: target distributions for every answer token.
+
+The teacher is the original ARLM as a second ``GPTModel`` in the student's process groups and
+parallel layout (same TP/PP split), in eval mode, without gradients and outside every optimizer
+and student checkpoint; it is loaded from its own checkpoint, optionally in lower precision, and
+may be larger than the student as long as the vocabularies match (paper A.2).
+
+One causal forward over ``[prompt; x0]`` gives the teacher distribution for every answer position:
+the logits at the column of token ``i - 1`` are the target for answer token ``i`` (paper,
+Algorithm 1, ``p_ARLM(. | x0^{<b}, x0^{b,<i})``). The forward runs through megatron-core's
+pipeline schedule in forward-only mode, microbatch by microbatch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import DTYPES, ModelConfig, canonical_dtype
+from .masks import causal_layout
+from .model import attention_mask
+
+if TYPE_CHECKING:
+    from .losses import TeacherTopK
+
+
+_RUN_FORWARD = object()  # answer_nll's default: no logits given, run the teacher
+
+
+def microbatch_rows(batch_size: int, micro_batch_size: int) -> List[Tuple[Tensor, Tensor]]:
+    """Row indices and a "real row" mask for each microbatch.
+
+    Pipeline communication needs one tensor shape for all microbatches, so a short last
+    microbatch is filled up by repeating its last row; the filler rows are marked False and their
+    outputs are dropped (and get no loss).
+    """
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    out = []
+    for start in range(0, batch_size, micro_batch_size):
+        rows = torch.arange(start, start + micro_batch_size)
+        real = rows < batch_size
+        out.append((rows.clamp_max(batch_size - 1), real))
+    return out
+
+
+def check_vocab_compatible(teacher: ModelConfig, student: ModelConfig, tensor_model_parallel_size: int = 1) -> None:
+    """Raises a ValueError naming the mismatch unless the two vocabularies line up shard for shard."""
+    if teacher.vocab_size != student.vocab_size:
+        raise ValueError(
+            f"teacher vocab_size {teacher.vocab_size} != student vocab_size {student.vocab_size}: "
+            "teacher and student need the same tokenizer"
+        )
+    if teacher.mask_token_id != student.mask_token_id:
+        raise ValueError(f"teacher mask_token_id {teacher.mask_token_id} != student mask_token_id {student.mask_token_id}")
+    t_pad = teacher.padded_vocab_size(tensor_model_parallel_size)
+    s_pad = student.padded_vocab_size(tensor_model_parallel_size)
+    if t_pad != s_pad:
+        raise ValueError(
+            f"teacher padded vocabulary {t_pad} != student padded vocabulary {s_pad} at TP={tensor_model_parallel_size}: "
+            "pin both with ModelConfig.padded_vocab (checkpoints do) so their logits shard alike"
+        )
+
+
+def _check_answer_batch(prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor) -> None:
+    if prompt_ids.shape != prompt_valid.shape or answer_ids.shape != answer_valid.shape:
+        raise ValueError(
+            f"prompt ids {tuple(prompt_ids.shape)} / valid {tuple(prompt_valid.shape)} and answer ids "
+            f"{tuple(answer_ids.shape)} / valid {tuple(answer_valid.shape)} must match pairwise"
+        )
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != answer_ids.shape[0]:
+        raise ValueError(f"prompts {tuple(prompt_ids.shape)} and answers {tuple(answer_ids.shape)} must be [B, *] alike")
+    if prompt_valid.dtype != torch.bool or answer_valid.dtype != torch.bool:
+        raise ValueError("prompt_valid and answer_valid must be bool tensors")
+    if not prompt_valid[:, -1].all():
+        raise ValueError("prompts must be left-padded with at least one token (prompt_valid[:, -1] all True)")
+    if (answer_valid[:, 1:] & ~answer_valid[:, :-1]).any():
+        raise ValueError("answer_valid must be right-padded (no valid token after a padding token)")
+
+
+class FrozenTeacher:
+    """A frozen teacher ``GPTModel`` (this rank's part) and its config.
+
+    ``config`` is the teacher's own architecture; ``student_config`` is only checked for a
+    compatible vocabulary (same tokenizer size, mask id and padded size).
+    """
+
+    def __init__(self, model, config: ModelConfig, student_config: ModelConfig) -> None:
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        check_vocab_compatible(config, student_config, tp)
+        self.model = model
+        self.config = config
+        self.student_config = student_config
+        model.eval()
+        model.requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, student_config: ModelConfig,
+                        dtype: Union[None, str, torch.dtype] = None) -> "FrozenTeacher":
+        """Builds the teacher for the current parallel layout from its checkpoint (any TP/PP).
+
+        ``dtype`` (e.g. ``"bfloat16"``) builds it in lower precision; the weights are cast on load.
+        """
+        from .checkpointing import load_model_checkpoint, load_model_config
+        from .model import build_model
+
+        config = load_model_config(directory)
+        if dtype is not None:
+            if isinstance(dtype, torch.dtype):
+                names = {v: k for k, v in DTYPES.items()}
+                if dtype not in names:
+                    raise ValueError(f"unsupported teacher dtype {dtype}; expected one of {sorted(DTYPES)}")
+                dtype = names[dtype]
+            config = config.replace(params_dtype=canonical_dtype(dtype))
+        model = build_model(config, "teacher")
+        load_model_checkpoint(model, directory)
+        return cls(model, config, student_config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.torch_dtype
+
+    @torch.no_grad()
+    def answer_logits(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
+                      micro_batch_size: int, top_k: Optional[int] = None,
+                      chunk_tokens: int = 1024) -> Union[None, Tensor, "TeacherTopK"]:
+        """Teacher logits ``[B, A, V/TP]`` (teacher dtype) for every answer token, on the last stage.
+
+        Row ``b``, position ``i`` holds the vocab-parallel logits that predict ``answer_ids[b, i]``
+        (the output at the previous token). Prompts are left-padded, answers right-padded; entries
+        at answer padding are finite but meaningless. Other pipeline stages return None.
+
+        With ``top_k`` only the teacher's top-k per position is kept (a ``losses.TeacherTopK`` with
+        ``[B, A, k]`` values/ids, the log-normaliser and the teacher NLL of the answer tokens),
+        computed microbatch by microbatch, so the full ``[B, A, V/TP]`` logits never exist at once.
+        [MASK] and padded vocabulary rows are excluded from it.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from .losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
+
+        _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
+        bsz, plen = prompt_ids.shape
+        alen = answer_ids.shape[1]
+        last_stage = parallel_state.is_pipeline_last_stage()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        shard = self.config.padded_vocab_size(tp) // tp
+        device = next(self.model.parameters()).device
+        out = None
+        if last_stage and top_k is None:
+            out = torch.empty((bsz, alen, shard), dtype=self.dtype, device=device)
+        elif last_stage:
+            k = min(top_k, shard * tp)
+            out = TeacherTopK(torch.empty((bsz, alen, k), device=device), torch.empty((bsz, alen, k), dtype=torch.long,
+                              device=device), torch.empty((bsz, alen), device=device),
+                              torch.zeros((bsz, alen), device=device))
+            excluded = unused_vocab_columns(self.config).to(device)
+        if alen == 0:
+            return out
+        # the last answer token predicts nothing inside the answer: leave it out of the forward
+        input_ids = torch.cat([prompt_ids, answer_ids[:, :-1]], 1)
+        layout = causal_layout(torch.cat([prompt_valid, answer_valid[:, :-1]], 1))
+        microbatches = [
+            dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real)
+            for rows, real in microbatch_rows(bsz, micro_batch_size)
+        ]
+
+        def collect(mb, output: Tensor):
+            real = mb["real"].to(output.device)
+            rows = mb["rows"].to(output.device)[real]
+            answer_part = output[real, plen - 1:]
+            if top_k is None:
+                out[rows] = answer_part.to(out.dtype)
+                return output.new_zeros(()), {}
+            top = TeacherTopK.from_logits(answer_part, top_k, excluded, chunk_tokens)
+            out.values[rows], out.indices[rows], out.logsumexp[rows] = top.values, top.indices, top.logsumexp
+            targets = torch.where(answer_valid[rows.cpu()], answer_ids[rows.cpu()], 0).to(output.device)
+            nll = masked_diffusion_nll(answer_part.reshape(-1, shard), targets.reshape(-1), excluded, chunk_tokens)
+            out.answer_nll[rows] = torch.where(answer_valid[rows.cpu()].to(output.device), nll.view(targets.shape), 0.0)
+            return output.new_zeros(()), {}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            lay = mb["layout"].to(device)
+            output = model(mb["ids"].to(device), lay.position_ids, attention_mask(self.config, lay))
+            return output, partial(collect, mb)
+
+        self.model.eval()
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
+            micro_batch_size=micro_batch_size, forward_only=True,
+        )
+        return out
+
+    @torch.no_grad()
+    def answer_nll(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
+                   micro_batch_size: int, logits=_RUN_FORWARD, chunk_tokens: int = 1024) -> Tensor:
+        """Teacher NLL ``[B, A]`` (fp32, 0 on padding) of the answer tokens, on every rank.
+
+        Pass ``logits`` = what ``answer_logits`` returned on this rank (full logits or a
+        ``TeacherTopK`` on the last stage, None elsewhere) to skip the forward; every pipeline stage
+        must make the same choice, since the forward is a collective. [MASK] and padded
+        vocabulary rows get no probability mass.
+        """
+        from megatron.core import parallel_state
+
+        from .losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
+
+        if logits is _RUN_FORWARD:
+            logits = self.answer_logits(prompt_ids, prompt_valid, answer_ids, answer_valid, micro_batch_size)
+        nll = torch.zeros(answer_ids.shape, dtype=torch.float32)
+        if parallel_state.is_pipeline_last_stage() and isinstance(logits, TeacherTopK):
+            nll = logits.answer_nll.float().cpu()
+        elif parallel_state.is_pipeline_last_stage():
+            flat = logits.reshape(-1, logits.shape[-1])
+            targets = torch.where(answer_valid, answer_ids, torch.zeros_like(answer_ids))
+            per_token = masked_diffusion_nll(flat, targets.reshape(-1).to(flat.device),
+                                             unused_vocab_columns(self.config), chunk_tokens)
+            nll = torch.where(answer_valid, per_token.view(answer_ids.shape).cpu(), nll)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nll, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return nll

@@ -1,0 +1,228 @@
+"""Convert a HF decoder checkpoint (Llama, Mistral, Qwen2, Qwen3; safetensors) into an
+opdlm-megatron checkpoint: a megatron-core distributed checkpoint (reloadable at any TP/PP) with
+``opdlm_model_config.json`` and the HF tokenizer files under ``tokenizer/``.
+
+Single process (TP=PP=1)::
+
+    python tools/convert_hf_to_megatron.py --hf-dir HF --out CKPT [--add-mask-token]
+
+Any TP/PP (each rank builds its part of the model and reads only its slices of the HF tensors)::
+
+    torchrun --nproc_per_node=4 tools/convert_hf_to_megatron.py --hf-dir HF --out CKPT --tp 2 --pp 2
+
+Everything that can be wrong with the input (missing files, unsupported architecture, shapes that
+disagree with config.json, a TP size that does not divide the heads) is checked before the model
+is built; the checkpoint is written to a temporary directory and renamed into ``--out`` only when
+complete, so a failed conversion leaves nothing at ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import DTYPE_ALIASES, DTYPES, ModelConfig, canonical_dtype
+from .hf_io import SafetensorsReader, copy_tokenizer_files, read_hf_config
+from .hf_mapping import (
+    ConversionError,
+    check_hf_tensors,
+    layer_offset_names,
+    mapping_for,
+    megatron_shard,
+    model_config_from_hf,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_SUBDIR = "tokenizer"
+INPUT_ERRORS = (ConversionError, ValueError, FileNotFoundError, FileExistsError)
+
+
+@dataclass
+class ConversionPlan:
+    """Everything read and validated from the HF directory before any model is built."""
+
+    config: ModelConfig
+    reader: SafetensorsReader
+    hf_vocab_rows: int
+    add_mask_token: bool
+
+
+def plan_conversion(
+    hf_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "fp32",
+    add_mask_token: bool = False,
+    **config_overrides,
+) -> ConversionPlan:
+    """Reads config.json and the safetensors headers and checks them against each other and
+    against the parallel layout. Raises ConversionError / FileNotFoundError naming the problem."""
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ConversionError(f"--{name} must be a positive integer, got {value!r}")
+    hf, generation = read_hf_config(hf_dir)
+    config = model_config_from_hf(
+        hf, generation, params_dtype=canonical_dtype(dtype), add_mask_token=add_mask_token, **config_overrides
+    )
+    config.check_parallel(tp, pp)
+    config.padded_vocab_size(tp)
+    if config.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE:
+            raise ConversionError("--transformer-impl transformer_engine needs Transformer Engine, which is not installed")
+    reader = SafetensorsReader(hf_dir)
+    rows = check_hf_tensors(config, reader.shapes(), [int(hf["vocab_size"])])
+    return ConversionPlan(config, reader, rows, add_mask_token)
+
+
+@torch.no_grad()
+def load_hf_weights(model, plan: ConversionPlan) -> None:
+    """Fills this rank's part of ``model`` (a GPTModel built from ``plan.config``) from the HF
+    checkpoint, reading only the slices this rank holds."""
+    from megatron.core import parallel_state
+
+    config = plan.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    padded = config.padded_vocab_size(tp)
+    to_global = layer_offset_names(model)
+    mean_rows: Dict[str, torch.Tensor] = {}
+
+    def mask_row(hf_name: str) -> torch.Tensor:
+        # [MASK] starts as the average token: a neutral input embedding / output row
+        if hf_name not in mean_rows:
+            mean_rows[hf_name] = plan.reader.mean_row(hf_name)
+        return mean_rows[hf_name]
+
+    for local_name, param in model.named_parameters():
+        mapping = mapping_for(config, to_global(local_name))
+        shard = megatron_shard(
+            config, mapping, plan.reader.read, tp_rank, tp, padded, plan.hf_vocab_rows,
+            mask_row if plan.add_mask_token else None,
+        )
+        if tuple(shard.shape) != tuple(param.shape):
+            raise ConversionError(
+                f"shape mismatch for {mapping.megatron} (from {list(mapping.hf)}): "
+                f"built {list(shard.shape)}, the model expects {list(param.shape)}"
+            )
+        param.copy_(shard.to(param.dtype))
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def conversion_runtime(tp: int, pp: int):
+    """Uses the caller's megatron runtime if one is initialised (it must have this TP/PP), else
+    starts a CPU one for the conversion and closes it afterwards."""
+    from megatron.core import parallel_state
+
+    from ..platform import initialize_runtime
+
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise ConversionError(f"the running megatron runtime has TP/PP {have}, but the conversion asks for {(tp, pp)}")
+        yield
+        return
+    world = _world_size()
+    if world % (tp * pp) != 0:
+        raise ConversionError(
+            f"--tp {tp} x --pp {pp} needs a multiple of {tp * pp} processes, but the world size is {world}; "
+            f"launch with torchrun --nproc_per_node={tp * pp}"
+        )
+    with initialize_runtime(tp, pp, device="cpu"):
+        yield
+
+
+def convert(
+    hf_dir: str,
+    out: str,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "fp32",
+    add_mask_token: bool = False,
+    overwrite: bool = False,
+    **config_overrides,
+) -> ModelConfig:
+    """Converts ``hf_dir`` into an opdlm-megatron checkpoint at ``out``; returns its config.
+
+    Runs in-process (TP=PP=1, under an existing runtime or a temporary CPU one) or on every rank of
+    a torchrun job. ``config_overrides`` set ModelConfig fields (e.g. ``block_size``,
+    ``logit_shift``, ``transformer_impl``, ``make_vocab_size_divisible_by``).
+    """
+    from ..checkpointing import atomic_directory_save, save_model_checkpoint
+    from ..model import build_model
+
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, **config_overrides)
+    with conversion_runtime(tp, pp):
+        import torch.distributed as dist
+
+        model = build_model(plan.config, "student", perform_initialization=False)
+        load_hf_weights(model, plan)
+        config = plan.config.replace(padded_vocab=plan.config.padded_vocab_size(tp))
+
+        def write(tmp: str) -> None:
+            save_model_checkpoint(model, tmp, config)
+            if dist.get_rank() == 0:
+                copied = copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_SUBDIR))
+                if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
+                    logger.warning("%s has no tokenizer files; the checkpoint has no tokenizer/", hf_dir)
+
+        atomic_directory_save(out, write)
+    logger.info("converted %s -> %s (TP=%d, PP=%d, %s)", hf_dir, out, tp, pp, config.params_dtype)
+    return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to create")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_ALIASES) + sorted(DTYPES))
+    parser.add_argument("--add-mask-token", action="store_true",
+                        help="append [MASK] at id vocab_size, initialised to the mean embedding / output row")
+    parser.add_argument("--block-size", type=int, default=None, help="student block size to record")
+    parser.add_argument("--logit-shift", action="store_true", default=None, help="record a Dream-style logit shift")
+    parser.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"])
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry point; exits non-zero with a one-line error for bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    overrides = {
+        key: value
+        for key, value in (("block_size", args.block_size), ("logit_shift", args.logit_shift),
+                           ("transformer_impl", args.transformer_impl))
+        if value is not None
+    }
+    try:
+        convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.add_mask_token, args.overwrite, **overrides)
+    except INPUT_ERRORS as error:
+        print(f"convert_hf_to_megatron: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

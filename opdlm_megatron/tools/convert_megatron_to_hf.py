@@ -1,0 +1,140 @@
+"""Export an opdlm-megatron checkpoint (any TP/PP it was saved at) as a HF model directory:
+safetensors + ``config.json`` + tokenizer files, loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    python tools/convert_megatron_to_hf.py --megatron-dir CKPT --out HF [--dtype bf16]
+
+The checkpoint is loaded single-process into a TP=1/PP=1 model (megatron's dist_checkpointing
+reshards it), then written tensor by tensor, one safetensors shard in memory at a time. Padded
+vocabulary rows are dropped. A student whose ``[MASK]`` row was added deliberately keeps it (HF
+``vocab_size`` grows by one) and ``config.json`` records ``opdlm_mask_token_id``,
+``opdlm_tokenizer_vocab_size``, ``opdlm_block_size`` and ``opdlm_logit_shift``, so converting the
+export back gives the same checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import sys
+from typing import List, Optional, Union
+
+import torch
+
+from ..config import DTYPE_ALIASES, DTYPES, canonical_dtype
+from .convert_hf_to_megatron import INPUT_ERRORS, TOKENIZER_SUBDIR
+from .hf_io import ShardedSafetensorsWriter, copy_tokenizer_files, write_json
+from .hf_mapping import ConversionError, hf_config_from_model_config, hf_tensors, hf_vocab_rows, model_mappings
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN_CHOICES = {"auto": None, "keep": True, "drop": False}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from ``5000000``, ``"500MB"``, ``"5GB"``, ``"2GiB"``."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ConversionError(f"cannot parse shard size {size!r}; use e.g. 500MB, 5GB or a byte count")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+@contextlib.contextmanager
+def _single_process_runtime():
+    from megatron.core import parallel_state
+
+    from ..platform import initialize_runtime
+
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        if sizes != (1, 1):
+            raise ConversionError(f"export runs at TP=1/PP=1, but the running megatron runtime has TP/PP {sizes}")
+        yield
+        return
+    with initialize_runtime(1, 1, device="cpu"):
+        yield
+
+
+def export(
+    megatron_dir: str,
+    out: str,
+    dtype: Optional[str] = None,
+    include_mask_token: Optional[bool] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+) -> str:
+    """Writes the HF export of ``megatron_dir`` to ``out`` atomically; returns ``out``.
+
+    ``dtype``: defaults to the checkpoint's. ``include_mask_token``: keep the appended [MASK] row
+    (None: when the checkpoint recorded it as added on purpose).
+    """
+    from ..checkpointing import atomic_directory_save, build_from_checkpoint, is_checkpoint, load_model_config
+
+    if not os.path.isdir(megatron_dir):
+        raise FileNotFoundError(f"megatron checkpoint directory not found: {megatron_dir}")
+    if not is_checkpoint(megatron_dir):
+        raise FileNotFoundError(
+            f"{megatron_dir} is not an opdlm-megatron checkpoint (needs metadata.json and opdlm_model_config.json)"
+        )
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    config = load_model_config(megatron_dir)
+    dtype = canonical_dtype(dtype or config.params_dtype)
+    torch_dtype = DTYPES[dtype]
+    shard_bytes = parse_size(max_shard_size)
+    hf_config = hf_config_from_model_config(config, dtype, include_mask_token)
+    rows = hf_vocab_rows(config, include_mask_token)
+
+    with _single_process_runtime():
+        model, config = build_from_checkpoint(megatron_dir, "teacher", device=torch.device("cpu"), perform_initialization=False)
+        state = model.state_dict()
+
+        def write(tmp: str) -> None:
+            writer = ShardedSafetensorsWriter(tmp, shard_bytes)
+            for mapping in model_mappings(config):
+                if mapping.megatron not in state:
+                    raise ConversionError(f"checkpoint model has no parameter {mapping.megatron!r}")
+                for name, tensor in hf_tensors(config, mapping, state[mapping.megatron], rows).items():
+                    writer.add(name, tensor.to(torch_dtype))
+            writer.close()
+            write_json(os.path.join(tmp, "config.json"), hf_config)
+            copy_tokenizer_files(os.path.join(megatron_dir, TOKENIZER_SUBDIR), tmp)
+
+        atomic_directory_save(out, write)
+    logger.info("exported %s -> %s (%s, vocab rows %d)", megatron_dir, out, dtype, rows)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megatron-dir", required=True, help="opdlm-megatron checkpoint directory")
+    parser.add_argument("--out", required=True, help="HF model directory to create")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_ALIASES) + sorted(DTYPES),
+                        help="export dtype (default: the checkpoint's)")
+    parser.add_argument("--mask-token", default="auto", choices=sorted(MASK_TOKEN_CHOICES),
+                        help="keep the appended [MASK] row: auto = if it was added with --add-mask-token")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry point; exits non-zero with a one-line error for bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        export(args.megatron_dir, args.out, args.dtype, MASK_TOKEN_CHOICES[args.mask_token],
+               args.max_shard_size, args.overwrite)
+    except INPUT_ERRORS as error:
+        print(f"convert_megatron_to_hf: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

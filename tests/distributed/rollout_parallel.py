@@ -1,0 +1,43 @@
+"""torchrun script: loads a TP=1 checkpoint at the given TP/PP, decodes the shared prompts with the
+rollout engine (greedy and seeded sampling) and writes the results; all ranks must agree."""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from opdlm_megatron.checkpointing import build_from_checkpoint
+from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.rollout import DiffusionRolloutEngine
+from tests.test_rollout_parallel import CASES, PROMPTS, decode_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    with initialize_runtime(args.tp, args.pp, device="cpu"):
+        model, config = build_from_checkpoint(args.ckpt, "student")
+        results = {}
+        for name, (shift, kwargs) in CASES.items():
+            engine = DiffusionRolloutEngine(model, config.replace(logit_shift=shift))
+            result = engine.generate(PROMPTS, decode_config(**kwargs))
+            results[name] = {k: getattr(result, k) for k in ("answer_ids", "answer_valid", "commit_step", "finished")}
+            results[name]["num_forward_passes"] = result.num_forward_passes
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, results)
+        for rank, other in enumerate(everyone):
+            for name in results:
+                for key, value in results[name].items():
+                    same = torch.equal(value, other[name][key]) if torch.is_tensor(value) else value == other[name][key]
+                    assert same, f"rank {rank} disagrees with rank {dist.get_rank()} on {name}.{key}"
+        if dist.get_rank() == 0:
+            torch.save(results, args.out)
+
+
+if __name__ == "__main__":
+    main()

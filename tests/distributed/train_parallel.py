@@ -1,0 +1,42 @@
+"""torchrun script (2 ranks): trains at TP=2 and then at PP=2 on replayed TP=1 rollouts; rank 0
+writes each layout's per-step metrics to --out."""
+
+import argparse
+
+import torch
+
+from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.trainer import Trainer
+from tests.distributed.train_common import ReplayRollout, tiny_train_dict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--rollouts", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = torch.load(args.rollouts, weights_only=False)["results"]
+    # one process group for both layouts (initialize_runtime then leaves it alone on close)
+    torch.distributed.init_process_group(backend="gloo")
+    out = {}
+    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
+        cfg = train_config_from_dict(tiny_train_dict(
+            f"{args.run_dir}/{name}", args.data, args.ckpt, steps=2, micro_batch_size=1,
+            parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+            checkpoint=dict(resume=False)))
+        with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:
+            trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
+            out[name] = trainer.fit()
+            trainer.close()
+            rank = rt.rank
+    if rank == 0:
+        torch.save(out, args.out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

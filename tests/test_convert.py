@@ -1,0 +1,160 @@
+"""HF <-> Megatron conversion of tiny random Llama / Mistral / Qwen2 / Qwen3 models, in process.
+
+References are independent of the converter: HF transformers logits of the original model, and
+the original safetensors files themselves (round trips must be bit-exact in fp32).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opdlm_megatron.checkpointing import build_from_checkpoint
+from opdlm_megatron.config import ModelConfig
+from opdlm_megatron.tools.convert_hf_to_megatron import TOKENIZER_SUBDIR, convert
+from opdlm_megatron.tools.convert_megatron_to_hf import export
+from tests.distributed.convert_common import (
+    TINY_MODELS,
+    VOCAB,
+    hf_logits,
+    make_tiny_hf,
+    max_valid_diff,
+    megatron_logits,
+    sample_batch,
+)
+
+
+def read_safetensors(directory: str) -> dict:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """name -> (HF dir, HF model, HF logits on the shared batch)."""
+    root = tmp_path_factory.mktemp("hf")
+    batch = sample_batch()
+    out = {}
+    for name in TINY_MODELS:
+        directory = str(root / name)
+        model = make_tiny_hf(name, directory)
+        out[name] = (directory, model, hf_logits(model, batch))
+    return out
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tp1_logits_match_hf(tiny_models, tmp_path, runtime, name):
+    hf_dir, _, expected = tiny_models[name]
+    convert(hf_dir, str(tmp_path / "ckpt"))
+    model, config = build_from_checkpoint(str(tmp_path / "ckpt"), "teacher")
+    batch = sample_batch()
+    got = megatron_logits(model, config, batch)
+    assert got.shape == expected.shape
+    assert max_valid_diff(got, expected, batch["valid"]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_round_trip_is_bitwise(tiny_models, tmp_path, name):
+    hf_dir = tiny_models[name][0]
+    convert(hf_dir, str(tmp_path / "ckpt"))
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), max_shard_size=20_000)  # several shards + index
+    original, exported = read_safetensors(hf_dir), read_safetensors(str(tmp_path / "hf"))
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        before = json.load(f)
+    with open(tmp_path / "hf" / "config.json") as f:
+        after = json.load(f)
+    for key, value in before.items():
+        assert after[key] == value, key
+    assert after["opdlm_block_size"] == 4 and "opdlm_mask_token_id" not in after
+
+
+def test_config_records_hf_settings(tiny_models, tmp_path):
+    config = convert(tiny_models["qwen3_qknorm_tied"][0], str(tmp_path / "q3"))
+    assert (config.qk_layernorm, config.add_qkv_bias, config.tie_word_embeddings) == (True, False, True)
+    assert config.head_dim == 32 and config.query_groups == 2 and config.norm_epsilon == 1e-5
+    assert config.mask_token_id == VOCAB and config.eos_token_ids == [2]
+    assert ModelConfig.load(str(tmp_path / "q3")) == config
+    config = convert(tiny_models["llama_gqa_untied_llama3rope"][0], str(tmp_path / "l3"))
+    assert config.rope_scaling["rope_type"] == "llama3" and config.rope_scaling["factor"] == 8.0
+    assert config.rotary_base == 10000.0 and not config.tie_word_embeddings
+    # Mistral's sliding window (64 < 128 positions) caps the sequence length instead of being ignored
+    assert convert(tiny_models["mistral_gqa_window"][0], str(tmp_path / "m")).max_sequence_length == 64
+
+
+def test_mask_token_student_round_trip(tiny_models, tmp_path):
+    """--add-mask-token: [MASK] rows are the mean rows; the export keeps them and records the student
+    settings; HF loads it; converting it back and exporting again reproduces it bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, _, expected = tiny_models["llama_gqa_untied_llama3rope"]
+    original = read_safetensors(hf_dir)
+    config = convert(hf_dir, str(tmp_path / "ckpt"), add_mask_token=True, block_size=8, logit_shift=True)
+    assert config.mask_token_id == VOCAB and config.model_vocab_size == VOCAB + 1
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf1"))
+    first = read_safetensors(str(tmp_path / "hf1"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert first[key].shape == (VOCAB + 1, 64)
+        assert torch.equal(first[key][:VOCAB], original[key])
+        mean = original[key].double().mean(0).float()
+        assert torch.allclose(first[key][VOCAB], mean, atol=1e-7), key
+
+    with open(tmp_path / "hf1" / "config.json") as f:
+        hf_config = json.load(f)
+    assert hf_config["vocab_size"] == VOCAB + 1
+    assert hf_config["opdlm_mask_token_id"] == VOCAB and hf_config["opdlm_tokenizer_vocab_size"] == VOCAB
+    assert hf_config["opdlm_block_size"] == 8 and hf_config["opdlm_logit_shift"] is True
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf1")).eval()
+    batch = sample_batch()
+    logits = hf_logits(reloaded, batch)
+    assert logits.shape[-1] == VOCAB + 1
+    assert max_valid_diff(logits[..., :VOCAB], expected, batch["valid"]) <= 1e-5
+
+    back = convert(str(tmp_path / "hf1"), str(tmp_path / "ckpt2"))
+    assert (back.vocab_size, back.mask_token_id, back.block_size, back.logit_shift) == (VOCAB, VOCAB, 8, True)
+    export(str(tmp_path / "ckpt2"), str(tmp_path / "hf2"))
+    second = read_safetensors(str(tmp_path / "hf2"))
+    assert sorted(second) == sorted(first) and all(torch.equal(second[k], first[k]) for k in first)
+    with open(tmp_path / "hf2" / "config.json") as f:
+        assert json.load(f) == hf_config
+    # without the row: the plain export drops [MASK] again
+    export(str(tmp_path / "ckpt2"), str(tmp_path / "hf3"), include_mask_token=False)
+    assert torch.equal(read_safetensors(str(tmp_path / "hf3"))["lm_head.weight"], original["lm_head.weight"])
+
+
+def test_dtype_and_tokenizer_files(tiny_models, tmp_path):
+    hf_dir = tiny_models["qwen2_gqa_bias"][0]
+    tokenizer = {"tokenizer.json": "{}", "tokenizer_config.json": '{"chat_template": "x"}',
+                 "special_tokens_map.json": "{}", "chat_template.jinja": "{{ messages }}"}
+    copy = tmp_path / "with_tok"
+    copy.mkdir()
+    for name in os.listdir(hf_dir):
+        (copy / name).write_bytes(open(os.path.join(hf_dir, name), "rb").read())
+    for name, text in tokenizer.items():
+        (copy / name).write_text(text)
+    config = convert(str(copy), str(tmp_path / "ckpt"), dtype="bf16")
+    assert config.params_dtype == "bfloat16"
+    for name, text in tokenizer.items():
+        assert (tmp_path / "ckpt" / TOKENIZER_SUBDIR / name).read_text() == text
+    assert (tmp_path / "ckpt" / TOKENIZER_SUBDIR / "generation_config.json").exists()
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    exported = read_safetensors(str(tmp_path / "hf"))
+    for key, tensor in read_safetensors(hf_dir).items():
+        assert exported[key].dtype == torch.bfloat16 and torch.equal(exported[key], tensor.to(torch.bfloat16)), key
+    for name, text in tokenizer.items():
+        assert (tmp_path / "hf" / name).read_text() == text
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"

@@ -1,0 +1,170 @@
+"""Training config, schedules and data sources (no model needed)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from opdlm_megatron.data import Sample, SampleStream, load_samples
+from opdlm_megatron.schedules import lr_for_step, rollout_length
+from opdlm_megatron.train_config import (CurriculumConfig, DataConfig, OptimConfig, TrainConfig,
+                                         load_train_config, train_config_from_dict)
+
+BASE = {"model": {"student_checkpoint": "/x"}}
+
+
+def test_paper_defaults():
+    cfg = train_config_from_dict(BASE)
+    assert cfg.optim.lr == 1e-5 and cfg.optim.min_lr == 1e-6 and cfg.optim.warmup_steps == 5
+    assert cfg.optim.clip_grad == 1.0 and cfg.optim.weight_decay == 0.0
+    assert cfg.rollout.threshold == 0.9 and cfg.rollout.temperature == 1.0
+    assert cfg.loss.divergence == "forward_kl" and cfg.loss.include_end_of_turn
+    assert (cfg.curriculum.min_length, cfg.curriculum.max_length, cfg.curriculum.warmup_steps) == (100, 4000, 10)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: opd_off\nmodel: {student_checkpoint: /ckpt}\noptim: {lr: 2.0e-5}\n")
+    cfg = load_train_config(str(path), ["optim.lr=3e-4", "parallel.tensor_model_parallel_size=2",
+                                        "loss.top_k=16", "data.gym_datasets=[a, b]"])
+    assert cfg.objective == "opd_off" and cfg.optim.lr == 3e-4
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.loss.top_k == 16
+    assert cfg.data.gym_datasets == ["a", "b"] and cfg.model.student_checkpoint == "/ckpt"
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"objective": "ppo"}, "'ppo'"),
+    ({"nan_policy": "ignore"}, "'ignore'"),
+    ({"optim": {"lr": -1.0}}, "lr=-1.0"),
+    ({"optim": {"bogus": 1}}, "bogus"),
+    ({"steps": 0}, "steps"),
+    ({"prompts_per_step": 3, "micro_batch_size": 2}, "prompts_per_step 3"),
+    ({"rollout": {"threshold": 1.5}}, "1.5"),
+    ({"curriculum": {"min_length": 50, "max_length": 10}}, "max_length 10"),
+    ({"objective": "mdlm"}, "'jsonl_chat'"),
+    ({"loss": {"state_selection": "random"}}, "'random'"),
+])
+def test_bad_config_values_are_named(data, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        train_config_from_dict({**BASE, **data})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ValueError, match="key=value"):
+        train_config_from_dict(BASE, ["optim.lr"])
+
+
+def test_curriculum_matches_paper_formula():
+    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_steps=10)
+    for s in range(0, 25):
+        expected = min(4000, 100 + math.floor(s / 10 * (4000 - 100)))
+        assert rollout_length(s, cur) == expected
+    assert rollout_length(0, cur) == 100 and rollout_length(10, cur) == 4000
+    with pytest.raises(ValueError, match="-1"):
+        rollout_length(-1, cur)
+
+
+def test_lr_schedule_megatron_scheduler_matches_closed_form(runtime):
+    """Megatron's OptimizerParamScheduler (through LRSchedule) gives warm-up + cosine as written."""
+    from opdlm_megatron.schedules import LRSchedule
+
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=optim.lr)
+    opt.param_groups[0].update(max_lr=optim.lr, min_lr=optim.min_lr)
+    sched = LRSchedule(opt, optim, total_steps=20)
+    for step in range(25):
+        s = step + 1
+        if s <= 5:
+            ref = 1e-3 * s / 5
+        elif s > 20:
+            ref = 1e-4
+        else:
+            ref = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 5) / 15))
+        assert sched.set_step(step) == pytest.approx(ref, rel=1e-12)
+        assert lr_for_step(step, optim, 20) == pytest.approx(ref, rel=1e-12)
+
+
+def test_sample_stream_is_deterministic_and_resumable():
+    samples = [Sample([i]) for i in range(7)]
+    a = SampleStream(samples, seed=3)
+    seen = [s.prompt_ids[0] for s in a.next_batch(17)]
+    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
+    assert seen[:7] != seen[7:14]  # a fresh permutation per epoch
+    b = SampleStream(samples, seed=3)
+    first = [s.prompt_ids[0] for s in b.next_batch(9)]
+    c = SampleStream(samples, seed=3)
+    c.load_state_dict(b.state_dict())
+    rest = [s.prompt_ids[0] for s in c.next_batch(8)]
+    assert first + rest == seen
+    with pytest.raises(ValueError, match="for 7 samples"):
+        SampleStream(samples[:5], seed=3).load_state_dict(b.state_dict())
+
+
+def _chat_tokenizer(tmp_path):
+    """A word-level HF tokenizer with a chat template, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "[UNK]", "what", "is", "2", "+",
+             "?", "be", "brief", "four", "Calculate", "-", "."] + [str(i) for i in range(3, 100)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                 unk_token="[UNK]")
+    hf.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    hf.save_pretrained(tmp_path / "tok")
+    from opdlm_megatron.data import load_tokenizer
+
+    return load_tokenizer(str(tmp_path / "tok")), vocab
+
+
+def test_jsonl_chat_prompts_use_the_chat_template(tmp_path):
+    tokenizer, vocab = _chat_tokenizer(tmp_path)
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "what is 2 + 2 ?"}, {"role": "assistant", "content": "four"}]},
+        {"prompt": "what is 3 ?"},
+    ]) + "\n")
+    cfg = DataConfig(source="jsonl_chat", path=str(path), system_prompt="be brief")
+    samples = load_samples(cfg, tokenizer)
+    v = vocab
+    # reference: the template written out by hand (the assistant answer is dropped)
+    assert samples[0].prompt_ids == [v["<|system|>"], v["be"], v["brief"], v["<|user|>"], v["what"], v["is"],
+                                     v["2"], v["+"], v["2"], v["?"], v["<|assistant|>"]]
+    assert samples[1].prompt_ids[-5:] == [v["what"], v["is"], v["3"], v["?"], v["<|assistant|>"]]
+    # cropping keeps the end of the prompt
+    cropped = load_samples(DataConfig(source="jsonl_chat", path=str(path), max_prompt_tokens=3), tokenizer)
+    assert cropped[0].prompt_ids == [v["2"], v["?"], v["<|assistant|>"]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"nothing": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_samples(DataConfig(source="jsonl_chat", path=str(bad)), tokenizer)
+
+
+def test_text_source_for_mdlm(tmp_path):
+    tokenizer, v = _chat_tokenizer(tmp_path)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "what is 2 ?", "response": "four"}) + "\n")
+    samples = load_samples(DataConfig(source="text", path=str(path)), tokenizer, eos_token_id=v["</s>"])
+    assert samples[0].response_ids == [v["four"], v["</s>"]]
+    assert samples[0].prompt_ids[-1] == v["<|assistant|>"]
+
+
+def test_reasoning_gym_prompts(tmp_path):
+    import reasoning_gym
+
+    tokenizer, v = _chat_tokenizer(tmp_path)
+    cfg = DataConfig(source="reasoning_gym", gym_datasets=["basic_arithmetic"], gym_size=4, seed=9)
+    samples = load_samples(cfg, tokenizer)
+    reference = reasoning_gym.create_dataset("basic_arithmetic", size=4, seed=9)
+    assert len(samples) == 4
+    for sample, item in zip(samples, reference):
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}],
+                                                 add_generation_prompt=True, tokenize=False)
+        assert tokenizer.decode(sample.prompt_ids) == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="no_such_dataset"):
+        load_samples(DataConfig(source="reasoning_gym", gym_datasets=["no_such_dataset"], gym_size=2), tokenizer)
