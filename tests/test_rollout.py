@@ -72,6 +72,12 @@ def reference_decode(model, config, prompt, *, block, max_new, threshold=0.9, to
                     rounds[cols[s] - L] = r
                 r += 1
                 step += 1
+                # stop once an EOS is committed with every slot before it committed
+                block_now = [tokens[c] for c in cols]
+                eos_at = [s for s, t in enumerate(block_now) if t in eos]
+                if eos_at and all(t != mask_id for t in block_now[:eos_at[0]]):
+                    cut = j * block + eos_at[0] + 1
+                    return tokens[L:L + cut], rounds[:cut]
             answer = tokens[L: L + (j + 1) * block]
             if any(t in eos for t in answer[j * block:]):
                 cut = next(i for i, t in enumerate(answer) if t in eos) + 1

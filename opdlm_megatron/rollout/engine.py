@@ -210,9 +210,15 @@ class DiffusionRolloutEngine:
         rows.rounds += 1
         rows.step_in_block += 1
 
-        block_done = ~(block_tokens == mask_id).any(1)
-        has_eos = torch.isin(block_tokens, eos).any(1) if eos.numel() else torch.zeros_like(block_done)
-        row_done = block_done & (has_eos | (rows.block + 1 >= n_blocks))
+        still_masked = block_tokens == mask_id
+        block_done = ~still_masked.any(1)
+        # A row ends as soon as an EOS is committed and every slot before it is committed: the
+        # slots after it would be cut anyway, so denoising them would waste forwards.
+        is_eos = torch.isin(block_tokens, eos) if eos.numel() else torch.zeros_like(still_masked)
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), torch.full_like(rows.block, block_tokens.shape[1]))
+        before_eos = torch.arange(block_tokens.shape[1], device=block_tokens.device)[None] < first_eos[:, None]
+        eos_done = is_eos.any(1) & ~(still_masked & before_eos).any(1)
+        row_done = eos_done | (block_done & (rows.block + 1 >= n_blocks))
         advance = block_done & ~row_done
         rows.block += advance.long()
         rows.step_in_block = torch.where(advance, torch.zeros_like(rows.step_in_block), rows.step_in_block)

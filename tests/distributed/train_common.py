@@ -58,6 +58,11 @@ def naive_rollout(model, config, prompts: List[List[int]], decode) -> RolloutRes
                     block[i] = int(tok[i])
                     block_commit[i] = rnd
                 rnd += 1
+                # stop once an EOS is committed with every slot before it committed
+                eos_at = [i for i, t in enumerate(block) if t in eos]
+                if eos_at and mask_id not in block[:eos_at[0]]:
+                    block, block_commit = block[:eos_at[0] + 1], block_commit[:eos_at[0] + 1]
+                    break
             answer += block
             commit += block_commit
             if any(t in eos for t in block):
