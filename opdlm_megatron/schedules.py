@@ -23,6 +23,14 @@ def rollout_length(step: int, curriculum: CurriculumConfig) -> int:
     return min(lmax, lmin + (step * (lmax - lmin)) // warm)
 
 
+def whole_blocks(length: int, block_size: int) -> int:
+    """``length`` rounded down to whole blocks (at least one): the engine decodes whole blocks, and
+    the curriculum's ``L_s`` (e.g. 100 + floor(s/10 * 3900)) need not be a multiple of the block."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return max(block_size, length - length % block_size)
+
+
 def lr_for_step(step: int, optim: OptimConfig, total_steps: int) -> float:
     """Closed form of the schedule (used by tests and logs); equals what ``LRSchedule`` sets."""
     warmup = optim.warmup_steps

@@ -41,7 +41,7 @@ from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .rollout.config import DecodeConfig
 from .rollout.types import RolloutResult
-from .schedules import LRSchedule, rollout_length
+from .schedules import LRSchedule, rollout_length, whole_blocks
 from .student import student_forward_backward
 from .teacher import FrozenTeacher
 from .train_checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -285,7 +285,9 @@ class Trainer:
         if room < 1:
             raise ValueError(f"a prompt of {longest_prompt} tokens leaves no room for an answer within "
                              f"max_sequence_length {self.config.max_sequence_length}")
-        return max(1, min(rollout_length(step, self.cfg.curriculum), room))
+        length = max(1, min(rollout_length(step, self.cfg.curriculum), room))
+        # the student decodes whole blocks; the teacher (sft) decodes token by token
+        return whole_blocks(length, 1 if self.cfg.objective == "sft" else self.config.block_size)
 
     def _rollout(self, step: int, samples: Sequence[Sample]) -> StepBatch:
         cfg = self.cfg

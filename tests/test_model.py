@@ -170,3 +170,28 @@ def test_position_beyond_max_length_raises(runtime):
     layout = masks.causal_layout(torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_sequence_length"):
         model(ids, layout.position_ids + 14, attention_mask(config, layout))
+
+
+def test_no_mask_spec_equals_bidirectional_mask(runtime):
+    """AttnMaskType.no_mask (full bidirectional, no padding, no mask tensor) == the dense bidirectional mask."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config = tiny_config()
+    dense = build_model(config, "student").eval()
+    unmasked = build_model(config, "student", attn_mask_type=AttnMaskType.no_mask).eval()
+    unmasked.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    layout = masks.bidirectional_layout(torch.ones_like(ids, dtype=torch.bool))
+    with torch.no_grad():
+        expected = dense(ids, layout.position_ids, attention_mask(config, layout))
+        got = unmasked(ids, layout.position_ids, None)
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_transformer_engine_spec_without_te_is_a_clear_error(runtime):
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    if HAVE_TE:
+        pytest.skip("Transformer Engine is installed")
+    with pytest.raises(ImportError, match="needs Transformer Engine"):
+        build_model(tiny_config(transformer_impl="transformer_engine"))

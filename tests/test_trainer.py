@@ -226,10 +226,12 @@ def test_cli_entry_point_with_rollout_engine(assets, tmp_path):
     run = tmp_path / "cli"
     rc = main(["--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"), f"run_dir={run}",
                f"model.student_checkpoint={assets['ckpt']}", f"data.path={assets['data']}", "steps=2",
-               "logging.progress_bar=false"])
+               "logging.progress_bar=false", "curriculum.min_length=6", "curriculum.max_length=15"])
     assert rc == 0
     records = read_metrics(str(run / "metrics.jsonl"))
     assert [r["step"] for r in records] == [0, 1]
+    # the curriculum's 6 and 10 tokens become whole blocks of 4 for the engine
+    assert [r["rollout_len"] for r in records] == [4.0, 8.0]
     for key in ("loss", "kl", "teacher_nll", "committed_per_forward", "tokens_trained", "time/rollout",
                 "time/teacher", "time/student", "time/optimizer", "lr", "grad_norm"):
         assert key in records[-1], key

@@ -65,6 +65,20 @@ def test_curriculum_matches_paper_formula():
         rollout_length(-1, cur)
 
 
+def test_rollout_lengths_are_whole_blocks():
+    """The paper's curriculum gives lengths like 490; the engine decodes whole blocks of 4."""
+    from opdlm_megatron.schedules import whole_blocks
+
+    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_steps=10)
+    for s in range(0, 12):
+        length = rollout_length(s, cur)
+        rounded = whole_blocks(length, 4)
+        assert rounded % 4 == 0 and length - 4 < rounded <= length
+    assert whole_blocks(490, 4) == 488 and whole_blocks(3, 4) == 4 and whole_blocks(7, 1) == 7
+    with pytest.raises(ValueError, match="block_size must be positive, got 0"):
+        whole_blocks(8, 0)
+
+
 def test_lr_schedule_megatron_scheduler_matches_closed_form(runtime):
     """Megatron's OptimizerParamScheduler (through LRSchedule) gives warm-up + cosine as written."""
     from opdlm_megatron.schedules import LRSchedule
