@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import vocab_parallel as vp
@@ -107,7 +106,7 @@ class TeacherTopK:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         excluded = _check_excluded(excluded_columns, logits.shape[-1], logits.device)
         flat = logits.reshape(-1, logits.shape[-1])
-        k = min(k, flat.shape[-1] * vp._tp_size())
+        k = min(k, flat.shape[-1] * vp.tp_size())
         values = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
         indices = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
         lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
@@ -145,12 +144,6 @@ def _terms_and_h(kind: str, beta: float, log_p: Tensor, log_q: Tensor):
     del log_m
     terms = teacher_part.mul_(beta).add_(student_part, alpha=1.0 - beta)
     return terms, student_part.mul_(1.0 - beta)
-
-
-def _all_reduce_sum(x: Tensor) -> Tensor:
-    if vp._tp_size() > 1:
-        dist.all_reduce(x, group=vp._tp_group())
-    return x
 
 
 def _fp32_copy(x: Tensor, excluded: Optional[Tensor]) -> Tensor:
@@ -195,11 +188,11 @@ def _chunk(cfg: Optional[DivergenceConfig], student: Tensor, teacher: Optional[T
     if cfg.top_k is None:
         log_q, log_p = _log_softmax_(s), _log_softmax_(t)
         terms, h = _terms_and_h(kind, beta, log_p, log_q)
-        value = _all_reduce_sum(terms.sum(-1))
+        value = vp.tp_sum(terms.sum(-1))
         del terms, log_p, t
         if not need_grad:
             return value, None
-        h_sum = _all_reduce_sum(h.sum(-1))[:, None]
+        h_sum = vp.tp_sum(h.sum(-1))[:, None]
         return value, h.sub_(log_q.exp_().mul_(h_sum))
 
     top_t, index = vp.global_topk(t, cfg.top_k)  # [n, k], identical on every rank
@@ -327,7 +320,7 @@ def masked_diffusion_nll(student_logits: Tensor, targets: Tensor, excluded_colum
         )
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
-    vocab = student_logits.shape[-1] * vp._tp_size()
+    vocab = student_logits.shape[-1] * vp.tp_size()
     if targets.numel():
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= vocab:

@@ -24,10 +24,18 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _tp_size() -> int:
+def tp_size() -> int:
+    """Tensor-parallel world size (the number of vocabulary shards)."""
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_sum(x: Tensor) -> Tensor:
+    """Sums ``x`` over the tensor-parallel group in place (no-op at TP=1); returns ``x``."""
+    if tp_size() > 1:
+        dist.all_reduce(x, group=_tp_group())
+    return x
 
 
 def vocab_start(shard_width: int) -> int:
@@ -40,7 +48,7 @@ def vocab_start(shard_width: int) -> int:
 def global_max(logits: Tensor) -> Tensor:
     """Max over the full vocabulary, ``[...]``."""
     local = logits.max(dim=-1).values
-    if _tp_size() > 1:
+    if tp_size() > 1:
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=_tp_group())
     return local
 
@@ -50,9 +58,7 @@ def global_logsumexp(logits: Tensor, max_: Optional[Tensor] = None) -> Tensor:
     logits = logits.float()
     max_ = global_max(logits) if max_ is None else max_
     safe_max = torch.where(torch.isfinite(max_), max_, torch.zeros_like(max_))
-    sum_exp = torch.exp(logits - safe_max[..., None]).sum(-1)
-    if _tp_size() > 1:
-        dist.all_reduce(sum_exp, group=_tp_group())
+    sum_exp = tp_sum(torch.exp(logits - safe_max[..., None]).sum(-1))
     return safe_max + torch.log(sum_exp)
 
 
@@ -64,7 +70,7 @@ def log_softmax(logits: Tensor) -> Tensor:
 def global_argmax(logits: Tensor) -> Tuple[Tensor, Tensor]:
     """(max value, global index) over the full vocabulary; ties go to the lowest index, as torch.argmax."""
     local_val, local_idx = logits.max(dim=-1)
-    if _tp_size() == 1:
+    if tp_size() == 1:
         return local_val, local_idx
     global_idx = local_idx + vocab_start(logits.shape[-1])
     best = global_max(logits)
@@ -85,7 +91,7 @@ def global_topk(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     k_local = min(k, logits.shape[-1])
     values, idx = logits.topk(k_local, dim=-1)
     idx = idx + vocab_start(logits.shape[-1])
-    tp = _tp_size()
+    tp = tp_size()
     if tp > 1:
         all_values = [torch.empty_like(values) for _ in range(tp)]
         all_idx = [torch.empty_like(idx) for _ in range(tp)]
@@ -105,7 +111,4 @@ def gather_global_columns(logits: Tensor, index: Tensor) -> Tensor:
     width = logits.shape[-1]
     local = index - vocab_start(width)
     inside = (local >= 0) & (local < width)
-    picked = torch.where(inside, logits.float().gather(-1, local.clamp(0, width - 1)), 0.0)
-    if _tp_size() > 1:
-        dist.all_reduce(picked, group=_tp_group())
-    return picked
+    return tp_sum(torch.where(inside, logits.float().gather(-1, local.clamp(0, width - 1)), 0.0))

@@ -86,10 +86,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = torch.exp(logits - lse[..., None])
 
     def mass_at_least(threshold: Tensor) -> Tensor:
-        local = torch.where(logits >= threshold[..., None], probs, torch.zeros_like(probs)).sum(-1)
-        if vp._tp_size() > 1:
-            torch.distributed.all_reduce(local, group=vp._tp_group())
-        return local
+        return vp.tp_sum(torch.where(logits >= threshold[..., None], probs, torch.zeros_like(probs)).sum(-1))
 
     top_enough = mass_at_least(hi) >= p
     for _ in range(_TOP_P_BISECTION_STEPS):
@@ -140,9 +137,7 @@ def confidence(dist: Tensor, tokens: Tensor, measure: str) -> Tensor:
     if measure == "neg_entropy":
         logp = dist - lse[:, None]
         p = torch.exp(logp)
-        plogp = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-        if vp._tp_size() > 1:
-            torch.distributed.all_reduce(plogp, group=vp._tp_group())
+        plogp = vp.tp_sum(torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
         return torch.exp(plogp)
     raise ValueError(f"unknown confidence measure {measure!r}")
 
