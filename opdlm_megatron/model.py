@@ -179,6 +179,17 @@ def attention_mask(config: ModelConfig, queries: AttentionLayout, keys: Optional
     return queries.dense_mask(keys)
 
 
+def broadcast_from_last_stage(tensor: Tensor) -> Tensor:
+    """Copies the last pipeline stage's ``tensor`` into the same-shaped ``tensor`` of every stage
+    (in place; a no-op without pipeline parallelism). Logits and losses live on the last stage."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
 def vocab_shard_range(config: ModelConfig) -> tuple:
     """``[start, end)`` of the padded vocabulary held by this tensor-parallel rank."""
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -27,13 +27,12 @@ from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .config import ModelConfig
 from .losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence, masked_diffusion_nll, unused_vocab_columns
 from .masks import opd_training_batch
-from .model import attention_mask
+from .model import attention_mask, broadcast_from_last_stage
 from .rollout.types import RolloutResult
 from .teacher import microbatch_rows
 
@@ -170,9 +169,7 @@ def student_forward_backward(
     if last_stage:
         totals[0] = sum(float(r["loss"]) for r in results)
         totals[1] = sum(float(r["token_sum"]) for r in results)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+    broadcast_from_last_stage(totals)
     num_tokens = int(supervised.sum())
     return {
         "loss": float(totals[0]),

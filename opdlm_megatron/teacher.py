@@ -17,12 +17,11 @@ from functools import partial
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .config import DTYPES, ModelConfig, canonical_dtype
 from .masks import causal_layout
-from .model import attention_mask
+from .model import attention_mask, broadcast_from_last_stage
 
 if TYPE_CHECKING:
     from .losses import TeacherTopK
@@ -227,7 +226,4 @@ class FrozenTeacher:
             per_token = masked_diffusion_nll(flat, targets.reshape(-1).to(flat.device),
                                              unused_vocab_columns(self.config), chunk_tokens)
             nll = torch.where(answer_valid, per_token.view(answer_ids.shape).cpu(), nll)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(nll, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
-        return nll
+        return broadcast_from_last_stage(nll)

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from megatron.core import parallel_state
+
+from ..model import broadcast_from_last_stage
 
 
 class StageRunner:
@@ -33,7 +34,6 @@ class StageRunner:
 
             self.pp_group = parallel_state.get_pipeline_model_parallel_group()
             self._comm = P2PCommunicator(self.pp_group, model.config)
-            self._last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask) -> Optional[Tensor]:
         """Vocab-parallel logits ``[B, S, V/TP]`` on the last stage, None elsewhere."""
@@ -52,6 +52,4 @@ class StageRunner:
             return tensor
         if not self.is_last:
             tensor = torch.empty(shape, dtype=dtype, device=device)
-        tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=self._last_rank, group=self.pp_group)
-        return tensor
+        return broadcast_from_last_stage(tensor.contiguous())
