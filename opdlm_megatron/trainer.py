@@ -118,17 +118,6 @@ def wrap_and_build_optimizer(student, cfg: TrainConfig, data_parallel_size: int,
     return model, optimizer, use_distributed
 
 
-def _broadcast_from_last_stage(value: float) -> float:
-    """A float known on the last pipeline stage, made known to every stage."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    box = torch.tensor([value if parallel_state.is_pipeline_last_stage() else 0.0], dtype=torch.float64)
-    dist.all_reduce(box, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(box)
-
-
 def _data_parallel_mean(values: Dict[str, float], sums: Sequence[str] = ()) -> Dict[str, float]:
     """Averages (or, for keys in ``sums``, adds) per-replica numbers over data-parallel ranks."""
     from megatron.core import parallel_state
@@ -327,19 +316,13 @@ class Trainer:
         logits = self.teacher.answer_logits(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid,
                                             self.cfg.micro_batch_size)
         batch.targets = logits
-        nll = float("nan")
-        if logits is not None:
-            mask = losses.answer_loss_mask(r.answer_ids, r.answer_valid, self.end_of_turn_ids,
-                                           self.cfg.loss.include_end_of_turn)
-            flat = logits.reshape(-1, logits.shape[-1])
-            with torch.no_grad():
-                per_token = losses.masked_diffusion_nll(
-                    flat, r.answer_ids.reshape(-1),
-                    excluded_columns=losses.unused_vocab_columns(self.teacher.config),
-                    chunk_tokens=self.cfg.loss.chunk_tokens,
-                ).reshape(r.answer_ids.shape)
-            nll = float(losses.row_mean(per_token, mask)) if mask.any() else 0.0
-        return {"teacher_nll": _broadcast_from_last_stage(nll)}
+        # from the logits just computed (last stage), broadcast to every stage
+        per_token = self.teacher.answer_nll(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid,
+                                            self.cfg.micro_batch_size, logits=logits,
+                                            chunk_tokens=self.cfg.loss.chunk_tokens)
+        mask = losses.answer_loss_mask(r.answer_ids, r.answer_valid, self.end_of_turn_ids,
+                                       self.cfg.loss.include_end_of_turn)
+        return {"teacher_nll": float(losses.row_mean(per_token, mask)) if mask.any() else 0.0}
 
     def train_step(self, step: int) -> Dict[str, float]:
         """Runs training step ``step`` (0-based) and returns its metrics (same on every rank)."""
