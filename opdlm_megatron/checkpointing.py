@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-import torch
 import torch.distributed as dist
 
 from .config import CONFIG_FILE_NAME, ModelConfig
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's rank in the world (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -50,7 +50,7 @@ def atomic_directory_save(directory: str, write) -> None:
     directory = os.path.abspath(directory)
     tag = _broadcast_object(f"{os.getpid()}")
     tmp = f"{directory}.partial-{tag}"
-    if _rank() == 0:
+    if global_rank() == 0:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -59,10 +59,10 @@ def atomic_directory_save(directory: str, write) -> None:
         write(tmp)
         _barrier()
     except BaseException:
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _rank() == 0:
+    if global_rank() == 0:
         old = None
         if os.path.exists(directory):
             old = f"{directory}.old-{tag}"
@@ -73,22 +73,30 @@ def atomic_directory_save(directory: str, write) -> None:
     _barrier()
 
 
-def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_state: Optional[Dict] = None) -> None:
+def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_state: Optional[Dict] = None,
+                          optimizer=None, write_extra_files: Optional[Callable[[str], None]] = None) -> None:
     """Saves this rank's part of ``model`` (a GPTModel) as a dist checkpoint with its config.
 
-    ``extra_state`` (plain picklable objects, identical on all ranks) goes into the common part.
+    ``extra_state`` (plain picklable objects, identical on all ranks) goes into the common part;
+    ``optimizer`` (a megatron optimizer) adds its sharded state; ``write_extra_files(tmp_dir)`` runs on
+    every rank to add files (e.g. per-rank RNG states) before the directory is moved into place.
     """
     from megatron.core import dist_checkpointing, parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pinned = config.replace(padded_vocab=config.padded_vocab_size(tp))
-    sharded = model.sharded_state_dict()
+    model_state = model.sharded_state_dict()
+    sharded = dict(model_state)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_state)
     if extra_state:
-        sharded = {**sharded, "opdlm_extra_state": extra_state}
+        sharded["opdlm_extra_state"] = extra_state
 
     def write(tmp: str) -> None:
         dist_checkpointing.save(sharded, tmp)
-        if _rank() == 0:
+        if write_extra_files is not None:
+            write_extra_files(tmp)
+        if global_rank() == 0:
             pinned.save(tmp)
 
     atomic_directory_save(directory, write)
@@ -100,23 +108,28 @@ def load_model_config(directory: str) -> ModelConfig:
     return ModelConfig.load(directory)
 
 
-def load_model_checkpoint(model, directory: str, strict: bool = True) -> Dict:
-    """Loads a dist checkpoint into ``model`` (any TP/PP); returns the checkpoint's extra state."""
+def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=None) -> Dict:
+    """Loads a dist checkpoint into ``model`` (any TP/PP), and into ``optimizer`` when given; returns
+    the checkpoint's extra state. Training checkpoints load as model checkpoints (optimizer state ignored)."""
     from megatron.core import dist_checkpointing
 
     if not is_checkpoint(directory):
         raise FileNotFoundError(
             f"{directory} is not an opdlm-megatron checkpoint (needs metadata.json and {CONFIG_FILE_NAME})"
         )
-    sharded = model.sharded_state_dict()
+    model_state = model.sharded_state_dict()
+    sharded = dict(model_state)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
     state = dist_checkpointing.load(sharded, directory)
     extra = state.pop("opdlm_extra_state", {}) if isinstance(state, dict) else {}
-    if isinstance(state, dict):
-        state.pop("optimizer", None)  # training checkpoints (train_checkpoint.py) also hold optimizer state
+    optimizer_state = state.pop("optimizer", None) if isinstance(state, dict) else None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         raise RuntimeError(f"checkpoint {directory} does not match the model: missing={missing} unexpected={unexpected}")
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
     return extra
 
 

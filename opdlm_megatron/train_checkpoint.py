@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpointing import atomic_directory_save, is_checkpoint
+from .checkpointing import global_rank, is_checkpoint, load_model_checkpoint, save_model_checkpoint
 from .config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,6 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -96,27 +92,17 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
     ``model`` is the bare student (not its DDP wrapper, whose keys carry a ``module.`` prefix), so
     the weights' keys are those of a plain model checkpoint.
     """
-    from megatron.core import dist_checkpointing, parallel_state
-
     directory = step_directory(root, step)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pinned = model_config.replace(padded_vocab=model_config.padded_vocab_size(tp))
-    model_state = model.sharded_state_dict()
-    sharded = dict(model_state)
-    sharded["optimizer"] = optimizer.sharded_state_dict(model_state)
-    sharded["opdlm_extra_state"] = {"trainer": trainer_state, "world_size": _world()}
     rng = capture_rng_state()
 
-    def write(tmp: str) -> None:
-        dist_checkpointing.save(sharded, tmp)
+    def write_rng(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(rng, _rng_path(tmp, _rank()))
-        if _rank() == 0:
-            pinned.save(tmp)
+        torch.save(rng, _rng_path(tmp, global_rank()))
 
     os.makedirs(root, exist_ok=True)
-    atomic_directory_save(directory, write)
-    if _rank() == 0:
+    save_model_checkpoint(model, directory, model_config, {"trainer": trainer_state, "world_size": _world()},
+                          optimizer=optimizer, write_extra_files=write_rng)
+    if global_rank() == 0:
         tmp_latest = os.path.join(root, LATEST_FILE + ".tmp")
         with open(tmp_latest, "w") as f:
             f.write(os.path.basename(directory) + "\n")
@@ -139,26 +125,13 @@ def load_training_checkpoint(directory: str, model, optimizer) -> Dict[str, Any]
 
     ``model`` is the bare student, as for ``save_training_checkpoint``.
     """
-    from megatron.core import dist_checkpointing
-
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a complete training checkpoint")
-    model_state = model.sharded_state_dict()
-    sharded = dict(model_state)
-    sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
-    state = dist_checkpointing.load(sharded, directory)
-    extra = state.pop("opdlm_extra_state", None)
-    optimizer_state = state.pop("optimizer")
-    if extra is None or "trainer" not in extra:
+    extra = load_model_checkpoint(model, directory, optimizer=optimizer)
+    if "trainer" not in extra:
         raise ValueError(f"{directory} is a model checkpoint without trainer state; it cannot be resumed "
                          "(use it as model.student_checkpoint instead)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {directory} does not match the student: missing={missing} "
-                           f"unexpected={unexpected}")
-    optimizer.load_state_dict(optimizer_state)
-    rng_file = _rng_path(directory, _rank())
+    rng_file = _rng_path(directory, global_rank())
     if extra.get("world_size") == _world() and os.path.isfile(rng_file):
         restore_rng_state(torch.load(rng_file, weights_only=False))
     else:
