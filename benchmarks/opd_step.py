@@ -1,14 +1,25 @@
-"""One OPD training step vs the sum of its parts, and the student's achieved FLOP/s.
+"""One OPD training step vs the sum of its parts, the student's FLOP/s, and what computing only the
+columns the loss reads saves.
 
-    python benchmarks/opd_step.py [--layers 4 --hidden 256 --prompts 4 --rollout-len 32]
+    python benchmarks/opd_step.py [--layers 4 --hidden 256 --vocab 49152 --prompts 4 --rollout-len 32]
     torchrun --nproc-per-node 2 benchmarks/opd_step.py --tp 2
 
-Builds a randomly initialised student/teacher pair, runs warm-up steps, then times (a) whole
-training steps (``Trainer.train_step``) and (b) each phase alone on the same inputs: rollout
-(block-diffusion engine), teacher forward, student forward/backward, optimizer step. Goal:
-``step_over_parts <= 1.10`` (the loop adds little beyond its parts). The student's fwd/bwd FLOP/s
-(6 x parameters x tokens of ``[prompt | x0 | xt]`` plus attention) is compared with a dense fp32
-matmul timed in the same run. The last line reads ``step_over_parts=X student_flops_vs_matmul=Y``.
+Builds a randomly initialised student/teacher pair and runs the trainer (one rollout per step here:
+``tasks_per_rollout = global_batch_size = --prompts``). It times
+
+* whole training steps (``Trainer.train_step``) against each phase alone on the same inputs: rollout
+  (block-diffusion engine), states, teacher targets, student forward/backward, optimizer step
+  (goal ``step_over_parts <= 1.10``: the loop adds little beyond its parts);
+* the student's fwd/bwd FLOP/s (6 x parameters x tokens of ``[prompt | x0 | xt]`` plus attention)
+  against a dense fp32 matmul timed in the same run;
+* the student step and the teacher targets as they are (output layer only on the columns the loss
+  reads; teacher logits kept only for supervised positions) against the same computation with the
+  output layer on every column and the teacher's logits kept for every answer position, as before:
+  time saved and the bytes of logits held.
+
+The last line reads ``step_over_parts=X student_flops_vs_matmul=Y loss_columns_time_saved=Z
+logits_bytes_ratio=W`` (Z: 1 - time(now) / time(every column) of student step + teacher targets;
+W: bytes of student + teacher logits now / before).
 """
 
 from __future__ import annotations
@@ -18,14 +29,17 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron import student as student_step  # noqa: E402
+from opdlm_megatron import model as model_module  # noqa: E402
+from opdlm_megatron import student as student_module  # noqa: E402
 from opdlm_megatron.data import Sample  # noqa: E402
 from opdlm_megatron.platform import initialize_runtime  # noqa: E402
+from opdlm_megatron.teacher import TeacherTargets  # noqa: E402
 from opdlm_megatron.train_config import train_config_from_dict  # noqa: E402
 
 
@@ -34,7 +48,7 @@ def parse_args():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--vocab", type=int, default=49152, help="SmolLM2's vocabulary by default")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=24)
     p.add_argument("--rollout-len", type=int, default=32)
@@ -67,6 +81,40 @@ def matmul_flops(n: int, device, repeats: int = 5) -> float:
     return 2 * n ** 3 / seconds
 
 
+class LogitsMeter:
+    """Wraps ``logits_at_columns``: counts the bytes of logits the model returns; with
+    ``every_column`` it runs the output layer on every column and then picks the asked ones (the
+    computation before the output layer was restricted)."""
+
+    def __init__(self, every_column: bool) -> None:
+        self.every_column = every_column
+        self.bytes = 0
+        self.original = model_module.logits_at_columns
+
+    def __call__(self, model, input_ids, position_ids, mask, columns):
+        if not self.every_column:
+            out = self.original(model, input_ids, position_ids, mask, columns)
+        else:
+            out = model(input_ids, position_ids, mask)
+            if out.dim() == 3 and out.shape[0] == input_ids.shape[0]:  # logits (last stage)
+                self.bytes = max(self.bytes, out.numel() * out.element_size())
+                out = out.gather(1, columns.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
+        if out.dim() == 3 and out.shape[0] == input_ids.shape[0] and not self.every_column:
+            self.bytes = max(self.bytes, out.numel() * out.element_size())
+        return out
+
+
+@contextmanager
+def output_columns(every_column: bool):
+    meter = LogitsMeter(every_column)
+    saved = (model_module.logits_at_columns, student_module.logits_at_columns)
+    model_module.logits_at_columns = student_module.logits_at_columns = meter
+    try:
+        yield meter
+    finally:
+        model_module.logits_at_columns, student_module.logits_at_columns = saved
+
+
 def main() -> None:
     args = parse_args()
     from opdlm_megatron.trainer import Trainer
@@ -78,42 +126,59 @@ def main() -> None:
     )
     g = torch.Generator().manual_seed(0)
     samples = [Sample(torch.randint(3, args.vocab, (args.prompt_len,), generator=g).tolist())
-               for _ in range(4 * args.prompts)]
+               for _ in range(8 * args.prompts)]
     run_dir = tempfile.mkdtemp(prefix="opd_step_")
     cfg = train_config_from_dict(dict(
-        objective="opd", steps=100, prompts_per_step=args.prompts, micro_batch_size=args.micro_batch_size,
-        run_dir=run_dir, model=dict(random_init=True, model_config=model_config),
+        objective="opd", run_dir=run_dir, seed=0,
+        train=dict(steps=100, global_batch_size=args.prompts, micro_batch_size=args.micro_batch_size),
+        model=dict(random_init=True, model_config=model_config),
         parallel=dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, device=args.device),
         data=dict(source="token_ids", path="unused"),
         # threshold 1.0 with a random model: the rollout always runs the full length (stable timings)
-        rollout=dict(threshold=1.0, temperature=1.0),
-        curriculum=dict(min_length=args.rollout_len, max_length=args.rollout_len, warmup_steps=1),
+        rollout=dict(tasks_per_rollout=args.prompts, threshold=1.0, temperature=1.0),
+        curriculum=dict(min_length=args.rollout_len, max_length=args.rollout_len, warmup_rollouts=1),
         checkpoint=dict(resume=False), logging=dict(progress_bar=False),
     ))
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=0) as rt:
         trainer = Trainer(cfg, rt, samples=samples)
-        for step in range(2):  # warm-up
-            trainer.train_step(step)
-        step_time, _ = timed(lambda: trainer.train_step(2), args.repeats)
+        for _ in range(2):  # warm-up
+            trainer.train_step()
+        step_time, _ = timed(trainer.train_step, args.repeats)
 
-        batch = trainer._rollout(3, samples[: trainer.rows_per_rank])
-        rollout_time, _ = timed(lambda: trainer._rollout(3, samples[: trainer.rows_per_rank]), args.repeats)
-        teacher_time, _ = timed(lambda: trainer._teacher_targets(batch), args.repeats)
-        r = batch.result
+        rollout_time, buffer = timed(trainer._next_rollout, args.repeats)
+        trainer.buffer = buffer
+        states_time, batch = timed(lambda: trainer._supervised_batch(buffer, trainer.step), args.repeats)
+        teacher_time, (targets, _) = timed(lambda: trainer._teacher_targets(batch), args.repeats)
+        r = batch.answers
 
-        def student():
+        def student_step():
             trainer.model.zero_grad_buffer()
-            return student_step.student_forward_backward(
-                trainer.model, trainer.config, r, batch.xt, batch.targets, "distill", trainer.divergence,
-                cfg.micro_batch_size, end_of_turn_ids=trainer.end_of_turn_ids)
+            return student_module.student_step(trainer.model, trainer.config, batch, targets, trainer.divergence,
+                                               cfg.train.micro_batch_size)
 
-        student_time, _ = timed(student, args.repeats)
+        student_time, _ = timed(student_step, args.repeats)
         optimizer_time, _ = timed(lambda: trainer.optimizer.step(), args.repeats)
-        parts = rollout_time + teacher_time + student_time + optimizer_time
+        parts = rollout_time + states_time + teacher_time + student_time + optimizer_time
+
+        # only the columns the loss reads vs every column (and every answer position kept by the teacher)
+        with output_columns(every_column=False) as now:
+            now_student, _ = timed(student_step, args.repeats)
+        with output_columns(every_column=True) as before:
+            before_student, _ = timed(student_step, args.repeats)
+
+            def dense_teacher():
+                logits = trainer.teacher.answer_logits(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid,
+                                                       cfg.train.micro_batch_size)
+                return TeacherTargets.dense(logits, tuple(r.answer_ids.shape))
+
+            before_teacher, dense = timed(dense_teacher, args.repeats)
+        now_bytes = now.bytes + targets.nbytes
+        before_bytes = before.bytes + dense.nbytes
+        saved = 1.0 - (now_student + teacher_time) / (before_student + before_teacher)
 
         params = sum(p.numel() for p in trainer.student.parameters())
-        tokens = r.batch_size * (r.prompt_ids.shape[1] + 2 * r.answer_ids.shape[1])
         seq = r.prompt_ids.shape[1] + 2 * r.answer_ids.shape[1]
+        tokens = r.batch_size * seq
         # dense attention scores + values: 2 matmuls of [S, S, d] per layer, x3 for fwd+bwd
         attention = 3 * 2 * 2 * r.batch_size * seq * seq * args.hidden * args.layers
         student_flops = (6 * params * tokens + attention) / student_time
@@ -121,12 +186,19 @@ def main() -> None:
         trainer.close()
 
         if rt.rank == 0:
-            print(f"device={rt.device} params={params} rows={r.batch_size} prompt={r.prompt_ids.shape[1]} "
-                  f"answer={r.answer_ids.shape[1]} forwards={r.num_forward_passes}")
-            print(f"step={step_time:.3f}s parts: rollout={rollout_time:.3f}s teacher={teacher_time:.3f}s "
-                  f"student={student_time:.3f}s optimizer={optimizer_time:.3f}s sum={parts:.3f}s")
+            print(f"device={rt.device} params={params} vocab={args.vocab} rows={r.batch_size} "
+                  f"prompt={r.prompt_ids.shape[1]} answer={r.answer_ids.shape[1]} "
+                  f"supervised={int(batch.supervised.sum())} forwards={buffer.answers.num_forward_passes}")
+            print(f"step={step_time:.3f}s parts: rollout={rollout_time:.3f}s states={states_time:.4f}s "
+                  f"teacher={teacher_time:.3f}s student={student_time:.3f}s optimizer={optimizer_time:.3f}s "
+                  f"sum={parts:.3f}s")
             print(f"student={student_flops / 1e9:.2f} GFLOP/s matmul={matmul / 1e9:.2f} GFLOP/s")
-            print(f"step_over_parts={step_time / parts:.3f} student_flops_vs_matmul={student_flops / matmul:.3f}")
+            print(f"loss columns only: student {now_student:.3f}s (every column {before_student:.3f}s), teacher "
+                  f"{teacher_time:.3f}s (every answer position {before_teacher:.3f}s); logits held "
+                  f"{now_bytes / 2**20:.2f} MiB (before {before_bytes / 2**20:.2f} MiB: student "
+                  f"{before.bytes / 2**20:.2f}, teacher {dense.nbytes / 2**20:.2f})")
+            print(f"step_over_parts={step_time / parts:.3f} student_flops_vs_matmul={student_flops / matmul:.3f} "
+                  f"loss_columns_time_saved={saved:.3f} logits_bytes_ratio={now_bytes / before_bytes:.3f}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def evaluate(trainer, samples, fixed, max_new_tokens: int, tokenizer) -> dict:
     from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
     from opdlm_megatron.student import student_forward_backward
 
-    student, config, teacher, mbs = trainer.student, trainer.config, trainer.teacher, trainer.cfg.micro_batch_size
+    student, config, teacher, mbs = trainer.student, trainer.config, trainer.teacher, trainer.cfg.train.micro_batch_size
     fixed_result, fixed_xt = fixed
     targets = teacher.answer_logits(fixed_result.prompt_ids, fixed_result.prompt_valid, fixed_result.answer_ids,
                                     fixed_result.answer_valid, mbs)
@@ -134,15 +134,17 @@ def main() -> None:
         gym = dict(source="reasoning_gym", gym_datasets=["basic_arithmetic"], max_prompt_tokens=160,
                    system_prompt="Answer with the number only.")
         cfg = train_config_from_dict({
-            "objective": "opd", "steps": args.steps, "prompts_per_step": args.prompts_per_step,
-            "micro_batch_size": args.micro_batch_size, "seed": 1234, "run_dir": args.run_dir,
+            "objective": "opd", "seed": 1234, "run_dir": args.run_dir,
+            "train": {"steps": args.steps, "global_batch_size": args.prompts_per_step,
+                      "micro_batch_size": args.micro_batch_size},
             "model": {"student_checkpoint": ckpt},
             "parallel": {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
                          "device": args.device},
             "data": {**gym, "gym_size": 64, "seed": 1},
-            "rollout": {"threshold": 0.9, "temperature": 1.0},
+            # a short demo: one rollout per optimizer step (the paper: 128 tasks feed 16 steps of 8)
+            "rollout": {"tasks_per_rollout": args.prompts_per_step, "threshold": 0.9, "temperature": 1.0},
             "curriculum": {"min_length": args.min_length, "max_length": args.max_length,
-                           "warmup_steps": max(1, args.steps - 2)},
+                           "warmup_rollouts": max(1, args.steps - 2)},
             "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": 1},
             "checkpoint": {"save_every": 0, "resume": False},
             "logging": {"wandb": False, "progress_bar": True},

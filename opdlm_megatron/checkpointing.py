@@ -13,9 +13,19 @@ import os
 import shutil
 from typing import Any, Callable, Dict, Optional
 
+import torch
 import torch.distributed as dist
 
 from .config import CONFIG_FILE_NAME, ModelConfig
+
+# How megatron lays out optimizer state in a checkpoint (its `metadata` argument, as
+# megatron/training/checkpointing.py builds it by default): the distributed optimizer's state is
+# saved per data-parallel bucket (reshardable over DP only; megatron's default).
+OPTIMIZER_SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
 
 
 def global_rank() -> int:
@@ -88,7 +98,7 @@ def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_stat
     model_state = model.sharded_state_dict()
     sharded = dict(model_state)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_state)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_SHARDING_METADATA)
     if extra_state:
         sharded["opdlm_extra_state"] = extra_state
 
@@ -120,7 +130,9 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
     model_state = model.sharded_state_dict()
     sharded = dict(model_state)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+        _allocate_distributed_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                            metadata=OPTIMIZER_SHARDING_METADATA)
     state = dist_checkpointing.load(sharded, directory)
     extra = state.pop("opdlm_extra_state", {}) if isinstance(state, dict) else {}
     optimizer_state = state.pop("optimizer", None) if isinstance(state, dict) else None
@@ -129,8 +141,22 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
     if strict and (missing or unexpected):
         raise RuntimeError(f"checkpoint {directory} does not match the model: missing={missing} unexpected={unexpected}")
     if optimizer is not None:
-        optimizer.load_state_dict(optimizer_state)
+        with torch.no_grad():  # fp32 parameters' optimizer shards are views of the (grad-requiring) weights
+            optimizer.load_state_dict(optimizer_state)
     return extra
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Without Apex/TE (e.g. on CPU) megatron's DistributedOptimizer cannot describe an optimizer
+    state it has not allocated yet (its ``state_dict`` asserts on the missing Adam step), so a fresh
+    one is given megatron's own dummy state first; the load that follows overwrites it, and the
+    weights, which a zero-gradient step leaves unchanged anyway (without weight decay)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(sub, DistributedOptimizer) and inner is not None and len(inner.state) == 0:
+            sub._init_optimizer_states_with_dummy_values()
 
 
 def build_from_checkpoint(directory: str, role: str = "student", **build_kwargs):

@@ -41,10 +41,13 @@ def canonical_dtype(name: str) -> str:
 class ModelConfig:
     """Architecture + vocabulary + diffusion settings of an OPDLM model pair.
 
-    Vocabulary: ``vocab_size`` is the tokenizer's vocabulary. The model's embedding has
-    ``model_vocab_size`` real rows (tokenizer + an appended ``[MASK]`` when the tokenizer has none),
-    padded up to a multiple of ``make_vocab_size_divisible_by x TP`` as Megatron does; padded rows
-    are never sampled and get no probability mass in losses.
+    Vocabulary: ``vocab_size`` is the vocabulary of the source checkpoint (the HF embedding's rows).
+    ``tokenizer_size`` (None: ``vocab_size``) is how many of those ids the tokenizer can produce; the
+    rows in between exist but are unused (Qwen3: 151,669 tokens in 151,936 rows). ``[MASK]`` is the
+    tokenizer's own mask token, one of the unused rows, or a row appended at ``vocab_size``
+    (``model_vocab_size`` counts it). The embedding is padded up to a multiple of
+    ``make_vocab_size_divisible_by x TP`` as Megatron does. Padded rows, unused rows and ``[MASK]``
+    are never sampled and get no probability mass in losses (``unused_token_mask``).
     """
 
     num_layers: int
@@ -52,6 +55,7 @@ class ModelConfig:
     ffn_hidden_size: int
     num_attention_heads: int
     vocab_size: int
+    tokenizer_size: Optional[int] = None  # None: vocab_size
     num_query_groups: Optional[int] = None  # None: multi-head attention
     kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
     max_sequence_length: int = 4096
@@ -123,16 +127,18 @@ class ModelConfig:
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.query_groups}"
             )
+        if self.tokenizer_size is not None and not 1 <= self.tokenizer_size <= self.vocab_size:
+            raise ValueError(f"tokenizer_size {self.tokenizer_size} must lie in [1, vocab_size {self.vocab_size}]")
         if not 0 <= self.mask_token_id <= self.vocab_size:
             raise ValueError(
-                f"mask_token_id {self.mask_token_id} must be a tokenizer id (< {self.vocab_size}) or "
+                f"mask_token_id {self.mask_token_id} must be a row of the vocabulary (< {self.vocab_size}) or "
                 f"{self.vocab_size} (appended)"
             )
         if self.padded_vocab is not None and self.padded_vocab < self.model_vocab_size:
             raise ValueError(f"padded_vocab {self.padded_vocab} is smaller than the vocabulary {self.model_vocab_size}")
         for token in self.eos_token_ids:
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"eos token id {token} is outside the vocabulary [0, {self.vocab_size})")
+            if not 0 <= token < self.num_tokens:
+                raise ValueError(f"eos token id {token} is outside the tokenizer's ids [0, {self.num_tokens})")
 
     def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
         """Clear errors for layouts this model cannot be split into."""
@@ -160,9 +166,39 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def num_tokens(self) -> int:
+        """Ids the tokenizer can produce: ``[0, num_tokens)`` (minus [MASK]) is what is sampled and supervised."""
+        return self.tokenizer_size or self.vocab_size
+
+    @property
     def model_vocab_size(self) -> int:
-        """Rows that hold real tokens: the tokenizer vocabulary plus an appended [MASK] if any."""
+        """Embedding rows before padding: the source vocabulary plus an appended [MASK] if any."""
         return max(self.vocab_size, self.mask_token_id + 1)
+
+    def unused_token_mask(self, start: int, end: int, exclude_mask_token: bool = True) -> torch.Tensor:
+        """``[end - start]`` bool over vocabulary ids ``[start, end)``: True for ids that are not
+        tokens (padding, unused rows) and, by default, for [MASK]."""
+        ids = torch.arange(start, end)
+        unused = ids >= self.num_tokens
+        if exclude_mask_token:
+            unused |= ids == self.mask_token_id
+        elif self.mask_token_id >= self.num_tokens:
+            unused &= ids != self.mask_token_id
+        return unused
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all TP/PP ranks together; padded vocabulary rows included),
+        for the paper's FLOP estimate (eq. 7)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.query_groups * d
+        fc1 = self.ffn_hidden_size * (2 if ACTIVATIONS[self.activation][1] else 1)
+        per_layer = h * (q + 2 * kv) + q * h + h * fc1 + self.ffn_hidden_size * h + 2 * h
+        if self.add_qkv_bias or self.add_bias_linear:
+            per_layer += q + 2 * kv
+        if self.qk_layernorm:
+            per_layer += 2 * d
+        vocab = self.padded_vocab_size() * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + vocab + h
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Embedding rows: ``padded_vocab`` if pinned, else the next multiple of divisible_by x TP."""

@@ -16,6 +16,11 @@ Sources (``DataConfig.source``):
   (prompt through the chat template, response tokens + EOS), or ``{"text": ...}`` (the first token is
   the prompt, the rest the response).
 * ``token_ids``: pre-tokenised ``{"prompt_ids": [...], "response_ids": [...]}`` (no tokenizer needed).
+
+Prompts are never cut: one longer than ``max_prompt_tokens`` is skipped and counted
+(``data.long_prompts="skip"``, reported as ``data/skipped_long_prompts``) or stops the run with its
+location (``"error"``). Chat templates get ``enable_thinking`` (Qwen3's templates think unless told not
+to; the paper's students answer without thinking).
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ class Sample:
     response_ids: Optional[List[int]] = None
 
 
+class SampleList(list):
+    """The samples of a source, with how many prompts were skipped for being too long."""
+
+    skipped_long_prompts: int = 0
+
+
+class LongPromptError(ValueError):
+    """A prompt longer than ``data.max_prompt_tokens`` with ``data.long_prompts="error"``."""
+
+
 # ------------------------------------------------------------------------------- tokenizing
 def load_tokenizer(path: str):
     """An HF tokenizer from a local directory (never from the hub)."""
@@ -56,14 +71,19 @@ def _ids(encoded: Any) -> List[int]:
     return [int(t) for t in encoded]
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict], system_prompt: Optional[str] = None) -> List[int]:
-    """Token ids of ``messages`` through the chat template, ending with the assistant header."""
+def chat_prompt_ids(tokenizer, messages: Sequence[dict], system_prompt: Optional[str] = None,
+                    enable_thinking: bool = False) -> List[int]:
+    """Token ids of ``messages`` through the chat template, ending with the assistant header.
+
+    ``enable_thinking`` goes to the template (Qwen3 templates open a thinking section unless it is
+    False; templates that do not use it ignore it)."""
     messages = list(messages)
     if system_prompt and (not messages or messages[0].get("role") != "system"):
         messages = [{"role": "system", "content": system_prompt}] + messages
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; use a chat tokenizer or data.source 'token_ids'")
-    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              enable_thinking=enable_thinking))
 
 
 def _read_jsonl(path: str) -> List[dict]:
@@ -102,28 +122,34 @@ def _prompt_messages(record: dict, where: str) -> List[dict]:
     raise ValueError(f"{where}: record needs 'messages' or 'prompt', has keys {sorted(record)}")
 
 
-def _crop_prompt(ids: List[int], max_tokens: int, where: str) -> List[int]:
-    if not ids:
+def _keep(samples: SampleList, sample: Sample, cfg: DataConfig, where: str) -> None:
+    """Appends ``sample`` unless its prompt is too long (then skips and counts it, or raises)."""
+    if not sample.prompt_ids:
         raise ValueError(f"{where}: empty prompt")
-    # keep the end: it holds the question and the assistant header the model continues from
-    return ids[-max_tokens:]
+    if len(sample.prompt_ids) > cfg.max_prompt_tokens:
+        if cfg.long_prompts == "error":
+            raise LongPromptError(f"{where}: prompt of {len(sample.prompt_ids)} tokens is longer than "
+                                  f"data.max_prompt_tokens {cfg.max_prompt_tokens} (data.long_prompts=skip drops such prompts)")
+        samples.skipped_long_prompts += 1
+        return
+    samples.append(sample)
 
 
-def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> List[Sample]:
-    samples = []
+def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> SampleList:
+    samples = SampleList()
     for line_no, record in _read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
-        ids = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt)
-        samples.append(Sample(_crop_prompt(ids, cfg.max_prompt_tokens, where)))
+        ids = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt, cfg.enable_thinking)
+        _keep(samples, Sample(ids), cfg, where)
     return samples
 
 
-def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> List[Sample]:
+def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> SampleList:
     import reasoning_gym
 
     if not cfg.gym_datasets:
         raise ValueError("data.gym_datasets is empty")
-    samples = []
+    samples = SampleList()
     for offset, name in enumerate(cfg.gym_datasets):
         try:
             dataset = reasoning_gym.create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset)
@@ -131,13 +157,14 @@ def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> List[Sample]:
             raise ValueError(f"reasoning_gym dataset {name!r} could not be created: {e}") from e
         for i in range(len(dataset)):
             question = dataset[i]["question"]
-            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}], cfg.system_prompt)
-            samples.append(Sample(_crop_prompt(ids, cfg.max_prompt_tokens, f"{name}[{i}]")))
+            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}], cfg.system_prompt,
+                                  cfg.enable_thinking)
+            _keep(samples, Sample(ids), cfg, f"{name}[{i}]")
     return samples
 
 
-def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> List[Sample]:
-    samples = []
+def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> SampleList:
+    samples = SampleList()
     for line_no, record in _read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
         if "text" in record:
@@ -155,16 +182,17 @@ def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> Lis
                 answer = record["response"]
             else:
                 raise ValueError(f"{where}: text record needs 'text', 'messages' or 'prompt'+'response'")
-            prompt = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt)
+            prompt = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt,
+                                     cfg.enable_thinking)
             response = _ids(tokenizer(str(answer), add_special_tokens=False))
             if eos_token_id is not None:
                 response = response + [eos_token_id]
-        samples.append(Sample(_crop_prompt(prompt, cfg.max_prompt_tokens, where), response[: cfg.max_response_tokens]))
+        _keep(samples, Sample(prompt, response[: cfg.max_response_tokens]), cfg, where)
     return samples
 
 
-def token_id_samples(cfg: DataConfig) -> List[Sample]:
-    samples = []
+def token_id_samples(cfg: DataConfig) -> SampleList:
+    samples = SampleList()
     for line_no, record in _read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
         if "prompt_ids" not in record:
@@ -172,12 +200,13 @@ def token_id_samples(cfg: DataConfig) -> List[Sample]:
         prompt = [int(t) for t in record["prompt_ids"]]
         response = record.get("response_ids")
         response = None if response is None else [int(t) for t in response][: cfg.max_response_tokens]
-        samples.append(Sample(_crop_prompt(prompt, cfg.max_prompt_tokens, where), response))
+        _keep(samples, Sample(prompt, response), cfg, where)
     return samples
 
 
-def load_samples(cfg: DataConfig, tokenizer=None, eos_token_id: Optional[int] = None) -> List[Sample]:
-    """All samples of the configured source, tokenised."""
+def load_samples(cfg: DataConfig, tokenizer=None, eos_token_id: Optional[int] = None) -> SampleList:
+    """All samples of the configured source, tokenised (a ``SampleList``: a list that also counts
+    the prompts skipped for being longer than ``max_prompt_tokens``)."""
     if cfg.source == "token_ids":
         return token_id_samples(cfg)
     if tokenizer is None:
@@ -212,17 +241,26 @@ class SampleStream:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.samples), generator=g).tolist()
 
-    def next_batch(self, n: int) -> List[Sample]:
-        """The next ``n`` samples, rolling over into the next epoch when this one runs out."""
-        batch = []
-        while len(batch) < n:
+    def next_indices(self, n: int) -> List[int]:
+        """Indices (into ``samples``) of the next ``n`` samples, rolling over into the next epoch."""
+        out = []
+        while len(out) < n:
             if self.index == len(self._order):
                 self.epoch += 1
                 self.index = 0
                 self._order = self._permutation(self.epoch)
-            batch.append(self.samples[self._order[self.index]])
+            out.append(self._order[self.index])
             self.index += 1
-        return batch
+        return out
+
+    def next_batch(self, n: int) -> List[Sample]:
+        """The next ``n`` samples, rolling over into the next epoch when this one runs out."""
+        return [self.samples[i] for i in self.next_indices(n)]
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data so far (fractional)."""
+        return self.epoch + self.index / len(self.samples)
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "num_samples": len(self.samples)}

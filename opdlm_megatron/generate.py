@@ -37,11 +37,11 @@ def read_prompts(path: str) -> List[dict]:
     return records
 
 
-def encode_prompt(tokenizer, record: dict, chat_template: bool) -> List[int]:
+def encode_prompt(tokenizer, record: dict, chat_template: bool, enable_thinking: bool = False) -> List[int]:
     if chat_template:
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+                                                  return_dict=False, enable_thinking=enable_thinking))
     if "prompt" not in record:
         raise ValueError("a record with only 'messages' needs --chat-template")
     return list(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"])
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chat-template", action="store_true")
+    parser.add_argument("--enable-thinking", action="store_true",
+                        help="let Qwen3-style chat templates open a thinking section (off by default, as in training)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -93,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     records = read_prompts(args.prompts)
-    encoded = [encode_prompt(tokenizer, r, args.chat_template) for r in records]
+    encoded = [encode_prompt(tokenizer, r, args.chat_template, args.enable_thinking) for r in records]
 
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=args.seed) as runtime:
         model, config = build_from_checkpoint(args.checkpoint, "student")

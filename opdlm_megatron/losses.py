@@ -330,15 +330,11 @@ def masked_diffusion_nll(student_logits: Tensor, targets: Tensor, excluded_colum
 
 
 def unused_vocab_columns(config, exclude_mask_token: bool = True) -> Tensor:
-    """``[V/TP]`` bool: this rank's vocabulary columns that are padding (or [MASK]), for ``excluded_columns``."""
+    """``[V/TP]`` bool: this rank's vocabulary columns that are not tokens (padding, unused rows) or
+    are [MASK], for ``excluded_columns`` (``ModelConfig.unused_token_mask``)."""
     from .model import vocab_shard_range
 
-    start, end = vocab_shard_range(config)
-    ids = torch.arange(start, end)
-    unused = ids >= config.model_vocab_size
-    if exclude_mask_token:
-        unused |= ids == config.mask_token_id
-    return unused
+    return config.unused_token_mask(*vocab_shard_range(config), exclude_mask_token=exclude_mask_token)
 
 
 def answer_loss_mask(answer_ids: Tensor, answer_valid: Tensor, end_of_turn_ids: Sequence[int],

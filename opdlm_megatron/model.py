@@ -199,15 +199,38 @@ def vocab_shard_range(config: ModelConfig) -> tuple:
 
 
 def mask_unused_vocab(logits: Tensor, config: ModelConfig, exclude_mask_token: bool = True) -> Tensor:
-    """Sets the vocab-parallel logits of padded rows (and, by default, of [MASK]) to -inf.
-
-    ``logits`` is this rank's shard ``[..., V / TP]``; returns a new tensor.
-    """
+    """Sets the vocab-parallel logits of ids that are not tokens (padded and unused rows; by default
+    also [MASK]) to -inf. ``logits`` is this rank's shard ``[..., V / TP]``; returns a new tensor."""
     start, end = vocab_shard_range(config)
     if logits.shape[-1] != end - start:
         raise ValueError(f"logits shard has {logits.shape[-1]} columns, expected {end - start}")
-    ids = torch.arange(start, end, device=logits.device)
-    unused = ids >= config.model_vocab_size
-    if exclude_mask_token:
-        unused |= ids == config.mask_token_id
+    unused = config.unused_token_mask(start, end, exclude_mask_token).to(logits.device)
     return logits.masked_fill(unused, float("-inf"))
+
+
+def select_output_columns(*, hidden_states: Tensor, output_layer, output_weight, runtime_gather_output, context,
+                          scale_logits, **_unused) -> Tensor:
+    """A ``GPTModel.forward(output_processor=...)`` that runs the output layer only on the sequence
+    columns ``context`` ``[B, K]`` (long) and returns their vocab-parallel logits ``[B, K, V/TP]``.
+
+    Losses read a few columns of a long input (the xt columns of ``[prompt | x0 | xt]``, the answer
+    columns of ``[prompt; answer]``); with a large vocabulary the output layer is a large share of
+    the model, so the other columns are never projected.
+    """
+    if getattr(output_layer, "sequence_parallel", False):
+        raise NotImplementedError("select_output_columns does not support sequence parallelism")
+    seq, batch, hidden = hidden_states.shape
+    columns = context.to(hidden_states.device)
+    if columns.dim() != 2 or columns.shape[0] != batch:
+        raise ValueError(f"output columns must be [B={batch}, K], got {tuple(columns.shape)}")
+    index = columns.t()[..., None].expand(-1, -1, hidden)  # [K, B, H]
+    selected = hidden_states.gather(0, index)
+    logits, _ = output_layer(selected, weight=output_weight, runtime_gather_output=runtime_gather_output)
+    return scale_logits(logits).transpose(0, 1).contiguous()
+
+
+def logits_at_columns(model, input_ids: Tensor, position_ids: Tensor, mask, columns: Tensor) -> Tensor:
+    """``model(...)`` with the output layer on ``columns`` ``[B, K]`` only: ``[B, K, V/TP]`` on the
+    last pipeline stage, the hidden states on other stages (see ``select_output_columns``)."""
+    return model(input_ids, position_ids, mask, output_processor=select_output_columns,
+                 output_processor_context=columns)

@@ -1,4 +1,4 @@
-"""Schedules over training steps: the learning rate and the rollout-length curriculum.
+"""Schedules: the learning rate over optimizer steps and the rollout-length curriculum over rollouts.
 
 The learning rate uses megatron-core's ``OptimizerParamScheduler`` (linear warm-up, then cosine
 from ``lr`` to ``min_lr``). Megatron's loop evaluates the schedule at the number of steps already
@@ -14,13 +14,14 @@ import math
 from .train_config import CurriculumConfig, OptimConfig
 
 
-def rollout_length(step: int, curriculum: CurriculumConfig) -> int:
-    """The paper's curriculum (section 4.3): ``min(Lmax, Lmin + floor(s / S_warm * (Lmax - Lmin)))``."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    lmin, lmax, warm = curriculum.min_length, curriculum.max_length, curriculum.warmup_steps
-    # integer arithmetic: floor(s * (Lmax - Lmin) / S_warm) without float rounding surprises
-    return min(lmax, lmin + (step * (lmax - lmin)) // warm)
+def rollout_length(rollout: int, curriculum: CurriculumConfig) -> int:
+    """The paper's curriculum (section 4.3) over rollouts r (Table 13 counts "rollouts to reach
+    final generation length"): ``min(Lmax, Lmin + floor(r / R_warm * (Lmax - Lmin)))``."""
+    if rollout < 0:
+        raise ValueError(f"rollout must be >= 0, got {rollout}")
+    lmin, lmax, warm = curriculum.min_length, curriculum.max_length, curriculum.warmup_rollouts
+    # integer arithmetic: floor(r * (Lmax - Lmin) / R_warm) without float rounding surprises
+    return min(lmax, lmin + (rollout * (lmax - lmin)) // warm)
 
 
 def whole_blocks(length: int, block_size: int) -> int:

@@ -11,10 +11,11 @@
     rounds, uniformly, so every block is supervised at one of its intermediate states. The OPD layout
     conditions block ``b``'s xt on the clean x0 of earlier blocks, so blocks are independent.
 
-* ``random_mask_states``: OPDLM_off ablation (paper Eq. 6): forward random masking of the rollout's
+* ``random_mask_states``: OPDLM_off / off-policy KD (paper eq. 6): forward random masking of a
   final answer instead of a trajectory state.
-* ``forward_mask``: the MDLM / LLaDA corruption for the masked-diffusion baseline: per block
-  ``t ~ U(0, 1)`` and each token masked with probability ``t``; ``t`` is returned for 1/t weights.
+* ``forward_mask``: the MDLM / BD3LM corruption (paper eq. 2): ``t ~ U(0, 1)`` per sequence (the
+  paper) or per block, and each answer token masked with probability ``t``; ``t`` is returned for
+  the 1/t weights of the masked-diffusion and SFT baselines.
 
 All functions are pure and draw randomness only from the given ``torch.Generator`` (CPU), so a run
 that restores the generator state reproduces its states exactly.
@@ -30,6 +31,7 @@ from torch import Tensor
 from .rollout.types import RolloutResult
 
 STATE_MODES = ("trajectory", "block")
+NOISE_LEVELS = ("sequence", "block")
 
 
 def _uniform_index(counts: Tensor, generator: torch.Generator) -> Tensor:
@@ -94,12 +96,13 @@ def _block_rounds(result: RolloutResult, generator: torch.Generator, block_size:
 
 
 def forward_mask(x0: Tensor, valid: Tensor, block_size: int, generator: torch.Generator, mask_token_id: int,
-                 eps: float = 1e-3) -> Tuple[Tensor, Tensor]:
-    """MDLM/LLaDA forward corruption per block: ``(xt, t)``, both ``[B, A]``.
+                 eps: float = 1e-3, per: str = "block") -> Tuple[Tensor, Tensor]:
+    """MDLM/BD3LM forward corruption: ``(xt, t)``, both ``[B, A]``.
 
-    Each block draws ``u ~ U(0, 1)`` and masks each valid token independently with probability
-    ``t = eps + (1 - eps) u`` (LLaDA's floor keeps 1/t finite); ``t`` is repeated over the block's
-    tokens for the 1/t loss weights. Blocks are counted from the first answer token.
+    ``per="sequence"`` (paper eq. 2 and 6) draws one ``u ~ U(0, 1)`` per row, ``per="block"`` one per
+    block of ``block_size`` answer tokens; each valid token is then masked independently with
+    probability ``t = eps + (1 - eps) u`` (LLaDA's floor keeps 1/t finite), and ``t`` is repeated
+    over the tokens it applies to.
     """
     if x0.shape != valid.shape or valid.dtype != torch.bool or x0.dim() != 2:
         raise ValueError(f"x0 {tuple(x0.shape)} and bool valid {tuple(valid.shape)} must be one [B, A] shape")
@@ -107,17 +110,39 @@ def forward_mask(x0: Tensor, valid: Tensor, block_size: int, generator: torch.Ge
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
+    if per not in NOISE_LEVELS:
+        raise ValueError(f"unknown noise level {per!r}; expected one of {NOISE_LEVELS}")
     bsz, alen = x0.shape
-    num_blocks = -(-alen // block_size)
-    u = torch.rand((bsz, num_blocks), generator=generator)
-    t = (eps + (1.0 - eps) * u).repeat_interleave(block_size, dim=1)[:, :alen]
+    if per == "sequence":
+        t = (eps + (1.0 - eps) * torch.rand((bsz, 1), generator=generator)).expand(bsz, alen)
+    else:
+        num_blocks = -(-alen // block_size)
+        u = torch.rand((bsz, num_blocks), generator=generator)
+        t = (eps + (1.0 - eps) * u).repeat_interleave(block_size, dim=1)[:, :alen]
     masked = (torch.rand((bsz, alen), generator=generator) < t) & valid
-    return torch.where(masked, torch.full_like(x0, mask_token_id), x0), t
+    return torch.where(masked, torch.full_like(x0, mask_token_id), x0), t.contiguous()
 
 
 def random_mask_states(result: RolloutResult, generator: torch.Generator, mask_token_id: int,
-                       block_size: int = 4) -> Tensor:
-    """OPDLM_off: xt ``[B, A]`` by forward random masking of the rollout's final answer (per-block t)."""
+                       block_size: int = 4, per: str = "block", eps: float = 1e-3) -> Tensor:
+    """OPDLM_off / off-policy KD: xt ``[B, A]`` by forward random masking of the final answer."""
     _check_result(result)
-    xt, _ = forward_mask(result.answer_ids, result.answer_valid, block_size, generator, mask_token_id)
+    xt, _ = forward_mask(result.answer_ids, result.answer_valid, block_size, generator, mask_token_id, eps, per)
     return xt
+
+
+def partially_masked_share(xt: Tensor, supervised: Tensor, valid: Tensor, block_size: int, mask_token_id: int) -> float:
+    """Share of the supervised tokens that sit in blocks holding both masked and revealed tokens
+    (the rest sit in fully masked blocks). Blocks are counted from the first answer token."""
+    if not bool(supervised.any()):
+        return float("nan")
+    bsz, alen = xt.shape
+    pad = (-alen) % block_size
+
+    def blocks(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, pad), value=False).view(bsz, -1, block_size)
+
+    masked = blocks((xt == mask_token_id) & valid)
+    revealed = blocks((xt != mask_token_id) & valid)
+    partial = (masked.any(-1) & revealed.any(-1))[..., None].expand(-1, -1, block_size).reshape(bsz, -1)[:, :alen]
+    return float((supervised & partial).sum()) / float(supervised.sum())

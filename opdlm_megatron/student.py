@@ -1,24 +1,30 @@
-"""One student forward/backward on the OPD training layout ``[prompt | x0 | xt]``.
+"""One student forward/backward on a ``SupervisedBatch``, through megatron-core's pipeline schedule.
 
-The student sees the prompt and the clean answer x0 block-causally and, per block, the partially
-masked copy xt of that block (``masks.opd_training_batch``); the loss is taken at the masked xt
-positions only (and only at answer tokens kept by ``losses.answer_loss_mask``), reading each answer
-token's prediction from its ``prediction_columns`` column (with or without the Dream-style logit
-shift). Microbatches run through megatron-core's ``get_forward_backward_func``, so pipeline
-parallelism, gradient accumulation and megatron DDP (``main_grad``) work as in any megatron run.
+Layouts (``SupervisedBatch.layout``):
 
-Objectives:
+* ``"opd"`` - ``[prompt | x0 | xt]`` (``masks.opd_training_batch``): the student sees the prompt and
+  the clean answer x0 block-causally and, per block, the partially masked copy xt of that block; the
+  prediction of answer token i is read at its ``prediction_columns`` column (its own xt column, or
+  with the Dream-style logit shift the column before it).
+* ``"causal"`` - ``[prompt; x0]`` with the causal mask; answer token i is predicted at the column
+  before it (the ``ar`` objective).
 
-* ``"distill"`` - ``targets`` are the teacher's vocab-parallel logits ``[B, A, V/TP]``
-  (``FrozenTeacher.answer_logits``, needed on the last pipeline stage only), or for the top-k
-  divergences its ``TeacherTopK``; per-token loss is the configured divergence (paper: forward KL).
-* ``"ce"`` - ``targets`` are token ids ``[B, A]``; per-token loss is the NLL, times ``loss_weights``
-  when given (1/t for the masked-diffusion baseline; none for SFT).
+The output layer runs only on the columns the loss reads (``model.select_output_columns``).
 
-Normalisation (paper): per row, the sum of per-token losses over its supervised tokens divided by
-the number of supervised tokens; then the mean over rows with at least one supervised token. With
-1/t weights the row sum is divided by the row's answer tokens instead (``token_normalizer="answer"``,
-the MDLM/LLaDA estimator of the ELBO), which is the default when ``loss_weights`` is given.
+Targets: the teacher's distributions (``TeacherTargets``: packed logits or top-k of the supervised
+positions; the per-token loss is the configured divergence, paper: forward KL), or the answer tokens
+themselves (cross entropy, times ``weights`` when given: 1/t for the masked-diffusion losses).
+
+Normalisation (``normalization``):
+
+* ``"token"`` (default; paper Algorithm 1 sums over masked positions with w(t) = 1): the sum of the
+  weighted per-token losses over the *global* batch (all micro-batches and data-parallel ranks)
+  divided by the global number of ``normalizer`` tokens (all-reduced before the forward). Each rank
+  back-propagates its share times the data-parallel size, which megatron DDP's gradient average
+  undoes, so the gradient is that of the global per-token mean.
+* ``"row"`` (the first layout): per row, the weighted sum over its supervised tokens divided by its
+  ``normalizer`` count; then the mean over the rows of this rank with a supervised token (DDP then
+  averages the ranks).
 """
 
 from __future__ import annotations
@@ -27,51 +33,179 @@ from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .config import ModelConfig
 from .losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence, masked_diffusion_nll, unused_vocab_columns
-from .masks import opd_training_batch
-from .model import attention_mask, broadcast_from_last_stage
+from .masks import causal_layout, opd_training_batch
+from .model import attention_mask, broadcast_from_last_stage, logits_at_columns
+from .objectives.base import SupervisedBatch
 from .rollout.types import RolloutResult
-from .teacher import microbatch_rows
+from .teacher import TeacherTargets, microbatch_rows
 
+NORMALIZATIONS = ("token", "row")
 OBJECTIVES = ("distill", "ce")
 TOKEN_NORMALIZERS = ("supervised", "answer")
 
 
-def supervised_tokens(result: RolloutResult, xt: Tensor, mask_token_id: int, end_of_turn_ids: Sequence[int],
-                      include_end_of_turn: bool = True) -> Tensor:
-    """``[B, A]`` bool: masked xt positions that are answer tokens kept by the loss mask."""
-    keep = answer_loss_mask(result.answer_ids, result.answer_valid, end_of_turn_ids, include_end_of_turn)
-    return keep & (xt == mask_token_id)
+def _data_parallel():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_group()
 
 
-def _check_inputs(config: ModelConfig, result: RolloutResult, xt: Tensor, targets, objective: str,
-                  loss_weights: Optional[Tensor], token_normalizer: str, last_stage: bool) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    if token_normalizer not in TOKEN_NORMALIZERS:
-        raise ValueError(f"unknown token_normalizer {token_normalizer!r}; expected one of {TOKEN_NORMALIZERS}")
-    shape = tuple(result.answer_ids.shape)
-    if tuple(xt.shape) != shape:
-        raise ValueError(f"xt {tuple(xt.shape)} must have the answers' shape {shape}")
-    if loss_weights is not None and tuple(loss_weights.shape) != shape:
-        raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the answers' shape {shape}")
-    if objective == "ce" and (targets is None or tuple(targets.shape) != shape):
-        raise ValueError(f"objective 'ce' needs token-id targets of shape {shape}, got "
-                         f"{None if targets is None else tuple(targets.shape)}")
-    if objective == "distill" and last_stage and isinstance(targets, TeacherTopK):
-        if tuple(targets.values.shape[:2]) != shape:
-            raise ValueError(f"TeacherTopK values {tuple(targets.values.shape)} must be [B, A, k] with [B, A] = {shape}")
-    elif objective == "distill" and last_stage:
-        if targets is None or targets.dim() != 3 or tuple(targets.shape[:2]) != shape:
-            raise ValueError(f"objective 'distill' needs teacher logits [B, A, V/TP] with [B, A] = {shape} on the "
-                             f"last pipeline stage, got {None if targets is None else tuple(targets.shape)}")
+def _dp_sum(values: Tensor) -> Tensor:
+    size, group = _data_parallel()
+    if size > 1:
+        dist.all_reduce(values, group=group)
+    return values
+
+
+def model_input(config: ModelConfig, batch: SupervisedBatch):
+    """``(input_ids [B, S], layout, prediction_columns [B, A])`` of the student for ``batch``."""
+    r = batch.answers
+    if batch.layout == "opd":
+        opd = opd_training_batch(r.prompt_ids, r.prompt_valid, r.answer_ids, batch.xt, r.answer_valid,
+                                 config.block_size, config.logit_shift)
+        return opd.input_ids, opd.layout, opd.prediction_columns
+    # causal: the last answer token predicts nothing inside the answer, so it is not an input
+    ids = torch.cat([r.prompt_ids, r.answer_ids[:, :-1]], 1)
+    layout = causal_layout(torch.cat([r.prompt_valid, r.answer_valid[:, :-1]], 1))
+    plen = r.prompt_ids.shape[1]
+    columns = plen - 1 + torch.arange(r.answer_ids.shape[1])[None].expand(r.batch_size, -1)
+    return ids, layout, columns
+
+
+def _check_targets(config: ModelConfig, batch: SupervisedBatch, targets, last_stage: bool) -> None:
+    if not batch.distill or not last_stage:
+        return
+    if not isinstance(targets, TeacherTargets):
+        raise ValueError(f"a distillation batch needs TeacherTargets, got {type(targets).__name__}")
+    shape = tuple(batch.answers.answer_ids.shape)
+    if tuple(targets.index.shape) != shape:
+        raise ValueError(f"teacher targets index {tuple(targets.index.shape)} must be [B, A] = {shape}")
+    missing = batch.supervised & (targets.index < 0)
+    if bool(missing.any()):
+        raise ValueError(f"teacher targets lack {int(missing.sum())} supervised positions")
+    if not isinstance(targets.logits, TeacherTopK):
         excluded = unused_vocab_columns(config)
-        if targets.shape[-1] != excluded.shape[0]:
-            raise ValueError(f"teacher logits have {targets.shape[-1]} vocabulary columns per rank, the student "
-                             f"{excluded.shape[0]}: the vocabularies differ")
+        if targets.logits.shape[-1] != excluded.shape[0]:
+            raise ValueError(f"teacher logits have {targets.logits.shape[-1]} vocabulary columns per rank, the "
+                             f"student {excluded.shape[0]}: the vocabularies differ")
+
+
+def student_step(
+    model,
+    config: ModelConfig,
+    batch: SupervisedBatch,
+    targets: Optional[TeacherTargets],
+    divergence_cfg: Optional[DivergenceConfig],
+    micro_batch_size: int,
+    normalization: str = "token",
+    forward_only: bool = False,
+    num_rows: Optional[float] = None,
+) -> Dict[str, float]:
+    """Runs the student on ``batch`` over micro-batches; gradients accumulate in ``model``.
+
+    ``model``: this rank's part of the student (bare or megatron-DDP-wrapped); ``batch``: this data-
+    parallel rank's rows; ``targets``: the teacher's targets for them (last pipeline stage; ignored
+    for cross-entropy batches). ``num_rows`` overrides the row count of the ``"row"`` normalisation.
+
+    Returns floats identical on every rank: ``loss`` (the objective over the global batch),
+    ``num_tokens`` (supervised tokens, global), ``num_rows`` (rows with a supervised token, global),
+    ``token_mean`` (unweighted mean per-token loss over the supervised tokens, global).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    if batch.distill and divergence_cfg is None:
+        raise ValueError("a distillation batch needs a DivergenceConfig")
+    last_stage = parallel_state.is_pipeline_last_stage()
+    _check_targets(config, batch, targets, last_stage)
+    dp_size, _ = _data_parallel()
+
+    supervised = batch.supervised
+    counts = batch.normalizer.sum(-1)
+    rows_with_tokens = supervised.any(-1)
+    # global sizes first (known before any forward): the denominators of the normalisations
+    sizes = _dp_sum(torch.tensor([float(counts.sum()), float(supervised.sum()), float(rows_with_tokens.sum())],
+                                 dtype=torch.float64))
+    global_normalizer, global_supervised, global_rows = (float(x) for x in sizes)
+    local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
+
+    input_ids, layout, prediction_columns = model_input(config, batch)
+    plan = microbatch_rows(batch.batch_size, micro_batch_size)
+    num_microbatches = len(plan)
+    device = next(model.parameters()).device
+    excluded = unused_vocab_columns(config).to(device)
+    chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
+
+    microbatches = []
+    for rows, real in plan:
+        sup = supervised[rows] & real[:, None]
+        # the supervised answer positions of each row first (stable), padded to the widest row
+        width = max(1, int(sup.sum(-1).max()))
+        order = torch.sort((~sup).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+        slot_valid = sup.gather(1, order)
+        microbatches.append(dict(
+            ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order, slot_valid=slot_valid,
+            columns=prediction_columns[rows].gather(1, order),
+        ))
+
+    def loss_func(mb, output: Tensor):
+        slot_valid = mb["slot_valid"].to(output.device)
+        which_row, which_slot = slot_valid.nonzero(as_tuple=True)
+        student_logits = output[which_row, which_slot]
+        global_rows = mb["rows"].to(output.device)[which_row]
+        answer_idx = mb["answer_index"].to(output.device)[which_row, which_slot]
+        if batch.distill:
+            teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
+            per_token = divergence(student_logits, teacher_logits, divergence_cfg, excluded)
+        else:
+            ids = batch.answers.answer_ids.to(output.device)[global_rows, answer_idx]
+            per_token = masked_diffusion_nll(student_logits, ids, excluded, chunk)
+        weighted = per_token
+        if batch.weights is not None:
+            weighted = per_token * batch.weights.to(output.device)[global_rows, answer_idx].to(per_token.dtype)
+        if normalization == "token":
+            total = weighted.sum() / max(global_normalizer, 1.0)
+            contribution = total * dp_size
+        else:
+            denom = counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
+            total = (weighted / denom).sum() / max(local_rows, 1.0)
+            contribution = total
+        # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
+        stats = {"loss": total.detach(), "token_sum": per_token.detach().sum()}
+        return contribution * num_microbatches, stats
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        lay = mb["layout"].to(device)
+        output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, attention_mask(config, lay),
+                                   mb["columns"])
+        return output, partial(loss_func, mb)
+
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=num_microbatches, seq_length=input_ids.shape[1],
+        micro_batch_size=micro_batch_size, forward_only=forward_only,
+    )
+    totals = torch.zeros(2, dtype=torch.float64)
+    if last_stage:
+        totals[0] = sum(float(r["loss"]) for r in results)
+        totals[1] = sum(float(r["token_sum"]) for r in results)
+    broadcast_from_last_stage(totals)
+    _dp_sum(totals)
+    loss = float(totals[0]) if normalization == "token" else float(totals[0]) / dp_size
+    return {
+        "loss": loss,
+        "num_tokens": global_supervised,
+        "num_rows": global_rows,
+        "token_mean": float(totals[1]) / max(global_supervised, 1.0),
+    }
 
 
 def student_forward_backward(
@@ -79,7 +213,7 @@ def student_forward_backward(
     config: ModelConfig,
     result: RolloutResult,
     xt: Tensor,
-    targets: Optional[Tensor],
+    targets,
     objective: str,
     divergence_cfg: Optional[DivergenceConfig],
     micro_batch_size: int,
@@ -90,90 +224,35 @@ def student_forward_backward(
     include_end_of_turn: bool = True,
     token_normalizer: Optional[str] = None,
     num_rows: Optional[float] = None,
+    normalization: str = "row",
 ) -> Dict[str, float]:
-    """Runs the student on ``[prompt | x0 | xt]`` over microbatches; gradients accumulate in ``model``.
-
-    ``model``: the student (this rank's part; bare or megatron-DDP-wrapped). ``xt`` ``[B, A]``: the
-    supervised state (``states.py``). ``end_of_turn_ids`` default to ``config.eos_token_ids``.
-    ``num_rows`` overrides the row count of the outer mean (e.g. to normalise over a global batch).
-
-    Returns floats, identical on every rank of the model-parallel group: ``loss`` (the objective),
-    ``num_tokens`` (supervised tokens), ``num_rows`` (rows with a supervised token),
-    ``token_mean`` (mean per-token loss over the supervised tokens, unweighted).
-    """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    last_stage = parallel_state.is_pipeline_last_stage()
+    """The first interface, kept for callers that hold a rollout, an ``xt`` and dense targets:
+    ``objective`` "distill" (``targets``: teacher logits ``[B, A, V/TP]`` or a ``TeacherTopK`` over
+    ``[B, A]``) or "ce" (``targets``: token ids ``[B, A]``, the answers). Builds the
+    ``SupervisedBatch`` on the ``[prompt | x0 | xt]`` layout and runs ``student_step`` with the
+    per-row normalisation it always had (``token_normalizer`` "answer" when ``loss_weights``)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if token_normalizer is None:
         token_normalizer = "answer" if loss_weights is not None else "supervised"
-    _check_inputs(config, result, xt, targets, objective, loss_weights, token_normalizer, last_stage)
-    if objective == "distill" and divergence_cfg is None:
-        raise ValueError("objective 'distill' needs a DivergenceConfig")
+    if token_normalizer not in TOKEN_NORMALIZERS:
+        raise ValueError(f"unknown token_normalizer {token_normalizer!r}; expected one of {TOKEN_NORMALIZERS}")
+    shape = tuple(result.answer_ids.shape)
+    if tuple(xt.shape) != shape:
+        raise ValueError(f"xt {tuple(xt.shape)} must have the answers' shape {shape}")
+    if objective == "ce" and (targets is None or tuple(targets.shape) != shape):
+        raise ValueError(f"objective 'ce' needs token-id targets of shape {shape}, got "
+                         f"{None if targets is None else tuple(targets.shape)}")
     eot = config.eos_token_ids if end_of_turn_ids is None else end_of_turn_ids
-
     kept = answer_loss_mask(result.answer_ids, result.answer_valid, eot, include_end_of_turn)
     supervised = kept & (xt == config.mask_token_id)
-    counts = supervised.sum(-1) if token_normalizer == "supervised" else kept.sum(-1)
-    rows_with_tokens = int((supervised.sum(-1) > 0).sum())
-    outer = float(rows_with_tokens if num_rows is None else num_rows)
-
-    batch = opd_training_batch(result.prompt_ids, result.prompt_valid, result.answer_ids, xt, result.answer_valid,
-                               config.block_size, config.logit_shift)
-    plan = microbatch_rows(result.batch_size, micro_batch_size)
-    num_microbatches = len(plan)
-    device = next(model.parameters()).device
-    excluded = unused_vocab_columns(config).to(device)
-
-    microbatches = []
-    for rows, real in plan:
-        microbatches.append(dict(
-            ids=batch.input_ids[rows], layout=batch.layout.rows(rows), rows=rows,
-            supervised=supervised[rows] & real[:, None], columns=batch.prediction_columns[rows],
-        ))
-
-    def loss_func(mb, output: Tensor):
-        sup = mb["supervised"].to(output.device)
-        row_idx, answer_idx = sup.nonzero(as_tuple=True)
-        student_logits = output[row_idx, mb["columns"].to(output.device)[row_idx, answer_idx]]
-        global_rows = mb["rows"].to(output.device)[row_idx]
-        if objective == "distill":
-            where = targets.values.device if isinstance(targets, TeacherTopK) else targets.device
-            teacher_logits = targets[global_rows.to(where), answer_idx.to(where)].to(output.device)
-            per_token = divergence(student_logits, teacher_logits, divergence_cfg, excluded)
-        else:
-            ids = targets.to(output.device)[global_rows, answer_idx]
-            chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
-            per_token = masked_diffusion_nll(student_logits, ids, excluded, chunk)
-        weighted = per_token
-        if loss_weights is not None:
-            weighted = per_token * loss_weights.to(output.device)[global_rows, answer_idx]
-        denom = counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
-        contribution = (weighted / denom).sum() / max(outer, 1.0)
-        # megatron divides each microbatch's loss by num_microbatches; ours is already normalised
-        stats = {"loss": contribution.detach(), "token_sum": per_token.detach().sum()}
-        return contribution * num_microbatches, stats
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        lay = mb["layout"].to(device)
-        output = model(mb["ids"].to(device), lay.position_ids, attention_mask(config, lay))
-        return output, partial(loss_func, mb)
-
-    results = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=num_microbatches, seq_length=batch.input_ids.shape[1],
-        micro_batch_size=micro_batch_size, forward_only=forward_only,
-    )
-    totals = torch.zeros(2, dtype=torch.float64)
-    if last_stage:
-        totals[0] = sum(float(r["loss"]) for r in results)
-        totals[1] = sum(float(r["token_sum"]) for r in results)
-    broadcast_from_last_stage(totals)
-    num_tokens = int(supervised.sum())
-    return {
-        "loss": float(totals[0]),
-        "num_tokens": float(num_tokens),
-        "num_rows": float(rows_with_tokens),
-        "token_mean": float(totals[1]) / max(num_tokens, 1),
-    }
+    if objective == "ce":
+        result = RolloutResult(result.prompt_ids, result.prompt_valid, targets, result.answer_valid,
+                               result.commit_step, result.num_rounds, result.finished, result.num_forward_passes)
+    batch = SupervisedBatch(result, supervised, supervised if token_normalizer == "supervised" else kept,
+                            distill=objective == "distill", layout="opd", xt=xt, weights=loss_weights)
+    teacher_targets = None
+    if objective == "distill" and targets is not None:
+        teacher_targets = TeacherTargets.dense(targets, shape)
+    return student_step(model, config, batch, teacher_targets, divergence_cfg, micro_batch_size,
+                        normalization, forward_only, num_rows)

@@ -13,6 +13,7 @@ pipeline schedule in forward-only mode, microbatch by microbatch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
@@ -127,6 +128,52 @@ class FrozenTeacher:
     def dtype(self) -> torch.dtype:
         return self.config.torch_dtype
 
+    def _forward(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
+                 needed: Tensor, micro_batch_size: int, consume) -> None:
+        """One causal forward over ``[prompt; answer[:-1]]`` through megatron's pipeline schedule,
+        micro-batch by micro-batch, with the output layer run only on the columns that predict the
+        ``needed`` ``[B, A]`` answer positions. On the last stage, ``consume(rows, answer_index,
+        slot_valid, logits)`` receives each micro-batch's real rows ``[m]``, the answer positions of
+        its slots ``[m, K]``, which slots are real ``[m, K]`` and their logits ``[m, K, V/TP]``."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from .model import logits_at_columns
+
+        _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
+        bsz, plen = prompt_ids.shape
+        if answer_ids.shape[1] == 0:
+            return
+        device = next(self.model.parameters()).device
+        # the last answer token predicts nothing inside the answer: leave it out of the forward
+        input_ids = torch.cat([prompt_ids, answer_ids[:, :-1]], 1)
+        layout = causal_layout(torch.cat([prompt_valid, answer_valid[:, :-1]], 1))
+        microbatches = []
+        for rows, real in microbatch_rows(bsz, micro_batch_size):
+            want = needed[rows] & real[:, None]
+            width = max(1, int(want.sum(-1).max()))
+            order = torch.sort((~want).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            microbatches.append(dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real,
+                                     answer_index=order, slot_valid=want.gather(1, order), columns=plen - 1 + order))
+
+        def collect(mb, output: Tensor):
+            real = mb["real"]
+            consume(mb["rows"][real], mb["answer_index"][real], mb["slot_valid"][real], output[real.to(output.device)])
+            return output.new_zeros(()), {}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            lay = mb["layout"].to(device)
+            output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids,
+                                       attention_mask(self.config, lay), mb["columns"])
+            return output, partial(collect, mb)
+
+        self.model.eval()
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
+            micro_batch_size=micro_batch_size, forward_only=True,
+        )
+
     @torch.no_grad()
     def answer_logits(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
                       micro_batch_size: int, top_k: Optional[int] = None,
@@ -140,20 +187,19 @@ class FrozenTeacher:
         With ``top_k`` only the teacher's top-k per position is kept (a ``losses.TeacherTopK`` with
         ``[B, A, k]`` values/ids, the log-normaliser and the teacher NLL of the answer tokens),
         computed microbatch by microbatch, so the full ``[B, A, V/TP]`` logits never exist at once.
-        [MASK] and padded vocabulary rows are excluded from it.
+        [MASK] and padded vocabulary rows are excluded from it. Training uses ``targets``, which keeps
+        only the positions the loss reads.
         """
         from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from .losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
 
-        _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
-        bsz, plen = prompt_ids.shape
-        alen = answer_ids.shape[1]
+        bsz, alen = answer_ids.shape
         last_stage = parallel_state.is_pipeline_last_stage()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         shard = self.config.padded_vocab_size(tp) // tp
         device = next(self.model.parameters()).device
+        excluded = unused_vocab_columns(self.config).to(device)
         out = None
         if last_stage and top_k is None:
             out = torch.empty((bsz, alen, shard), dtype=self.dtype, device=device)
@@ -162,44 +208,85 @@ class FrozenTeacher:
             out = TeacherTopK(torch.empty((bsz, alen, k), device=device), torch.empty((bsz, alen, k), dtype=torch.long,
                               device=device), torch.empty((bsz, alen), device=device),
                               torch.zeros((bsz, alen), device=device))
-            excluded = unused_vocab_columns(self.config).to(device)
-        if alen == 0:
-            return out
-        # the last answer token predicts nothing inside the answer: leave it out of the forward
-        input_ids = torch.cat([prompt_ids, answer_ids[:, :-1]], 1)
-        layout = causal_layout(torch.cat([prompt_valid, answer_valid[:, :-1]], 1))
-        microbatches = [
-            dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real)
-            for rows, real in microbatch_rows(bsz, micro_batch_size)
-        ]
 
-        def collect(mb, output: Tensor):
-            real = mb["real"].to(output.device)
-            rows = mb["rows"].to(output.device)[real]
-            answer_part = output[real, plen - 1:]
+        def consume(rows, answer_index, slot_valid, logits):
+            # every position is needed, so slot j of a row is answer position j
+            rows = rows.to(device)
             if top_k is None:
-                out[rows] = answer_part.to(out.dtype)
-                return output.new_zeros(()), {}
-            top = TeacherTopK.from_logits(answer_part, top_k, excluded, chunk_tokens)
+                out[rows] = logits.to(out.dtype)
+                return
+            top = TeacherTopK.from_logits(logits, top_k, excluded, chunk_tokens)
             out.values[rows], out.indices[rows], out.logsumexp[rows] = top.values, top.indices, top.logsumexp
-            targets = torch.where(answer_valid[rows.cpu()], answer_ids[rows.cpu()], 0).to(output.device)
-            nll = masked_diffusion_nll(answer_part.reshape(-1, shard), targets.reshape(-1), excluded, chunk_tokens)
-            out.answer_nll[rows] = torch.where(answer_valid[rows.cpu()].to(output.device), nll.view(targets.shape), 0.0)
-            return output.new_zeros(()), {}
+            targets = torch.where(answer_valid[rows.cpu()], answer_ids[rows.cpu()], 0).to(logits.device)
+            nll = masked_diffusion_nll(logits.reshape(-1, shard), targets.reshape(-1), excluded, chunk_tokens)
+            out.answer_nll[rows] = torch.where(answer_valid[rows.cpu()].to(logits.device), nll.view(targets.shape), 0.0)
 
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            lay = mb["layout"].to(device)
-            output = model(mb["ids"].to(device), lay.position_ids, attention_mask(self.config, lay))
-            return output, partial(collect, mb)
-
-        self.model.eval()
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
-            num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
-            micro_batch_size=micro_batch_size, forward_only=True,
-        )
+        self._forward(prompt_ids, prompt_valid, answer_ids, answer_valid, torch.ones_like(answer_valid),
+                      micro_batch_size, consume)
         return out
+
+    @torch.no_grad()
+    def targets(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
+                positions: Tensor, micro_batch_size: int, top_k: Optional[int] = None, chunk_tokens: int = 1024,
+                nll_positions: Optional[Tensor] = None) -> "TeacherTargets":
+        """The teacher's targets for the answer ``positions`` ``[B, A]`` (bool) only.
+
+        Keeps, on the last pipeline stage, the logits of exactly those positions packed as
+        ``[N, V/TP]`` (teacher dtype), or with ``top_k`` only their top-k (``TeacherTopK`` ``[N, k]``,
+        plus the log-normaliser); the output layer runs only on the columns that predict them (and
+        the ``nll_positions``, whose teacher NLL is returned on every rank as ``answer_nll`` ``[B, A]``).
+        """
+        from megatron.core import parallel_state
+
+        from .losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
+
+        if positions.shape != answer_ids.shape or positions.dtype != torch.bool:
+            raise ValueError(f"positions must be a bool [B, A] = {tuple(answer_ids.shape)} tensor, got "
+                             f"{tuple(positions.shape)} {positions.dtype}")
+        positions = positions & answer_valid
+        nll_positions = torch.zeros_like(positions) if nll_positions is None else nll_positions & answer_valid
+        last_stage = parallel_state.is_pipeline_last_stage()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        shard = self.config.padded_vocab_size(tp) // tp
+        device = next(self.model.parameters()).device
+        excluded = unused_vocab_columns(self.config).to(device)
+        count = int(positions.sum())
+        index = torch.full(answer_ids.shape, -1, dtype=torch.long)
+        index[positions] = torch.arange(count)
+        packed = None
+        if last_stage and top_k is None:
+            packed = torch.empty((count, shard), dtype=self.dtype, device=device)
+        elif last_stage:
+            k = min(top_k, shard * tp)
+            packed = TeacherTopK(torch.empty((count, k), device=device),
+                                 torch.empty((count, k), dtype=torch.long, device=device),
+                                 torch.empty((count,), device=device))
+        nll = torch.zeros(answer_ids.shape, dtype=torch.float32)
+
+        def consume(rows, answer_index, slot_valid, logits):
+            flat_rows = rows[:, None].expand_as(answer_index)[slot_valid]
+            flat_pos = answer_index[slot_valid]
+            chosen = logits[slot_valid.to(logits.device)]  # [n, V/TP]
+            want_nll = nll_positions[flat_rows, flat_pos]
+            if bool(want_nll.any()):
+                ids = answer_ids[flat_rows[want_nll], flat_pos[want_nll]].to(logits.device)
+                nll[flat_rows[want_nll], flat_pos[want_nll]] = masked_diffusion_nll(
+                    chosen[want_nll.to(logits.device)], ids, excluded, chunk_tokens).float().cpu()
+            keep = positions[flat_rows, flat_pos]
+            if not bool(keep.any()):
+                return
+            slots = index[flat_rows[keep], flat_pos[keep]].to(device)
+            kept = chosen[keep.to(logits.device)]
+            if top_k is None:
+                packed[slots] = kept.to(packed.dtype)
+            else:
+                top = TeacherTopK.from_logits(kept, top_k, excluded, chunk_tokens)
+                packed.values[slots], packed.indices[slots], packed.logsumexp[slots] = (
+                    top.values, top.indices, top.logsumexp)
+
+        self._forward(prompt_ids, prompt_valid, answer_ids, answer_valid, positions | nll_positions,
+                      micro_batch_size, consume)
+        return TeacherTargets(index=index, logits=packed, answer_nll=broadcast_from_last_stage(nll))
 
     @torch.no_grad()
     def answer_nll(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
@@ -216,7 +303,9 @@ class FrozenTeacher:
         from .losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
 
         if logits is _RUN_FORWARD:
-            logits = self.answer_logits(prompt_ids, prompt_valid, answer_ids, answer_valid, micro_batch_size)
+            return self.targets(prompt_ids, prompt_valid, answer_ids, answer_valid,
+                                torch.zeros_like(answer_valid), micro_batch_size, chunk_tokens=chunk_tokens,
+                                nll_positions=answer_valid).answer_nll
         nll = torch.zeros(answer_ids.shape, dtype=torch.float32)
         if parallel_state.is_pipeline_last_stage() and isinstance(logits, TeacherTopK):
             nll = logits.answer_nll.float().cpu()
@@ -227,3 +316,51 @@ class FrozenTeacher:
                                              unused_vocab_columns(self.config), chunk_tokens)
             nll = torch.where(answer_valid, per_token.view(answer_ids.shape).cpu(), nll)
         return broadcast_from_last_stage(nll)
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's targets for a batch of answers, keeping only the positions the loss reads.
+
+    ``index`` ``[B, A]`` (long, CPU): the row of ``logits`` holding the target of each answer
+    position, -1 where none was kept. ``logits`` (last pipeline stage; None elsewhere): packed
+    vocab-parallel logits ``[N, V/TP]`` or a ``TeacherTopK`` with ``[N, k]``. ``answer_nll``
+    ``[B, A]``: the teacher NLL of the answer tokens where it was asked for (0 elsewhere), on every rank.
+    """
+
+    index: Tensor
+    logits: Union[None, Tensor, "TeacherTopK"]
+    answer_nll: Optional[Tensor] = None
+
+    @classmethod
+    def dense(cls, logits: Union[Tensor, "TeacherTopK"], shape) -> "TeacherTargets":
+        """Targets for every position from dense ``[B, A, V/TP]`` logits or a ``[B, A]`` TeacherTopK."""
+        from .losses import TeacherTopK
+
+        bsz, alen = shape
+        index = torch.arange(bsz * alen).view(bsz, alen)
+        if isinstance(logits, TeacherTopK):
+            flat = TeacherTopK(logits.values.reshape(bsz * alen, -1), logits.indices.reshape(bsz * alen, -1),
+                               logits.logsumexp.reshape(bsz * alen))
+            return cls(index, flat, logits.answer_nll)
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(shape):
+            raise ValueError(f"dense teacher logits must be [B, A, V/TP] with [B, A] = {tuple(shape)}, got "
+                             f"{tuple(logits.shape)}")
+        return cls(index, logits.reshape(bsz * alen, logits.shape[-1]))
+
+    def lookup(self, rows: Tensor, positions: Tensor, device) -> Union[Tensor, "TeacherTopK"]:
+        """The targets of answer positions ``(rows, positions)`` (both ``[n]``), on ``device``."""
+        slots = self.index[rows.cpu(), positions.cpu()]
+        if bool((slots < 0).any()):
+            raise ValueError("teacher targets were not computed for some supervised positions")
+        where = self.logits.device if isinstance(self.logits, Tensor) else self.logits.values.device
+        return self.logits[slots.to(where)].to(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the targets on this rank."""
+        parts = [self.index]
+        if self.logits is not None:
+            parts += [self.logits] if isinstance(self.logits, Tensor) else [
+                self.logits.values, self.logits.indices, self.logits.logsumexp]
+        return sum(t.numel() * t.element_size() for t in parts)

@@ -9,8 +9,12 @@ and the generate CLI load it directly) with three additions:
 * ``opdlm_extra_state`` (common, identical on all ranks): step, data position, scheduler state,
   curriculum length, the run's config;
 * ``rng/rank#####.pt``: each rank's Python / NumPy / torch / megatron-tracker RNG states (they differ
-  per TP/PP rank). On a resume at a different world size these cannot be matched and are skipped
-  with a warning; the trainer's own randomness is derived from ``(seed, step)`` and is unaffected.
+  per TP/PP rank), as tensors and plain containers, loaded with ``weights_only=True`` (no pickle).
+  On a resume at a different world size these cannot be matched and are skipped with a warning;
+  the trainer's own randomness is derived from ``(seed, rollout, step)`` and is unaffected;
+* ``rollout_buffer.safetensors`` (only when saved inside a rollout, i.e. between two optimizer steps
+  fed by the same rollout): the rollout's answers and commit rounds, so the remaining steps train on
+  exactly the trajectories an uninterrupted run would.
 
 The frozen teacher is never part of it. Saves go through ``atomic_directory_save``; the ``latest``
 file names the newest complete checkpoint and is rewritten only after the rename.
@@ -22,7 +26,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,11 +34,13 @@ import torch.distributed as dist
 
 from .checkpointing import global_rank, is_checkpoint, load_model_checkpoint, save_model_checkpoint
 from .config import ModelConfig
+from .rollout.types import RolloutResult
 
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
 STEP_PREFIX = "step_"
+ROLLOUT_BUFFER_FILE = "rollout_buffer.safetensors"
 
 
 def step_directory(root: str, step: int) -> str:
@@ -57,9 +63,10 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def capture_rng_state() -> Dict[str, Any]:
     from megatron.core import tensor_parallel
 
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -69,12 +76,18 @@ def capture_rng_state() -> Dict[str, Any]:
 def restore_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _as_tuples(value):
+    """``random.setstate`` wants tuples where a round trip may give lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _world() -> int:
@@ -86,18 +99,24 @@ def _rng_path(directory: str, rank: int) -> str:
 
 
 def save_training_checkpoint(root: str, step: int, model, optimizer, model_config: ModelConfig,
-                             trainer_state: Dict[str, Any], keep_last: int = 0) -> str:
+                             trainer_state: Dict[str, Any], keep_last: int = 0,
+                             rollout_buffer: Optional[RolloutResult] = None) -> str:
     """Saves a resumable checkpoint of ``model`` and ``optimizer`` after ``step`` steps.
 
     ``model`` is the bare student (not its DDP wrapper, whose keys carry a ``module.`` prefix), so
-    the weights' keys are those of a plain model checkpoint.
+    the weights' keys are those of a plain model checkpoint. ``rollout_buffer`` (identical on every
+    rank) is written once, by rank 0.
     """
+    from safetensors.torch import save_file
+
     directory = step_directory(root, step)
     rng = capture_rng_state()
 
     def write_rng(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(rng, _rng_path(tmp, global_rank()))
+        if rollout_buffer is not None and global_rank() == 0:
+            save_file(rollout_buffer.tensors(), os.path.join(tmp, ROLLOUT_BUFFER_FILE))
 
     os.makedirs(root, exist_ok=True)
     save_model_checkpoint(model, directory, model_config, {"trainer": trainer_state, "world_size": _world()},
@@ -120,11 +139,14 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_training_checkpoint(directory: str, model, optimizer) -> Dict[str, Any]:
-    """Loads weights, optimizer state and this rank's RNG states; returns the trainer state.
+def load_training_checkpoint(directory: str, model, optimizer) -> Tuple[Dict[str, Any], Optional[RolloutResult]]:
+    """Loads weights, optimizer state and this rank's RNG states; returns the trainer state and the
+    saved rollout buffer (None when the checkpoint was taken between rollouts).
 
     ``model`` is the bare student, as for ``save_training_checkpoint``.
     """
+    from safetensors.torch import load_file
+
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a complete training checkpoint")
     extra = load_model_checkpoint(model, directory, optimizer=optimizer)
@@ -133,8 +155,14 @@ def load_training_checkpoint(directory: str, model, optimizer) -> Dict[str, Any]
                          "(use it as model.student_checkpoint instead)")
     rng_file = _rng_path(directory, global_rank())
     if extra.get("world_size") == _world() and os.path.isfile(rng_file):
-        restore_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            state = torch.load(rng_file, weights_only=True)
+        except Exception as error:  # a pickle payload or a damaged file
+            raise ValueError(f"{rng_file} is not a plain RNG state file (refused to unpickle it): {error}") from None
+        restore_rng_state(state)
     else:
         logger.warning("resuming at world size %d from a checkpoint saved at %s: RNG states not restored",
                        _world(), extra.get("world_size"))
-    return extra["trainer"]
+    buffer_file = os.path.join(directory, ROLLOUT_BUFFER_FILE)
+    buffer = RolloutResult.from_tensors(load_file(buffer_file)) if os.path.isfile(buffer_file) else None
+    return extra["trainer"], buffer

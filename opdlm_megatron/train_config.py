@@ -1,29 +1,40 @@
 """Training configuration: the dataclasses one YAML file fills, with ``key=value`` overrides.
 
-Defaults follow the paper's appendix B (Table 13): AdamW, lr 1e-5 -> 1e-6 cosine after 5 warm-up
-steps, weight decay 0, clip 1.0, block size 4, confidence threshold 0.9, temperature 1.0, forward
-KL, rollout length 100 -> 4000 over 10 steps. The same file sets the parallel layout (TP/PP); data
-parallelism is whatever the world size leaves.
+Defaults follow the paper's appendix B (Table 13): one data epoch, 128 tasks per rollout, an
+effective training batch of 8 (so one rollout feeds 16 optimizer steps), AdamW with lr 1e-5 -> 1e-6
+cosine after 5 warm-up steps, weight decay 0, clip 1.0, block size 4, confidence threshold 0.9,
+rollout temperature 1.0, forward KL summed over masked positions with w(t) = 1 (one weight per
+supervised token over the global batch), rollout length 100 -> 4000 over 10 rollouts. The same file
+sets the parallel layout (TP/PP); data parallelism is whatever the world size leaves.
 
-    config = load_train_config("configs/tiny_cpu.yaml", ["optim.lr=1e-4", "steps=3"])
+    config = load_train_config("configs/tiny_cpu.yaml", ["optim.lr=1e-4", "train.steps=3"])
+
+Configs written for the first layout (one rollout of ``prompts_per_step`` prompts per optimizer
+step, top-level ``steps`` / ``micro_batch_size``, ``curriculum.warmup_steps``) still load: those
+keys are translated (``upgrade_legacy_keys``) with a warning naming the new keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 import yaml
 
-OBJECTIVES = ("opd", "opd_off", "mdlm", "sft")
+logger = logging.getLogger(__name__)
+
 NAN_POLICIES = ("skip", "stop")
 STATE_SELECTIONS = ("trajectory", "block")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DATA_SOURCES = ("jsonl_chat", "reasoning_gym", "text", "token_ids")
 WANDB_MODES = ("offline", "online", "disabled")
 DISTRIBUTED_OPTIMIZER = ("auto", "on", "off")
+LOSS_NORMALIZATIONS = ("token", "row")
+T_SAMPLING = ("sequence", "block")
+LONG_PROMPT_POLICIES = ("skip", "error")
 
 
 @dataclass
@@ -33,6 +44,7 @@ class ModelPaths:
 
     student_checkpoint: str = ""
     teacher_checkpoint: Optional[str] = None
+    student_dtype: Optional[str] = None  # e.g. "bfloat16" / "float16"; None: the student checkpoint's dtype
     teacher_dtype: Optional[str] = None  # e.g. "bfloat16"; None: the teacher checkpoint's dtype
     tokenizer: Optional[str] = None  # HF tokenizer dir; None: <student_checkpoint>/tokenizer
     random_init: bool = False  # tests/benchmarks: ignore checkpoints, build both from model_config
@@ -56,32 +68,45 @@ class DataConfig:
     gym_datasets: List[str] = field(default_factory=lambda: ["basic_arithmetic"])
     gym_size: int = 1000
     max_prompt_tokens: int = 512
+    # a prompt longer than max_prompt_tokens is never cut: "skip" drops it (counted in the metrics
+    # as data/skipped_long_prompts), "error" stops with the prompt's location
+    long_prompts: str = "skip"
     max_response_tokens: int = 512  # text / mdlm: answer part cropped to this many tokens
     shuffle: bool = True
     seed: int = 1234
+    epochs: float = 1.0  # passes over the data (paper: 1; OPDLM-MATH: 10); sets the steps unless train.steps does
     system_prompt: Optional[str] = None
+    # Qwen3-style templates think by default; the paper's students answer without thinking
+    enable_thinking: bool = False
 
 
 @dataclass
 class RolloutConfig:
-    """Student decoding for on-policy rollouts (the engine's DecodeConfig is built from this)."""
+    """Student decoding for on-policy rollouts (the engine's DecodeConfig is built from this).
 
+    ``tasks_per_rollout`` prompts are rolled out at once (paper: 128); their trajectories then feed
+    ``tasks_per_rollout / train.global_batch_size`` optimizer steps (paper: 16).
+    """
+
+    tasks_per_rollout: int = 128
     threshold: float = 0.9  # dynamic remasking: commit every token above this confidence
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     tokens_per_step: Optional[int] = None
-    # SFT baseline: how the teacher answers the prompts (0 = greedy)
+    # sft / kd_off: the teacher's offline answers, generated once per prompt and cached (0 = greedy)
     teacher_temperature: float = 0.0
+    teacher_max_new_tokens: Optional[int] = None  # None: curriculum.max_length
 
 
 @dataclass
 class CurriculumConfig:
-    """Rollout-length curriculum L_s = min(Lmax, Lmin + floor(s / S_warm * (Lmax - Lmin)))."""
+    """Rollout-length curriculum L_r = min(Lmax, Lmin + floor(r / R_warm * (Lmax - Lmin))), counted in
+    rollouts r (paper, Table 13: "rollouts to reach final generation length" = 10)."""
 
     min_length: int = 100
     max_length: int = 4000
-    warmup_steps: int = 10
+    warmup_rollouts: int = 10
 
 
 @dataclass
@@ -91,9 +116,26 @@ class LossConfig:
     top_k: Optional[int] = None
     renormalize_top_k: bool = True
     chunk_tokens: int = 1024
-    state_selection: str = "trajectory"  # paper Alg. 1; "block": one round per block
+    state_selection: str = "trajectory"  # paper Alg. 1; "block": one round per block (public code)
+    # "token": one weight per supervised token over the global batch (Algorithm 1 sums the KL over
+    # masked positions, w(t) = 1); "row": mean over each row's tokens, then over rows (first layout)
+    normalization: str = "token"
+    # opd_off / kd_off / mdlm / sft: one noise level t per sequence (paper eq. 2, 6) or per block
+    t_sampling: str = "sequence"
+    mask_eps: float = 1e-3  # t = eps + (1 - eps) u keeps the 1/t weights finite (LLaDA)
     end_of_turn_ids: Optional[List[int]] = None  # None: the model config's eos_token_ids
     include_end_of_turn: bool = True
+
+
+@dataclass
+class TrainLoopConfig:
+    """Optimizer steps and batch sizes. ``global_batch_size`` samples (all data-parallel ranks
+    together) make one optimizer step (paper: 8), split into micro-batches of ``micro_batch_size``
+    rows per rank. ``steps`` = None: as many as ``data.epochs`` passes over the data take."""
+
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    steps: Optional[int] = None
 
 
 @dataclass
@@ -107,6 +149,11 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # fp16 only (megatron's loss scaler): a fixed scale, or None for dynamic scaling from
+    # initial_loss_scale (megatron's default 2**32 overflows, and skips, the first dozens of steps)
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
 
 
 @dataclass
@@ -124,6 +171,8 @@ class LoggingConfig:
     wandb_project: str = "opdlm-megatron"
     log_every: int = 1
     progress_bar: bool = True
+    # the teacher's NLL of every answer token (a quality metric); False projects only the supervised positions
+    teacher_nll: bool = True
 
 
 @dataclass
@@ -131,13 +180,11 @@ class TrainConfig:
     """Everything a training run needs; ``objective`` picks OPDLM or one of the paper's baselines."""
 
     objective: str = "opd"
-    steps: int = 100
-    prompts_per_step: int = 8  # global: rollouts per optimizer step
-    micro_batch_size: int = 1
     block_size: Optional[int] = None  # None: the student's ModelConfig.block_size
     seed: int = 1234
     run_dir: str = "runs/opdlm"
     nan_policy: str = "skip"
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     model: ModelPaths = field(default_factory=ModelPaths)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,36 +207,57 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        one_of("objective", self.objective, OBJECTIVES)
+        from .objectives import get_objective, objective_names
+
+        one_of("objective", self.objective, objective_names())
         one_of("nan_policy", self.nan_policy, NAN_POLICIES)
         one_of("loss.state_selection", self.loss.state_selection, STATE_SELECTIONS)
         one_of("loss.divergence", self.loss.divergence, DIVERGENCES)
+        one_of("loss.normalization", self.loss.normalization, LOSS_NORMALIZATIONS)
+        one_of("loss.t_sampling", self.loss.t_sampling, T_SAMPLING)
         one_of("data.source", self.data.source, DATA_SOURCES)
+        one_of("data.long_prompts", self.data.long_prompts, LONG_PROMPT_POLICIES)
         one_of("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
         one_of("parallel.distributed_optimizer", self.parallel.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
-        positive("steps", self.steps)
-        positive("prompts_per_step", self.prompts_per_step)
-        positive("micro_batch_size", self.micro_batch_size)
+        if self.train.steps is not None:
+            positive("train.steps", self.train.steps)
+        positive("train.global_batch_size", self.train.global_batch_size)
+        positive("train.micro_batch_size", self.train.micro_batch_size)
+        positive("rollout.tasks_per_rollout", self.rollout.tasks_per_rollout)
         positive("curriculum.min_length", self.curriculum.min_length)
-        positive("curriculum.warmup_steps", self.curriculum.warmup_steps)
+        positive("curriculum.warmup_rollouts", self.curriculum.warmup_rollouts)
+        positive("data.max_prompt_tokens", self.data.max_prompt_tokens)
+        if self.rollout.teacher_max_new_tokens is not None:
+            positive("rollout.teacher_max_new_tokens", self.rollout.teacher_max_new_tokens)
         if self.block_size is not None:
             positive("block_size", self.block_size)
+        if not isinstance(self.data.epochs, (int, float)) or isinstance(self.data.epochs, bool) or self.data.epochs <= 0:
+            raise ValueError(f"data.epochs must be a positive number, got {self.data.epochs!r}")
         if self.curriculum.max_length < self.curriculum.min_length:
             raise ValueError(
                 f"curriculum.max_length {self.curriculum.max_length} is below "
                 f"curriculum.min_length {self.curriculum.min_length}"
             )
-        if self.prompts_per_step % self.micro_batch_size:
+        if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(
-                f"prompts_per_step {self.prompts_per_step} is not a multiple of "
-                f"micro_batch_size {self.micro_batch_size}"
+                f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size {self.train.micro_batch_size}"
+            )
+        if self.rollout.tasks_per_rollout % self.train.global_batch_size:
+            raise ValueError(
+                f"rollout.tasks_per_rollout {self.rollout.tasks_per_rollout} is not a multiple of "
+                f"train.global_batch_size {self.train.global_batch_size} (each rollout feeds whole optimizer steps)"
             )
         if not 0.0 < self.rollout.threshold <= 1.0:
             raise ValueError(f"rollout.threshold must be in (0, 1], got {self.rollout.threshold!r}")
         if self.rollout.temperature < 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.rollout.temperature!r}")
+        if self.rollout.teacher_temperature < 0:
+            raise ValueError(f"rollout.teacher_temperature must be >= 0, got {self.rollout.teacher_temperature!r}")
         if not 0.0 <= self.loss.jsd_beta <= 1.0:
             raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.loss.jsd_beta!r}")
+        if not 0.0 <= self.loss.mask_eps < 1.0:
+            raise ValueError(f"loss.mask_eps must be in [0, 1), got {self.loss.mask_eps!r}")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise ValueError(
                 f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0, got lr={self.optim.lr!r} "
@@ -199,15 +267,16 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps!r}")
         if self.optim.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0 (0 disables clipping), got {self.optim.clip_grad!r}")
-        if self.objective == "mdlm" and self.data.source not in ("text", "token_ids"):
-            raise ValueError(
-                f"objective 'mdlm' trains on a text/response dataset; data.source must be 'text' or "
-                f"'token_ids', got {self.data.source!r}"
-            )
         if not self.model.random_init and not self.model.student_checkpoint:
             raise ValueError("model.student_checkpoint is required (or model.random_init with model.model_config)")
         if self.model.random_init and not self.model.model_config:
             raise ValueError("model.random_init needs model.model_config (ModelConfig fields)")
+        get_objective(self.objective).validate_config(self)
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps fed by one rollout (paper: 128 / 8 = 16)."""
+        return self.rollout.tasks_per_rollout // self.train.global_batch_size
 
     @property
     def checkpoint_dir(self) -> str:
@@ -268,8 +337,48 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+LEGACY_KEYS = {
+    "steps": "train.steps",
+    "micro_batch_size": "train.micro_batch_size",
+    "prompts_per_step": "rollout.tasks_per_rollout and train.global_batch_size",
+    "curriculum.warmup_steps": "curriculum.warmup_rollouts",
+}
+
+
+def upgrade_legacy_keys(data: dict) -> dict:
+    """Translates the first layout's keys: ``prompts_per_step`` P (one rollout of P prompts per
+    optimizer step) becomes ``tasks_per_rollout = global_batch_size = P``, which reproduces those
+    runs; ``steps`` / ``micro_batch_size`` move under ``train``; ``curriculum.warmup_steps`` (which
+    counted steps = rollouts there) becomes ``curriculum.warmup_rollouts``."""
+    data = dict(data)
+    found = []
+    train = dict(data.get("train") or {})
+    rollout = dict(data.get("rollout") or {})
+    curriculum = dict(data.get("curriculum") or {})
+    for old, new in (("steps", "steps"), ("micro_batch_size", "micro_batch_size")):
+        if old in data:
+            found.append(old)
+            train.setdefault(new, data.pop(old))
+    if "prompts_per_step" in data:
+        found.append("prompts_per_step")
+        value = data.pop("prompts_per_step")
+        rollout.setdefault("tasks_per_rollout", value)
+        train.setdefault("global_batch_size", value)
+    if "warmup_steps" in curriculum:
+        found.append("curriculum.warmup_steps")
+        curriculum.setdefault("warmup_rollouts", curriculum.pop("warmup_steps"))
+    if not found:
+        return data
+    logger.warning("config keys %s are from the first config layout; read as %s", found,
+                   [LEGACY_KEYS[k] for k in found])
+    for key, value in (("train", train), ("rollout", rollout), ("curriculum", curriculum)):
+        if value or key in data:
+            data[key] = value
+    return data
+
+
 def train_config_from_dict(data: dict, overrides: Sequence[str] = ()) -> TrainConfig:
-    return _build(TrainConfig, apply_overrides(data, overrides), "")
+    return _build(TrainConfig, upgrade_legacy_keys(apply_overrides(data, overrides)), "")
 
 
 def load_train_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -26,6 +26,11 @@ from tests.distributed.convert_common import (
 )
 
 
+COMMON_QWEN3 = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+                    rms_norm_eps=1e-5, eos_token_id=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    tie_word_embeddings=False)
+
+
 def read_safetensors(directory: str) -> dict:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -65,9 +70,12 @@ def test_tp1_logits_match_hf(tiny_models, tmp_path, runtime, name):
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_round_trip_is_bitwise(tiny_models, tmp_path, name):
+    """Every conversion appends an initialised [MASK] row; exported without it (--mask-token drop)
+    the checkpoint is the original, bit for bit."""
     hf_dir = tiny_models[name][0]
     convert(hf_dir, str(tmp_path / "ckpt"))
-    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), max_shard_size=20_000)  # several shards + index
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), max_shard_size=20_000,  # several shards + index
+           include_mask_token=False)
     original, exported = read_safetensors(hf_dir), read_safetensors(str(tmp_path / "hf"))
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():
@@ -150,7 +158,7 @@ def test_dtype_and_tokenizer_files(tiny_models, tmp_path):
     for name, text in tokenizer.items():
         assert (tmp_path / "ckpt" / TOKENIZER_SUBDIR / name).read_text() == text
     assert (tmp_path / "ckpt" / TOKENIZER_SUBDIR / "generation_config.json").exists()
-    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), include_mask_token=False)
     exported = read_safetensors(str(tmp_path / "hf"))
     for key, tensor in read_safetensors(hf_dir).items():
         assert exported[key].dtype == torch.bfloat16 and torch.equal(exported[key], tensor.to(torch.bfloat16)), key
@@ -158,3 +166,79 @@ def test_dtype_and_tokenizer_files(tiny_models, tmp_path):
         assert (tmp_path / "hf" / name).read_text() == text
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
+
+
+def _word_tokenizer(directory, size: int, mask_token=None):
+    """A local word-level HF tokenizer with ``size`` tokens (optionally one of them a mask token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "[UNK]"] + ([mask_token] if mask_token else [])
+    words += [f"w{i}" for i in range(size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    extra = {"mask_token": mask_token} if mask_token else {}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                 unk_token="[UNK]", **extra)
+    hf.save_pretrained(directory)
+    assert len(hf) == size
+
+
+def test_qwen3_layout_reuses_an_unused_row_for_mask(tmp_path, runtime):
+    """A Qwen3-shaped checkpoint whose embedding has more rows (320) than its tokenizer has tokens
+    (300), like Qwen3's 151,936 rows for 151,669 tokens: [MASK] takes the first unused row (300), is
+    initialised to the mean of the 300 token rows, rows 300..319 are never sampled, and the export
+    round-trips unchanged (everything but the [MASK] row is the original)."""
+    import transformers
+
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+
+    hf_dir = tmp_path / "qwen3"
+    config = transformers.Qwen3Config(**{**COMMON_QWEN3, "vocab_size": 320})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.15 * torch.randn_like(param))
+        model.lm_head.weight[301:] = 5.0 * model.lm_head.weight[301:].sign()  # unused rows that would win greedily
+    model.save_pretrained(hf_dir)
+    _word_tokenizer(hf_dir, 300)
+    original = read_safetensors(str(hf_dir))
+
+    cfg = convert(str(hf_dir), str(tmp_path / "ckpt"))
+    assert (cfg.vocab_size, cfg.tokenizer_size, cfg.mask_token_id, cfg.padded_vocab) == (320, 300, 300, 384)
+    student, cfg = build_from_checkpoint(str(tmp_path / "ckpt"), "student")
+    emb = student.embedding.word_embeddings.weight.detach()
+    assert torch.allclose(emb[300], original["model.embed_tokens.weight"][:300].double().mean(0).float(), atol=1e-7)
+    assert torch.equal(emb[301:320], original["model.embed_tokens.weight"][301:])
+    result = DiffusionRolloutEngine(student, cfg).generate([[5, 6, 7], [8]], DecodeConfig(max_new_tokens=8,
+                                                                                       eos_token_ids=[]))
+    assert int(result.answer_ids[result.answer_valid].max()) < 300
+
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf1"))
+    first = read_safetensors(str(tmp_path / "hf1"))
+    for key, tensor in original.items():
+        keep = torch.ones(tensor.shape[0], dtype=torch.bool) if tensor.shape[0] != 320 else torch.arange(320) != 300
+        assert torch.equal(first[key][keep], tensor[keep]), key
+    with open(tmp_path / "hf1" / "config.json") as f:
+        exported = json.load(f)
+    assert exported["vocab_size"] == 320 and exported["opdlm_mask_token_id"] == 300
+    assert exported["opdlm_tokenizer_size"] == 300
+    back = convert(str(tmp_path / "hf1"), str(tmp_path / "ckpt2"))
+    assert (back.mask_token_id, back.tokenizer_size, back.source["mask_token_initialised"]) == (300, 300, False)
+    export(str(tmp_path / "ckpt2"), str(tmp_path / "hf2"))
+    second = read_safetensors(str(tmp_path / "hf2"))
+    assert all(torch.equal(second[k], first[k]) for k in first)
+
+
+def test_tokenizer_mask_token_is_kept_and_id_can_be_chosen(tiny_models, tmp_path):
+    hf_dir = tmp_path / "with_mask"
+    copy = tiny_models["llama_mha_tied"][0]
+    hf_dir.mkdir()
+    for name in os.listdir(copy):
+        (hf_dir / name).write_bytes(open(os.path.join(copy, name), "rb").read())
+    _word_tokenizer(hf_dir, VOCAB, mask_token="<mask>")  # id 4
+    cfg = convert(str(hf_dir), str(tmp_path / "a"))
+    assert cfg.mask_token_id == 4 and not cfg.source["mask_token_initialised"] and cfg.model_vocab_size == VOCAB
+    explicit = convert(str(hf_dir), str(tmp_path / "b"), mask_token_id=VOCAB)
+    assert explicit.mask_token_id == VOCAB and explicit.source["mask_token_initialised"]

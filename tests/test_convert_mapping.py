@@ -149,7 +149,8 @@ def test_config_translation():
                                           sliding_window=32, use_sliding_window=False))
     assert qwen2.add_qkv_bias and qwen2.max_sequence_length == 128  # window not in use
     exported = hf_config_from_model_config(model_config_from_hf(llama_hf()), "bf16")
-    assert exported["dtype"] == "bfloat16" and exported["vocab_size"] == 250
+    # every conversion appends an initialised [MASK] (no tokenizer here), exported with the student
+    assert exported["dtype"] == "bfloat16" and exported["vocab_size"] == 251 and exported["opdlm_mask_token_id"] == 250
     assert exported["architectures"] == ["LlamaForCausalLM"] and exported["opdlm_block_size"] == 4
     synthesized = hf_config_from_model_config(config(qk_layernorm=True))
     assert synthesized["architectures"] == ["Qwen3ForCausalLM"] and synthesized["head_dim"] == HEAD_DIM
@@ -181,3 +182,26 @@ def test_tensor_checks_name_the_bad_tensor():
     with pytest.raises(ConversionError, match="'model.embed_tokens.weight' has 10 rows but the config implies 11"):
         check_hf_tensors(cfg, shapes, [VOCAB + 1])
     check_hf_tensors(cfg, {**shapes, "model.layers.0.self_attn.rotary_emb.inv_freq": (2,)}, [VOCAB])
+
+
+def test_mask_token_placement():
+    """place_mask_token: explicit id, a recorded (trained) id, the tokenizer's own mask token, the
+    first unused row (Qwen3-style layouts), else appended; whether the row must be initialised."""
+    from opdlm_megatron.tools.hf_mapping import place_mask_token
+
+    assert place_mask_token(151936, 151669, None, None, None) == (151669, True)  # Qwen3: first unused row
+    assert place_mask_token(49152, None, None, None, None) == (49152, True)  # appended
+    assert place_mask_token(300, None, 7, None, None) == (7, False)  # the tokenizer's own [MASK] is kept
+    assert place_mask_token(320, 300, None, 310, None) == (310, False)  # recorded by an OPDLM export: trained
+    assert place_mask_token(320, 300, None, None, 315) == (315, True)  # --mask-token-id: an unused row
+    assert place_mask_token(320, 300, None, None, 320) == (320, True)  # or appended
+    with pytest.raises(ConversionError, match="--mask-token-id 12 is a real token of the tokenizer"):
+        place_mask_token(320, 300, None, None, 12)
+    with pytest.raises(ConversionError, match="--mask-token-id 400 is outside the vocabulary"):
+        place_mask_token(320, 300, None, None, 400)
+    qwen3 = model_config_from_hf(llama_hf(vocab_size=320), tokenizer_size=300)
+    assert (qwen3.vocab_size, qwen3.tokenizer_size, qwen3.mask_token_id, qwen3.model_vocab_size) == (320, 300, 300, 320)
+    assert qwen3.source["mask_token_initialised"] and not qwen3.source["mask_token_added"]
+    # ids >= 300 (unused rows) and [MASK] are never sampled or supervised; a real token is
+    unused = qwen3.unused_token_mask(0, 384)
+    assert not unused[:300].any() and unused[300:].all()

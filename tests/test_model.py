@@ -1,59 +1,13 @@
 """Student/teacher GPTModels: logits against an independent plain-torch Llama forward, and the mask
 identities of the foundation issue (b=1 == causal, x0 stream == block-causal x0 alone, flex == dense)."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from opdlm_megatron import masks
 from opdlm_megatron.model import attention_mask, build_model, mask_unused_vocab
-from tests.helpers import random_batch, tiny_config
-
-
-def reference_forward(state, config, input_ids, allowed, position_ids):
-    """Plain-torch Llama forward from megatron's (local-spec, TP=1) state dict.
-
-    ``allowed`` [B, S, S] (True = may attend), ``position_ids`` [B, S]. Written independently of
-    megatron: RMSNorm, interleaved-per-group QKV, rotate-half RoPE, GQA, SwiGLU, tied output.
-    """
-    h, nh, ng, hd = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
-    eps = config.norm_epsilon
-
-    def rms(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    angles = position_ids[..., None].float() * inv_freq  # [B, S, hd/2]
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-
-    def rope(x):  # [B, heads, S, hd]
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-        return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
-
-    x = state["embedding.word_embeddings.weight"][input_ids]
-    bsz, seq = input_ids.shape
-    for layer in range(config.num_layers):
-        p = f"decoder.layers.{layer}."
-        y = rms(x, state[p + "input_layernorm.weight"])
-        qkv = y @ state[p + "self_attention.linear_qkv.weight"].t()
-        qkv = qkv.view(bsz, seq, ng, nh // ng + 2, hd)
-        q = qkv[:, :, :, : nh // ng].reshape(bsz, seq, nh, hd).transpose(1, 2)
-        k = qkv[:, :, :, nh // ng].transpose(1, 2)
-        v = qkv[:, :, :, nh // ng + 1].transpose(1, 2)
-        q, k = rope(q), rope(k)
-        k = k.repeat_interleave(nh // ng, 1)
-        v = v.repeat_interleave(nh // ng, 1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        attn = scores.softmax(-1) @ v
-        x = x + attn.transpose(1, 2).reshape(bsz, seq, nh * hd) @ state[p + "self_attention.linear_proj.weight"].t()
-        y = rms(x, state[p + "pre_mlp_layernorm.weight"])
-        gate, up = (y @ state[p + "mlp.linear_fc1.weight"].t()).chunk(2, -1)
-        x = x + (F.silu(gate) * up) @ state[p + "mlp.linear_fc2.weight"].t()
-    x = rms(x, state["decoder.final_layernorm.weight"])
-    return x @ state["embedding.word_embeddings.weight"].t()
+from tests.helpers import random_batch, reference_forward, tiny_config
 
 
 def run(model, config, ids, layout):

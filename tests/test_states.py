@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from opdlm_megatron.states import forward_mask, random_mask_states, select_states
+from opdlm_megatron.states import forward_mask, partially_masked_share, random_mask_states, select_states
 from tests.distributed.student_data import synthetic_rollout
 
 MASK = 999
@@ -90,6 +90,42 @@ def test_forward_mask_per_block_rate(result):
         masked_total += float(((xt == MASK) & valid).sum())
         t_total += float(t[valid].sum())
     assert abs(masked_total / t_total - 1.0) < 0.05  # E[#masked] = sum of t over valid tokens
+
+
+def test_forward_mask_per_sequence_rate(result):
+    """Paper eq. (2) / (6): one t per sequence; E[#masked] = sum of t over valid tokens; t ~ U(eps, 1)."""
+    g = torch.Generator().manual_seed(5)
+    x0, valid = result.answer_ids, result.answer_valid
+    masked_total = t_total = 0.0
+    ts = []
+    for _ in range(300):
+        xt, t = forward_mask(x0, valid, BLOCK, g, MASK, per="sequence")
+        assert torch.equal(t, t[:, :1].expand_as(t))  # constant along each row
+        assert torch.equal(xt[~valid], x0[~valid])
+        masked_total += float(((xt == MASK) & valid).sum())
+        t_total += float(t[valid].sum())
+        ts += t[:, 0].tolist()
+    assert abs(masked_total / t_total - 1.0) < 0.05
+    assert abs(sum(ts) / len(ts) - 0.5) < 0.03 and min(ts) >= 1e-3
+
+
+def test_partially_masked_share_matches_brute_force(result):
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        xt = select_states(result, "trajectory", g, MASK)
+        supervised = (xt == MASK) & result.answer_valid
+        total = partial = 0
+        for b in range(result.batch_size):
+            for i in range(xt.shape[1]):
+                if not supervised[b, i]:
+                    continue
+                start = i - i % BLOCK
+                block = [j for j in range(start, min(start + BLOCK, xt.shape[1])) if result.answer_valid[b, j]]
+                revealed = any(xt[b, j] != MASK for j in block)
+                total += 1
+                partial += int(revealed)
+        got = partially_masked_share(xt, supervised, result.answer_valid, BLOCK, MASK)
+        assert (total == 0 and got != got) or got == pytest.approx(partial / total)
 
 
 def test_random_mask_states_masks_only_valid_answer_tokens(result):

@@ -47,8 +47,9 @@ def _train(cfg, rollout_fn=naive_rollout, until=None, inspect=None):
     return history
 
 
-def _dense_opd_loss(student, teacher, config, result, xt, eot_ids):
-    """Independent reference: full-vocabulary forward KL, mean over masked xt tokens per row, then rows."""
+def _dense_opd_loss(student, teacher, config, result, xt, eot_ids, normalization="token"):
+    """Independent reference: full-vocabulary forward KL over the masked xt tokens, float64; summed
+    and divided by their number ("token"), or averaged per row and then over rows ("row")."""
     with torch.no_grad():
         full_valid = torch.cat([result.prompt_valid, result.answer_valid], 1)
         ids = torch.cat([result.prompt_ids, result.answer_ids], 1)
@@ -70,19 +71,21 @@ def _dense_opd_loss(student, teacher, config, result, xt, eot_ids):
             before = result.answer_ids[i, :a].tolist()
             if any(t in eot_ids for t in before):
                 continue  # after the first end-of-turn
-            p_log = F.log_softmax(t_logits[i, P + a - 1], -1)
-            q_log = F.log_softmax(s_logits[i, batch.prediction_columns[i, a]], -1)
+            p_log = F.log_softmax(t_logits[i, P + a - 1].double(), -1)
+            q_log = F.log_softmax(s_logits[i, batch.prediction_columns[i, a]].double(), -1)
             per_tok.append(F.kl_div(q_log, p_log, log_target=True, reduction="sum"))
         if per_tok:
-            rows.append(torch.stack(per_tok).mean())
-    return float(torch.stack(rows).mean())
+            rows.append(torch.stack(per_tok))
+    if normalization == "token":
+        return float(torch.cat(rows).sum() / sum(len(r) for r in rows))
+    return float(torch.stack([r.mean() for r in rows]).mean())
 
 
 def test_opd_steps_decrease_loss_teacher_frozen_and_absent_from_checkpoint(assets, tmp_path):
     cfg = train_config_from_dict(tiny_train_dict(
-        str(tmp_path / "run"), assets["data2"], assets["ckpt"], steps=6,
+        str(tmp_path / "run"), assets["data2"], assets["ckpt"], train=dict(steps=6),
         data=dict(shuffle=False), optim=dict(lr=3e-3, min_lr=3e-3, warmup_steps=0),
-        curriculum=dict(min_length=8, max_length=8, warmup_steps=1)))
+        curriculum=dict(min_length=8, max_length=8, warmup_rollouts=1)))
     rec = RecordingRollout(naive_rollout)
     seen = {}
 
@@ -129,9 +132,11 @@ def test_opd_steps_decrease_loss_teacher_frozen_and_absent_from_checkpoint(asset
             != seen["after_teacher"]["decoder.layers.0.mlp.linear_fc1.weight"]).any()
 
 
-def test_step_loss_matches_dense_reference(assets, tmp_path):
-    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"], steps=1,
-                                                 checkpoint=dict(resume=False)))
+@pytest.mark.parametrize("normalization", ["token", "row"])
+def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=1), checkpoint=dict(resume=False),
+                                                 loss=dict(normalization=normalization)))
     from opdlm_megatron import states
     from opdlm_megatron.trainer import Trainer
 
@@ -140,30 +145,57 @@ def test_step_loss_matches_dense_reference(assets, tmp_path):
         trainer = Trainer(cfg, rt, rollout_fn=rec)
         student0 = build_model(trainer.config, "student")
         student0.load_state_dict(trainer.student.state_dict(), strict=False)
-        metrics = trainer.train_step(0)
+        metrics = trainer.train_step()
         result = rec.results[0]
         xt = states.select_states(result, "trajectory", trainer._step_generator(0), trainer.config.mask_token_id,
                                   block_size=trainer.config.block_size)
         ref = _dense_opd_loss(student0.eval(), trainer.teacher.model, trainer.config, result, xt,
-                              trainer.config.eos_token_ids)
+                              trainer.config.eos_token_ids, normalization)
         trainer.close()
     assert metrics["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
-def test_interrupt_and_resume_gives_identical_losses(assets, tmp_path):
-    common = dict(steps=4, optim=dict(lr=2e-3, min_lr=2e-4, warmup_steps=2),
-                  curriculum=dict(min_length=4, max_length=12, warmup_steps=3),
-                  rollout=dict(threshold=0.5, temperature=0.0))
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_interrupt_and_resume_gives_identical_losses(assets, tmp_path, stop_at):
+    """4 tasks per rollout, batch 2: two optimizer steps per rollout. A stop after step 1 or 3 falls
+    inside a rollout (its buffer is saved), a stop after step 2 between rollouts."""
+    common = dict(train=dict(steps=4), rollout=dict(tasks_per_rollout=4, threshold=0.5, temperature=1.0),
+                  optim=dict(lr=2e-3, min_lr=2e-4, warmup_steps=2),
+                  curriculum=dict(min_length=4, max_length=12, warmup_rollouts=1))
     full = _train(train_config_from_dict(tiny_train_dict(str(tmp_path / "a"), assets["data"], assets["ckpt"], **common)))
     cfg_b = train_config_from_dict(tiny_train_dict(str(tmp_path / "b"), assets["data"], assets["ckpt"], **common))
-    first = _train(cfg_b, until=2)
-    assert os.path.isdir(os.path.join(cfg_b.checkpoint_dir, "step_00000002"))
+    first = _train(cfg_b, until=stop_at)
+    saved = os.path.join(cfg_b.checkpoint_dir, f"step_{stop_at:08d}")
+    assert os.path.isdir(saved)
+    assert os.path.isfile(os.path.join(saved, "rollout_buffer.safetensors")) == (stop_at % 2 == 1)
     rest = _train(cfg_b)
-    assert [h["step"] for h in rest] == [2, 3]
+    assert [h["step"] for h in rest] == list(range(stop_at, 4))
     for a, b in zip(full, first + rest):
-        for key in ("loss", "lr", "rollout_len", "tokens_trained", "teacher_nll", "grad_norm"):
+        for key in ("loss", "lr", "rollout", "rollout_len", "tokens_trained", "paper_tokens_total", "teacher_nll",
+                    "grad_norm", "epoch"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
-    assert full[-1]["rollout_len"] == 12 and full[0]["rollout_len"] == 4
+    assert [h["rollout"] for h in full] == [0, 0, 1, 1]
+    assert [h["rollout_len"] for h in full] == [4, 4, 12, 12]  # the curriculum advances per rollout
+
+
+def test_first_layout_checkpoint_resumes(assets, tmp_path):
+    """A checkpoint whose trainer state has the first layout (one rollout per step, no format key)."""
+    from opdlm_megatron.train_checkpoint import save_training_checkpoint
+    from opdlm_megatron.trainer import Trainer
+
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "old"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=3)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
+        trainer.train_step()
+        legacy_state = {"step": 1, "data": trainer.stream.state_dict(), "scheduler": trainer.lr_schedule.state_dict(),
+                        "rollout_length": 8, "tokens_trained": 5.0, "objective": "opd", "seed": cfg.seed}
+        save_training_checkpoint(cfg.checkpoint_dir, 1, trainer.student, trainer.optimizer, trainer.config,
+                                 legacy_state)
+        trainer.close()
+    history = _train(cfg)
+    assert [h["step"] for h in history] == [1, 2]
+    assert history[0]["rollout"] == 1 and history[0]["tokens_trained"] == 5.0 + history[0]["tokens"]
 
 
 def test_nan_loss_is_skipped_or_stops_the_run(assets, tmp_path):
@@ -176,8 +208,8 @@ def test_nan_loss_is_skipped_or_stops_the_run(assets, tmp_path):
             return output
         trainer.student.register_forward_hook(hook)
 
-    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "skip"), assets["data"], assets["ckpt"], steps=3,
-                                                 checkpoint=dict(resume=False)))
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "skip"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=3), checkpoint=dict(resume=False)))
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
         poison_step(trainer, 1)
@@ -185,35 +217,38 @@ def test_nan_loss_is_skipped_or_stops_the_run(assets, tmp_path):
         for step in range(3):
             trainer.step_under_test = step
             before = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-            records.append(trainer.train_step(step))
+            records.append(trainer.train_step())
             unchanged = all(torch.equal(v, dict(trainer.student.named_parameters())[k]) for k, v in before.items())
             assert unchanged == (step == 1), step
         trainer.close()
     assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0]
     assert math.isnan(records[1]["loss"]) and math.isfinite(records[2]["loss"])
+    # a skipped step counts no tokens
+    assert records[1]["paper_tokens"] == 0 and records[1]["paper_tokens_total"] == records[0]["paper_tokens_total"]
+    assert records[1]["tokens_trained"] == records[0]["tokens_trained"]
 
-    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "stop"), assets["data"], assets["ckpt"], steps=3,
-                                                 nan_policy="stop", checkpoint=dict(resume=False)))
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "stop"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=3), nan_policy="stop", checkpoint=dict(resume=False)))
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
         poison_step(trainer, 0)
         trainer.step_under_test = 0
         with pytest.raises(NonFiniteLossError, match="step 0: non-finite loss nan"):
-            trainer.train_step(0)
+            trainer.train_step()
         trainer.close()
 
 
-@pytest.mark.parametrize("objective", ["opd_off", "sft", "mdlm"])
-def test_baseline_objectives_train(assets, tmp_path, objective):
+@pytest.mark.parametrize("objective", ["opd_off", "kd_off", "sft", "mdlm", "ar"])
+def test_other_objectives_train(assets, tmp_path, objective):
     cfg = train_config_from_dict(tiny_train_dict(
-        str(tmp_path / objective), assets["data2"], assets["ckpt"], objective=objective, steps=4,
+        str(tmp_path / objective), assets["data2"], assets["ckpt"], objective=objective, train=dict(steps=4),
         data=dict(shuffle=False), optim=dict(lr=3e-3, min_lr=3e-3, warmup_steps=0),
-        curriculum=dict(min_length=8, max_length=8, warmup_steps=1)))
+        curriculum=dict(min_length=8, max_length=8, warmup_rollouts=1)))
     history = _train(cfg)
     losses = [h["loss"] for h in history]
     assert all(math.isfinite(x) and x > 0 for x in losses), losses
     assert losses[-1] < losses[0], losses
-    if objective == "mdlm":
+    if objective in ("mdlm", "ar", "sft", "kd_off"):
         assert math.isnan(history[0]["rollout_len"])
     else:
         assert history[0]["rollout_len"] == 8
@@ -225,7 +260,7 @@ def test_cli_entry_point_with_rollout_engine(assets, tmp_path):
 
     run = tmp_path / "cli"
     rc = main(["--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"), f"run_dir={run}",
-               f"model.student_checkpoint={assets['ckpt']}", f"data.path={assets['data']}", "steps=2",
+               f"model.student_checkpoint={assets['ckpt']}", f"data.path={assets['data']}", "train.steps=2",
                "logging.progress_bar=false", "curriculum.min_length=6", "curriculum.max_length=15"])
     assert rc == 0
     records = read_metrics(str(run / "metrics.jsonl"))
@@ -240,8 +275,8 @@ def test_cli_entry_point_with_rollout_engine(assets, tmp_path):
 
 def test_tp2_and_pp2_match_tp1(assets, tmp_path):
     """Same replayed rollouts at TP=2 and at PP=2 (one torchrun launch): same losses and grad norms."""
-    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "tp1"), assets["data"], assets["ckpt"], steps=2,
-                                                 micro_batch_size=1, checkpoint=dict(resume=False)))
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "tp1"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=2), checkpoint=dict(resume=False)))
     rec = RecordingRollout(naive_rollout)
     history = _train(cfg, rec)
     torch.save({"results": rec.results}, tmp_path / "rollouts.pt")
@@ -253,3 +288,30 @@ def test_tp2_and_pp2_match_tp1(assets, tmp_path):
         for ref, res in zip(history, got[layout]):
             for key in ("loss", "teacher_nll", "grad_norm"):
                 assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (layout, ref["step"], key)
+
+
+@pytest.mark.distributed
+def test_dp2_training_matches_dp1(assets, tmp_path):
+    """Data parallelism changes nothing: rollouts are split over the ranks and gathered (sampling
+    keyed by global row), one rollout length for all ranks, states drawn on the global batch, the
+    loss normalised over the global batch, gradients reduced by megatron DDP (also with the
+    distributed optimizer), and a checkpoint taken inside a rollout resumes exactly."""
+    import json
+
+    data = tiny_train_dict(str(tmp_path / "dp1"), assets["data"], assets["ckpt"], train=dict(steps=4),
+                           rollout=dict(tasks_per_rollout=4, threshold=0.7, temperature=1.0),
+                           curriculum=dict(min_length=4, max_length=12, warmup_rollouts=1),
+                           optim=dict(lr=2e-3, min_lr=2e-4, warmup_steps=1))
+    reference = _train(train_config_from_dict(data), rollout_fn=None)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(data))
+    out = tmp_path / "dp2.pt"
+    run_torchrun("train_dp.py", f"--config={config_file}", f"--run-dir={tmp_path / 'dp2'}", f"--out={out}")
+    got = torch.load(out, weights_only=False)
+    for name in ("straight", "resumed"):
+        assert [h["step"] for h in got[name]] == [0, 1, 2, 3], name
+        for ref, res in zip(reference, got[name]):
+            for key in ("rollout_len", "tokens", "paper_tokens", "answer_tokens", "committed_per_forward"):
+                assert res[key] == ref[key], (name, ref["step"], key)
+            for key in ("loss", "teacher_nll", "grad_norm"):
+                assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (name, ref["step"], key)

@@ -20,7 +20,26 @@ def test_paper_defaults():
     assert cfg.optim.clip_grad == 1.0 and cfg.optim.weight_decay == 0.0
     assert cfg.rollout.threshold == 0.9 and cfg.rollout.temperature == 1.0
     assert cfg.loss.divergence == "forward_kl" and cfg.loss.include_end_of_turn
-    assert (cfg.curriculum.min_length, cfg.curriculum.max_length, cfg.curriculum.warmup_steps) == (100, 4000, 10)
+    assert (cfg.curriculum.min_length, cfg.curriculum.max_length, cfg.curriculum.warmup_rollouts) == (100, 4000, 10)
+    # Table 13: 128 tasks per rollout, effective batch 8 -> 16 optimizer steps per rollout; 1 epoch
+    assert cfg.rollout.tasks_per_rollout == 128 and cfg.train.global_batch_size == 8
+    assert cfg.updates_per_rollout == 16 and cfg.data.epochs == 1
+    # Algorithm 1: KL summed over masked positions with w(t) = 1; eq. 2/6: one t per sequence
+    assert cfg.loss.normalization == "token" and cfg.loss.t_sampling == "sequence"
+    assert cfg.loss.state_selection == "trajectory" and not cfg.data.enable_thinking
+    assert cfg.data.long_prompts == "skip"
+
+
+def test_legacy_keys_are_translated():
+    """The first layout's keys (one rollout of prompts_per_step prompts per optimizer step) still load."""
+    cfg = train_config_from_dict({**BASE, "steps": 7, "prompts_per_step": 4, "micro_batch_size": 2,
+                                  "curriculum": {"warmup_steps": 3}})
+    assert cfg.train.steps == 7 and cfg.train.micro_batch_size == 2
+    assert cfg.rollout.tasks_per_rollout == 4 and cfg.train.global_batch_size == 4 and cfg.updates_per_rollout == 1
+    assert cfg.curriculum.warmup_rollouts == 3
+    # new keys win over the translation
+    cfg = train_config_from_dict({**BASE, "prompts_per_step": 4, "rollout": {"tasks_per_rollout": 16}})
+    assert cfg.rollout.tasks_per_rollout == 16 and cfg.train.global_batch_size == 4
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -38,8 +57,14 @@ def test_yaml_and_overrides(tmp_path):
     ({"nan_policy": "ignore"}, "'ignore'"),
     ({"optim": {"lr": -1.0}}, "lr=-1.0"),
     ({"optim": {"bogus": 1}}, "bogus"),
-    ({"steps": 0}, "steps"),
-    ({"prompts_per_step": 3, "micro_batch_size": 2}, "prompts_per_step 3"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"train": {"global_batch_size": 3, "micro_batch_size": 2}}, "global_batch_size 3"),
+    ({"rollout": {"tasks_per_rollout": 12}}, "tasks_per_rollout 12 is not a multiple of train.global_batch_size 8"),
+    ({"data": {"epochs": 0}}, "data.epochs"),
+    ({"data": {"long_prompts": "crop"}}, "'crop'"),
+    ({"loss": {"normalization": "batch"}}, "'batch'"),
+    ({"loss": {"t_sampling": "token"}}, "'token'"),
+    ({"objective": "ar"}, "'jsonl_chat'"),
     ({"rollout": {"threshold": 1.5}}, "1.5"),
     ({"curriculum": {"min_length": 50, "max_length": 10}}, "max_length 10"),
     ({"objective": "mdlm"}, "'jsonl_chat'"),
@@ -56,7 +81,7 @@ def test_bad_override_syntax():
 
 
 def test_curriculum_matches_paper_formula():
-    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_steps=10)
+    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_rollouts=10)
     for s in range(0, 25):
         expected = min(4000, 100 + math.floor(s / 10 * (4000 - 100)))
         assert rollout_length(s, cur) == expected
@@ -69,7 +94,7 @@ def test_rollout_lengths_are_whole_blocks():
     """The paper's curriculum gives lengths like 490; the engine decodes whole blocks of 4."""
     from opdlm_megatron.schedules import whole_blocks
 
-    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_steps=10)
+    cur = CurriculumConfig(min_length=100, max_length=4000, warmup_rollouts=10)
     for s in range(0, 12):
         length = rollout_length(s, cur)
         rounded = whole_blocks(length, 4)
@@ -150,9 +175,12 @@ def test_jsonl_chat_prompts_use_the_chat_template(tmp_path):
     assert samples[0].prompt_ids == [v["<|system|>"], v["be"], v["brief"], v["<|user|>"], v["what"], v["is"],
                                      v["2"], v["+"], v["2"], v["?"], v["<|assistant|>"]]
     assert samples[1].prompt_ids[-5:] == [v["what"], v["is"], v["3"], v["?"], v["<|assistant|>"]]
-    # cropping keeps the end of the prompt
-    cropped = load_samples(DataConfig(source="jsonl_chat", path=str(path), max_prompt_tokens=3), tokenizer)
-    assert cropped[0].prompt_ids == [v["2"], v["?"], v["<|assistant|>"]]
+    # prompts are never cut: a prompt over the limit is skipped and counted, or stops the run
+    limited = dict(source="jsonl_chat", path=str(path), system_prompt="be brief", max_prompt_tokens=9)
+    short = load_samples(DataConfig(**limited), tokenizer)
+    assert [s.prompt_ids for s in short] == [samples[1].prompt_ids] and short.skipped_long_prompts == 1
+    with pytest.raises(ValueError, match=r"p.jsonl:1: prompt of 11 tokens is longer than data.max_prompt_tokens 9"):
+        load_samples(DataConfig(**limited, long_prompts="error"), tokenizer)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"nothing": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
@@ -182,3 +210,32 @@ def test_reasoning_gym_prompts(tmp_path):
         assert tokenizer.decode(sample.prompt_ids) == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="no_such_dataset"):
         load_samples(DataConfig(source="reasoning_gym", gym_datasets=["no_such_dataset"], gym_size=2), tokenizer)
+
+
+def test_enable_thinking_reaches_the_chat_template(tmp_path):
+    """A Qwen3-style template (thinks unless enable_thinking is false): the flag is passed through."""
+    tokenizer, v = _chat_tokenizer(tmp_path)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>"
+                               "{% if enable_thinking is defined and enable_thinking is false %} be{% endif %}"
+                               "{% endif %}")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "what is 2 ?"}) + "\n")
+    off = load_samples(DataConfig(source="jsonl_chat", path=str(path)), tokenizer)
+    on = load_samples(DataConfig(source="jsonl_chat", path=str(path), enable_thinking=True), tokenizer)
+    assert off[0].prompt_ids[-2:] == [v["<|assistant|>"], v["be"]]  # default: thinking off
+    assert on[0].prompt_ids[-1] == v["<|assistant|>"]
+
+
+def test_table13_schedule_values():
+    """Hand-computed from Table 13: 60K prompts, 1 epoch, 128 tasks per rollout, batch 8."""
+    cfg = train_config_from_dict(BASE)
+    rollouts = math.ceil(61_816 / 128)  # the paper's corpus (Table 12)
+    assert rollouts == 483
+    assert cfg.updates_per_rollout * rollouts == 7728
+    cur = cfg.curriculum
+    # the final length is reached after 10 rollouts = 1,280 prompts (not after 10 optimizer steps)
+    assert [rollout_length(r, cur) for r in (0, 1, 5, 9, 10, 11)] == [100, 490, 2050, 3610, 4000, 4000]
+    # Table 14 (OPDLM-MATH): 10 epochs, final length 2,000 (non-thinking)
+    math_cfg = train_config_from_dict({**BASE, "data": {"epochs": 10}, "curriculum": {"max_length": 2000}})
+    assert math_cfg.data.epochs == 10 and rollout_length(10, math_cfg.curriculum) == 2000

@@ -28,7 +28,9 @@ class DecodeConfig:
 
     Sampling: greedy when ``temperature == 0``; else Gumbel-max sampling from the tempered,
     ``top_k``/``top_p``-filtered distribution. The noise is a counter-based hash of ``seed``, the
-    prompt's index in the batch, the answer position, the sequence's round and the global vocabulary
+    prompt's index in the batch plus ``row_offset`` (so a data-parallel rank decoding rows
+    ``[row_offset, ...)`` of a global batch draws what one rank decoding all of it would), the
+    answer position, the sequence's round and the global vocabulary
     index, so a seeded rollout is reproducible and identical at any TP/PP layout.
 
     ``block_size`` and ``eos_token_ids`` default (None) to the model config's values.
@@ -45,6 +47,7 @@ class DecodeConfig:
     top_p: Optional[float] = None
     confidence: str = "probability"
     seed: int = 0
+    row_offset: int = 0
     eos_token_ids: Optional[Sequence[int]] = None
     use_cache: bool = True
 
@@ -72,6 +75,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.top_p must lie in (0, 1], got {self.top_p!r}")
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"unknown confidence {self.confidence!r}; expected one of {CONFIDENCES}")
+        if not isinstance(self.row_offset, int) or self.row_offset < 0:
+            raise ValueError(f"DecodeConfig.row_offset must be a non-negative integer, got {self.row_offset!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"DecodeConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
 

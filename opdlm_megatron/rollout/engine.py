@@ -294,8 +294,8 @@ class DiffusionRolloutEngine:
         keys = None
         if not decode.greedy:
             answer_pos = current_cols - P
-            keys = slot_keys(decode.seed, rows.ids[:, None].expand(R, b).reshape(-1), answer_pos.reshape(-1),
-                             rows.rounds[:, None].expand(R, b).reshape(-1))
+            row_keys = (rows.ids + decode.row_offset)[:, None].expand(R, b).reshape(-1)
+            keys = slot_keys(decode.seed, row_keys, answer_pos.reshape(-1), rows.rounds[:, None].expand(R, b).reshape(-1))
         tokens, conf = choose_tokens(flat, decode, keys)
         tokens, conf = tokens.view(R, b), conf.view(R, b)
         commit = select_commits(conf, masked, rows.step_in_block, decode)

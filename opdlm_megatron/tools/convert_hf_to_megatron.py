@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import DTYPE_ALIASES, DTYPES, ModelConfig, canonical_dtype
-from .hf_io import SafetensorsReader, copy_tokenizer_files, read_hf_config
+from .hf_io import SafetensorsReader, copy_tokenizer_files, read_hf_config, read_tokenizer_info
 from .hf_mapping import (
     ConversionError,
     check_hf_tensors,
@@ -52,7 +52,11 @@ class ConversionPlan:
     config: ModelConfig
     reader: SafetensorsReader
     hf_vocab_rows: int
-    add_mask_token: bool
+
+    @property
+    def initialise_mask(self) -> bool:
+        """[MASK] holds no trained embedding yet: the converter writes the mean token row into it."""
+        return bool(self.config.source.get("mask_token_initialised", False))
 
 
 def plan_conversion(
@@ -61,16 +65,20 @@ def plan_conversion(
     pp: int = 1,
     dtype: str = "fp32",
     add_mask_token: bool = False,
+    mask_token_id: Optional[int] = None,
     **config_overrides,
 ) -> ConversionPlan:
-    """Reads config.json and the safetensors headers and checks them against each other and
-    against the parallel layout. Raises ConversionError / FileNotFoundError naming the problem."""
+    """Reads config.json, the tokenizer and the safetensors headers and checks them against each
+    other and against the parallel layout. Raises ConversionError / FileNotFoundError naming the
+    problem. ``add_mask_token`` is accepted for compatibility ([MASK] is always initialised)."""
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ConversionError(f"--{name} must be a positive integer, got {value!r}")
     hf, generation = read_hf_config(hf_dir)
+    tokenizer_size, tokenizer_mask = read_tokenizer_info(hf_dir)
     config = model_config_from_hf(
-        hf, generation, params_dtype=canonical_dtype(dtype), add_mask_token=add_mask_token, **config_overrides
+        hf, generation, params_dtype=canonical_dtype(dtype), tokenizer_size=tokenizer_size,
+        tokenizer_mask_token_id=tokenizer_mask, mask_token_id=mask_token_id, **config_overrides
     )
     config.check_parallel(tp, pp)
     config.padded_vocab_size(tp)
@@ -81,7 +89,7 @@ def plan_conversion(
             raise ConversionError("--transformer-impl transformer_engine needs Transformer Engine, which is not installed")
     reader = SafetensorsReader(hf_dir)
     rows = check_hf_tensors(config, reader.shapes(), [int(hf["vocab_size"])])
-    return ConversionPlan(config, reader, rows, add_mask_token)
+    return ConversionPlan(config, reader, rows)
 
 
 @torch.no_grad()
@@ -98,16 +106,17 @@ def load_hf_weights(model, plan: ConversionPlan) -> None:
     mean_rows: Dict[str, torch.Tensor] = {}
 
     def mask_row(hf_name: str) -> torch.Tensor:
-        # [MASK] starts as the average token: a neutral input embedding / output row
+        # [MASK] starts as the average token: a neutral input embedding / output row (the average
+        # of the tokenizer's tokens, not of unused rows)
         if hf_name not in mean_rows:
-            mean_rows[hf_name] = plan.reader.mean_row(hf_name)
+            mean_rows[hf_name] = plan.reader.mean_row(hf_name, rows=config.num_tokens)
         return mean_rows[hf_name]
 
     for local_name, param in model.named_parameters():
         mapping = mapping_for(config, to_global(local_name))
         shard = megatron_shard(
             config, mapping, plan.reader.read, tp_rank, tp, padded, plan.hf_vocab_rows,
-            mask_row if plan.add_mask_token else None,
+            mask_row if plan.initialise_mask else None,
         )
         if tuple(shard.shape) != tuple(param.shape):
             raise ConversionError(
@@ -157,6 +166,7 @@ def convert(
     dtype: str = "fp32",
     add_mask_token: bool = False,
     overwrite: bool = False,
+    mask_token_id: Optional[int] = None,
     **config_overrides,
 ) -> ModelConfig:
     """Converts ``hf_dir`` into an opdlm-megatron checkpoint at ``out``; returns its config.
@@ -170,7 +180,7 @@ def convert(
 
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, **config_overrides)
+    plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, mask_token_id, **config_overrides)
     with conversion_runtime(tp, pp):
         import torch.distributed as dist
 
@@ -197,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_ALIASES) + sorted(DTYPES))
+    parser.add_argument("--mask-token-id", type=int, default=None,
+                        help="row of [MASK]: an unused row or vocab_size (append). Default: the tokenizer's own "
+                             "mask token; else the first unused row when the checkpoint has more rows than the "
+                             "tokenizer has tokens (Qwen3: 151669); else appended at vocab_size. A [MASK] row "
+                             "without a trained embedding is always initialised to the mean token row.")
     parser.add_argument("--add-mask-token", action="store_true",
-                        help="append [MASK] at id vocab_size, initialised to the mean embedding / output row")
+                        help="accepted for compatibility: every conversion places and initialises [MASK]")
     parser.add_argument("--block-size", type=int, default=None, help="student block size to record")
     parser.add_argument("--logit-shift", action="store_true", default=None, help="record a Dream-style logit shift")
     parser.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"])
@@ -217,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if value is not None
     }
     try:
-        convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.add_mask_token, args.overwrite, **overrides)
+        convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.add_mask_token, args.overwrite,
+                args.mask_token_id, **overrides)
     except INPUT_ERRORS as error:
         print(f"convert_hf_to_megatron: error: {error}", file=sys.stderr)
         raise SystemExit(2)

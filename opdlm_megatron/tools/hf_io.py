@@ -110,9 +110,9 @@ class SafetensorsReader:
             index = slice(start, end)
             return piece[index] if dim == 0 else piece[:, index]
 
-    def mean_row(self, name: str, chunk_rows: int = 8192) -> Tensor:
-        """Mean of a matrix's rows in float64, accumulated chunk by chunk."""
-        rows = self._shapes[name][0]
+    def mean_row(self, name: str, chunk_rows: int = 8192, rows: Optional[int] = None) -> Tensor:
+        """Mean of a matrix's first ``rows`` rows (default: all) in float64, accumulated chunk by chunk."""
+        rows = self._shapes[name][0] if rows is None else min(rows, self._shapes[name][0])
         total = torch.zeros(self._shapes[name][1], dtype=torch.float64)
         for start in range(0, rows, chunk_rows):
             total += self.read(name, 0, start, min(rows, start + chunk_rows)).double().sum(0)
@@ -183,3 +183,22 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str, names: Iterable[str] = TOKE
             shutil.copy2(src, os.path.join(dst_dir, name))
             copied.append(name)
     return copied
+
+
+def read_tokenizer_info(hf_dir: str) -> Tuple[Optional[int], Optional[int]]:
+    """``(len(tokenizer), its mask token id)`` of the tokenizer files in ``hf_dir`` (local only), or
+    ``(None, None)`` when there are none or they cannot be read (then all embedding rows count as
+    tokens and [MASK] is appended)."""
+    import logging
+
+    if not any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None, None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    except Exception as error:  # transformers raises many kinds for unreadable tokenizer files
+        logging.getLogger(__name__).warning("could not read the tokenizer in %s (%s); all embedding rows are taken "
+                                            "as tokens", hf_dir, str(error).splitlines()[0] if str(error) else error)
+        return None, None
+    return len(tokenizer), getattr(tokenizer, "mask_token_id", None)

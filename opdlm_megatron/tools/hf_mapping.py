@@ -45,7 +45,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # Non-parameter entries some HF checkpoints carry; they are recomputed, never converted.
 IGNORED_HF_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
 # Extra config.json fields with which an exported OPDLM student comes back losslessly.
-OPDLM_HF_FIELDS = ("opdlm_mask_token_id", "opdlm_tokenizer_vocab_size", "opdlm_block_size", "opdlm_logit_shift")
+OPDLM_HF_FIELDS = ("opdlm_mask_token_id", "opdlm_tokenizer_vocab_size", "opdlm_tokenizer_size", "opdlm_block_size",
+                   "opdlm_logit_shift")
 
 LAYOUTS = ("replicated", "vocab", "qkv", "fc1", "row")
 
@@ -119,19 +120,57 @@ def eos_token_ids_from_hf(hf: Dict, generation_config: Optional[Dict] = None) ->
     return ids
 
 
+def place_mask_token(vocab_size: int, tokenizer_size: Optional[int], tokenizer_mask_id: Optional[int],
+                     recorded: Optional[int], requested: Optional[int]) -> Tuple[int, bool]:
+    """Where ``[MASK]`` goes: ``(mask_token_id, initialise)`` (initialise: the converter writes the
+    mean row into it, because it holds no trained [MASK] embedding).
+
+    In order: ``requested`` (``--mask-token-id``: an unused row, the tokenizer's own mask token, or
+    ``vocab_size`` to append); the id an exported OPDLM student recorded (trained, kept); the
+    tokenizer's own mask token (kept); the first unused row when the checkpoint has more rows than
+    the tokenizer has tokens (Qwen3: 151,669 tokens in 151,936 rows; the released OPDLM/SDAR
+    checkpoints use 151669); otherwise a row appended at ``vocab_size``.
+    """
+    tokens = tokenizer_size or vocab_size
+    if requested is not None:
+        requested = int(requested)
+        if requested == tokenizer_mask_id or requested == recorded:
+            return requested, False
+        if not 0 <= requested <= vocab_size:
+            raise ConversionError(f"--mask-token-id {requested} is outside the vocabulary: use an unused row "
+                                  f"[{tokens}, {vocab_size}) or {vocab_size} (appended)")
+        if requested < tokens:
+            raise ConversionError(f"--mask-token-id {requested} is a real token of the tokenizer (ids < {tokens}); "
+                                  f"use an unused row [{tokens}, {vocab_size}) or {vocab_size} (appended)")
+        return requested, True
+    if recorded is not None:
+        return int(recorded), False
+    if tokenizer_mask_id is not None:
+        return int(tokenizer_mask_id), False
+    if tokens < vocab_size:
+        return tokens, True
+    return vocab_size, True
+
+
 def model_config_from_hf(
     hf: Dict,
     generation_config: Optional[Dict] = None,
     params_dtype: str = "float32",
     add_mask_token: bool = False,
+    tokenizer_size: Optional[int] = None,
+    tokenizer_mask_token_id: Optional[int] = None,
+    mask_token_id: Optional[int] = None,
     **overrides,
 ) -> ModelConfig:
     """``ModelConfig`` for a HF ``config.json`` dict (and optional ``generation_config.json`` dict).
 
     The HF config itself is recorded in ``source["hf_config"]`` so the export writes it back.
     An exported OPDLM student (``opdlm_*`` fields) comes back with its mask token, tokenizer
-    vocabulary, block size and logit shift. ``add_mask_token`` records that the appended [MASK]
-    row is initialised by the converter (``source["mask_token_added"]``) and so exported again.
+    size, block size and logit shift. ``tokenizer_size`` / ``tokenizer_mask_token_id`` describe the
+    checkpoint's tokenizer (``len(tokenizer)``, its mask token); ``mask_token_id`` asks for a row
+    (``place_mask_token``). ``source["mask_token_initialised"]`` says whether the converter must
+    write the mean row into [MASK]; an appended row is exported again (``mask_token_added``).
+    ``add_mask_token`` is accepted for compatibility: [MASK] is always initialised.
     """
     arch = hf_architecture(hf)
     model_type = SUPPORTED_ARCHITECTURES[arch]
@@ -161,16 +200,25 @@ def model_config_from_hf(
         max_positions = window
 
     hf_vocab = int(hf["vocab_size"])
-    mask_token_id = hf.get("opdlm_mask_token_id")
+    recorded_mask = hf.get("opdlm_mask_token_id")
     vocab_size = int(_get(hf, "opdlm_tokenizer_vocab_size", hf_vocab))
-    mask_token_added = add_mask_token or mask_token_id is not None
-    if mask_token_id is not None and int(mask_token_id) >= vocab_size and hf_vocab != int(mask_token_id) + 1:
+    if recorded_mask is not None and int(recorded_mask) >= vocab_size and hf_vocab != int(recorded_mask) + 1:
         raise ConversionError(
-            f"opdlm_mask_token_id {mask_token_id} is appended after the tokenizer vocabulary {vocab_size}, "
-            f"so the HF vocab_size should be {int(mask_token_id) + 1}, got {hf_vocab}"
+            f"opdlm_mask_token_id {recorded_mask} is appended after the tokenizer vocabulary {vocab_size}, "
+            f"so the HF vocab_size should be {int(recorded_mask) + 1}, got {hf_vocab}"
         )
+    tokenizer_size = hf.get("opdlm_tokenizer_size", tokenizer_size)
+    if tokenizer_size is not None and int(tokenizer_size) > vocab_size:
+        raise ConversionError(f"the tokenizer has {tokenizer_size} tokens but the checkpoint only {vocab_size} "
+                              "embedding rows")
+    tokenizer_size = None if tokenizer_size is None or int(tokenizer_size) >= vocab_size else int(tokenizer_size)
+    if tokenizer_mask_token_id is not None and not 0 <= int(tokenizer_mask_token_id) < vocab_size:
+        tokenizer_mask_token_id = None
+    mask, initialise = place_mask_token(vocab_size, tokenizer_size, tokenizer_mask_token_id, recorded_mask,
+                                        mask_token_id)
     pad = _get(hf, "pad_token_id", (generation_config or {}).get("pad_token_id"))
-    eos = [t for t in eos_token_ids_from_hf(hf, generation_config) if t < vocab_size]
+    tokens = tokenizer_size or vocab_size
+    eos = [t for t in eos_token_ids_from_hf(hf, generation_config) if t < tokens]
 
     fields = dict(
         num_layers=int(hf["num_hidden_layers"]),
@@ -180,6 +228,7 @@ def model_config_from_hf(
         num_query_groups=groups,
         kv_channels=head_dim,
         vocab_size=vocab_size,
+        tokenizer_size=tokenizer_size,
         max_sequence_length=max_positions,
         normalization="RMSNorm",
         norm_epsilon=float(_get(hf, "rms_norm_eps", 1e-6)),
@@ -191,18 +240,19 @@ def model_config_from_hf(
         rotary_base=theta,
         rotary_percent=float(_get(hf, "partial_rotary_factor", 1.0)),
         rope_scaling=scaling,
-        mask_token_id=None if mask_token_id is None else int(mask_token_id),
+        mask_token_id=mask,
         block_size=int(_get(hf, "opdlm_block_size", 4)),
         logit_shift=bool(_get(hf, "opdlm_logit_shift", False)),
         eos_token_ids=eos,
-        pad_token_id=int(pad) if pad is not None and 0 <= int(pad) < vocab_size else None,
+        pad_token_id=int(pad) if pad is not None and 0 <= int(pad) < tokens else None,
         params_dtype=canonical_dtype(params_dtype),
         source={
             "format": "huggingface",
             "architecture": arch,
             "model_type": model_type,
             "hf_config": {k: v for k, v in hf.items() if k not in OPDLM_HF_FIELDS},
-            "mask_token_added": bool(mask_token_added),
+            "mask_token_added": mask >= vocab_size,
+            "mask_token_initialised": initialise,
             "sliding_window": window,
         },
     )
@@ -211,8 +261,8 @@ def model_config_from_hf(
 
 
 def includes_mask_row(config: ModelConfig, include_mask_token: Optional[bool] = None) -> bool:
-    """Whether the exported HF embedding keeps the appended [MASK] row (default: when it was added
-    deliberately, i.e. by ``--add-mask-token`` or by an earlier OPDLM export)."""
+    """Whether the exported HF embedding keeps an appended [MASK] row (default: when the converter
+    added it, which every student conversion does)."""
     appended = config.mask_token_id >= config.vocab_size
     if include_mask_token is None:
         include_mask_token = bool(config.source.get("mask_token_added", False))
@@ -280,6 +330,10 @@ def hf_config_from_model_config(
     if includes_mask_row(config, include_mask_token):
         hf["opdlm_mask_token_id"] = config.mask_token_id
         hf["opdlm_tokenizer_vocab_size"] = config.vocab_size
+    elif config.mask_token_id < config.vocab_size:  # a row of the vocabulary: exported with it
+        hf["opdlm_mask_token_id"] = config.mask_token_id
+    if config.tokenizer_size is not None:
+        hf["opdlm_tokenizer_size"] = config.tokenizer_size
     hf["opdlm_block_size"] = config.block_size
     hf["opdlm_logit_shift"] = config.logit_shift
     return hf
@@ -454,8 +508,9 @@ def megatron_shard(
 ) -> Tensor:
     """This TP rank's shard of a Megatron parameter, reading only the HF rows/columns it needs.
 
-    ``mask_row(hf_name)`` gives the row to place at an appended ``mask_token_id`` that the HF
-    tensor does not have (None: leave it zero like the padding rows).
+    ``mask_row(hf_name)`` gives the row to write at ``mask_token_id`` (an appended row the HF tensor
+    does not have, or an unused row it has); None: an appended row stays zero like the padding rows,
+    a row of the checkpoint keeps its values.
     """
     if mapping.layout == "replicated":
         return read(mapping.hf[0], 0, None, None)
@@ -480,14 +535,14 @@ def megatron_shard(
     start, end = tp_rank * per, (tp_rank + 1) * per
     real_end = min(end, hf_vocab_rows)
     rows = read(mapping.hf[0], 0, start, real_end) if real_end > start else None
-    if rows is not None and real_end == end:
+    if rows is not None and real_end == end and not (mask_row is not None and start <= config.mask_token_id < end):
         return rows
     dtype = rows.dtype if rows is not None else read(mapping.hf[0], 0, 0, 1).dtype
     shard = torch.zeros(end - start, config.hidden_size, dtype=dtype)
     if rows is not None:
         shard[: real_end - start] = rows
     mask = config.mask_token_id
-    if mask_row is not None and mask >= hf_vocab_rows and start <= mask < end:
+    if mask_row is not None and start <= mask < end:
         shard[mask - start] = mask_row(mapping.hf[0]).to(dtype)
     return shard
 

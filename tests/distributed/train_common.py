@@ -133,12 +133,13 @@ def write_token_prompts(path: str, num: int = 6, seed: int = 0, vocab: int = 250
 
 def tiny_train_dict(run_dir: str, data_path: str, student_ckpt: str, **overrides) -> Dict:
     base = dict(
-        objective="opd", steps=4, prompts_per_step=2, micro_batch_size=1, seed=11, run_dir=run_dir,
+        objective="opd", seed=11, run_dir=run_dir,
+        train=dict(steps=4, global_batch_size=2, micro_batch_size=1),
         model=dict(student_checkpoint=student_ckpt),
         parallel=dict(device="cpu"),
         data=dict(source="token_ids", path=data_path, shuffle=True, seed=5),
-        rollout=dict(threshold=0.9, temperature=0.0),
-        curriculum=dict(min_length=8, max_length=16, warmup_steps=2),
+        rollout=dict(tasks_per_rollout=2, threshold=0.9, temperature=0.0),
+        curriculum=dict(min_length=8, max_length=16, warmup_rollouts=2),
         optim=dict(lr=1e-3, min_lr=1e-4, warmup_steps=1),
         checkpoint=dict(save_every=0, resume=True),
         logging=dict(progress_bar=False),

@@ -25,7 +25,7 @@ def main() -> None:
     out = {}
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
         cfg = train_config_from_dict(tiny_train_dict(
-            f"{args.run_dir}/{name}", args.data, args.ckpt, steps=2, micro_batch_size=1,
+            f"{args.run_dir}/{name}", args.data, args.ckpt, train=dict(steps=2),
             parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
             checkpoint=dict(resume=False)))
         with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:

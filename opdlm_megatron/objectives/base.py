@@ -1,0 +1,176 @@
+"""What an objective is: where its answers come from, which states it supervises, with which targets.
+
+Every objective of the trainer (the paper's OPD, its ablations and baselines, the AR objective that
+trains small teachers) runs through the same pipeline (``trainer.py``):
+
+    data -> answers (student rollout | cached teacher responses | the dataset's responses)
+         -> states (``Objective.build``: xt, which tokens are supervised, weights)
+         -> targets (the frozen teacher's distributions, or the answer tokens themselves)
+         -> student step (``student.student_step``) -> optimizer
+
+An objective only declares the parts that differ (``answers``, ``distill``, ``build``); adding one
+is one module with a subclass registered by name (``register_objective``) and one test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Type
+
+import torch
+from torch import Tensor
+
+from ..losses import answer_loss_mask
+from ..rollout.types import RolloutResult
+
+if TYPE_CHECKING:
+    from ..train_config import TrainConfig
+
+ANSWER_SOURCES = ("student", "teacher", "dataset")
+LAYOUTS = ("opd", "causal")
+
+
+@dataclass(frozen=True)
+class StateContext:
+    """Model and loss settings the state builders need (from the student's config and ``loss.*``)."""
+
+    mask_token_id: int
+    block_size: int
+    end_of_turn_ids: Sequence[int]
+    include_end_of_turn: bool = True
+    state_selection: str = "trajectory"
+    t_sampling: str = "sequence"
+    mask_eps: float = 1e-3
+
+
+@dataclass
+class SupervisedBatch:
+    """What the student step consumes: rows of (prompt, answer x0), the student's input state and
+    which answer tokens carry loss.
+
+    * ``layout``: ``"opd"`` - the student reads ``[prompt | x0 | xt]`` (masks.opd_training_batch);
+      ``"causal"`` - it reads ``[prompt; x0]`` causally (``xt`` unused), as an AR model.
+    * ``xt`` ``[B, A]``: the partially masked answer (``"opd"``), else None.
+    * ``supervised`` ``[B, A]`` bool: tokens whose prediction enters the loss.
+    * ``weights`` ``[B, A]`` or None: per-token loss weights (1/t for the masked-diffusion losses).
+    * ``normalizer`` ``[B, A]`` bool: the tokens the loss is normalised by (the supervised tokens,
+      or every answer token for the 1/t-weighted ELBO estimators).
+    * ``distill``: targets are the teacher's distributions (else the answer tokens, cross entropy).
+    * ``t`` ``[B, A]`` or None: the noise level of randomly masked states (for logging).
+    """
+
+    answers: RolloutResult
+    supervised: Tensor
+    normalizer: Tensor
+    distill: bool
+    layout: str = "opd"
+    xt: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    t: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.answers.answer_ids.shape)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.layout == "opd" and (self.xt is None or tuple(self.xt.shape) != shape):
+            raise ValueError(f"xt {None if self.xt is None else tuple(self.xt.shape)} must have the answers' shape {shape}")
+        for name in ("supervised", "normalizer", "weights", "t"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} {tuple(value.shape)} must have the answers' shape {shape}")
+        if self.supervised.dtype != torch.bool or self.normalizer.dtype != torch.bool:
+            raise ValueError("supervised and normalizer must be bool tensors")
+
+    @property
+    def batch_size(self) -> int:
+        return self.answers.batch_size
+
+    def rows(self, index: Tensor) -> "SupervisedBatch":
+        """The rows ``index``, answer/prompt padding trimmed."""
+        answers = self.answers.rows(index)
+        width = answers.answer_ids.shape[1]
+
+        def cut(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x[index, :width]
+
+        return replace(self, answers=answers, supervised=cut(self.supervised), normalizer=cut(self.normalizer),
+                       xt=cut(self.xt), weights=cut(self.weights), t=cut(self.t))
+
+
+def kept_answer_tokens(answers: RolloutResult, ctx: StateContext) -> Tensor:
+    """``[B, A]``: answer tokens up to (and, by default, including) the first end-of-turn."""
+    return answer_loss_mask(answers.answer_ids, answers.answer_valid, ctx.end_of_turn_ids, ctx.include_end_of_turn)
+
+
+def masked_state_batch(answers: RolloutResult, xt: Tensor, ctx: StateContext, distill: bool,
+                       weights: Optional[Tensor] = None, t: Optional[Tensor] = None) -> SupervisedBatch:
+    """The common case: supervise the kept answer tokens that are masked in ``xt``. Without weights
+    the loss is normalised by the supervised tokens (paper, Algorithm 1, w(t) = 1); with 1/t weights
+    by every kept answer token (the MDLM/BD3LM estimator of eq. 2)."""
+    kept = kept_answer_tokens(answers, ctx)
+    supervised = kept & (xt == ctx.mask_token_id)
+    normalizer = supervised if weights is None else kept
+    if weights is not None:
+        weights = torch.where(kept, weights, torch.zeros_like(weights))
+    return SupervisedBatch(answers, supervised, normalizer, distill, "opd", xt, weights, t)
+
+
+class Objective:
+    """Base class: subclasses set ``name``, ``answers``, ``distill`` and implement ``build``.
+
+    * ``answers``: ``"student"`` - the student's own block-diffusion rollouts (on-policy; the
+      rollout-length curriculum applies); ``"teacher"`` - one offline answer of the frozen teacher per
+      prompt, generated once and cached; ``"dataset"`` - the responses of the training data.
+    * ``distill``: the targets are the frozen teacher's next-token distributions on ``[prompt; x0]``
+      (else the answer tokens: cross entropy).
+    """
+
+    name: ClassVar[str] = ""
+    answers: ClassVar[str] = "student"
+    distill: ClassVar[bool] = True
+    summary: ClassVar[str] = ""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill or self.answers == "teacher"
+
+    @property
+    def uses_curriculum(self) -> bool:
+        return self.answers == "student"
+
+    def validate_config(self, cfg: "TrainConfig") -> None:
+        """Raises a ValueError naming a config value this objective cannot work with."""
+        if self.answers == "dataset" and cfg.data.source not in ("text", "token_ids"):
+            raise ValueError(
+                f"objective {self.name!r} trains on the dataset's responses; data.source must be 'text' or "
+                f"'token_ids', got {cfg.data.source!r}"
+            )
+
+    def build(self, answers: RolloutResult, generator: torch.Generator, ctx: StateContext) -> SupervisedBatch:
+        """The supervised batch for ``answers`` (all randomness from ``generator``)."""
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Type[Objective]] = {}
+
+
+def register_objective(cls: Type[Objective]) -> Type[Objective]:
+    """Class decorator: makes ``cls`` available as ``objective: <cls.name>``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.answers not in ANSWER_SOURCES:
+        raise ValueError(f"{cls.__name__}.answers must be one of {ANSWER_SOURCES}, got {cls.answers!r}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"objective {cls.name!r} is registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def objective_names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_objective(name: str) -> Objective:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; expected one of {objective_names()}")
+    return _REGISTRY[name]()
