@@ -98,7 +98,12 @@ class LogitsMeter:
             out = model(input_ids, position_ids, mask)
             if out.dim() == 3 and out.shape[0] == input_ids.shape[0]:  # logits (last stage)
                 self.bytes = max(self.bytes, out.numel() * out.element_size())
-                out = out.gather(1, columns.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
+                chunks = columns if isinstance(columns, model_module.ColumnChunks) else None
+                index = (chunks.columns if chunks else columns).to(out.device)
+                out = out.gather(1, index[..., None].expand(-1, -1, out.shape[-1]))
+                if chunks is not None:  # the teacher's consumer: all at once
+                    chunks.consume(0, out)
+                    return out.new_zeros(())
         if out.dim() == 3 and out.shape[0] == input_ids.shape[0] and not self.every_column:
             self.bytes = max(self.bytes, out.numel() * out.element_size())
         return out

@@ -7,7 +7,9 @@ A small randomly initialised teacher with Qwen3's vocabulary (151,936 rows) scor
 ``loss.top_k`` unset the trainer keeps the teacher's full vocab-parallel logits of every supervised
 position; with ``loss.top_k = k`` only their top-k values and ids and the log-normaliser
 (``TeacherTopK``). Both go through ``FrozenTeacher.targets``. Reported: the bytes the targets hold
-and the process's peak resident memory growth during each call (polled), full first.
+and the process's peak resident memory growth during each call (polled), full first. The peak is
+transient and set by ``loss.chunk_tokens`` (the output layer and the top-k run that many tokens x V
+at a time, with fp32 copies), not by the answer length.
 
 The last line reads ``full_mb=X topk_mb=Y bytes_ratio=Z peak_rss_ratio=W`` (goal Z <= 0.01).
 """
@@ -89,7 +91,7 @@ def main() -> None:
     print(f"vocab={args.vocab} answer_tokens={args.answer_tokens} teacher_dtype={args.dtype} top_k={args.top_k}")
     print(f"full logits: {full[0] / 2**20:.1f} MiB held, peak RSS +{full[1] / 2**20:.1f} MiB")
     print(f"top-{args.top_k}: {topk[0] / 2**20:.3f} MiB held, peak RSS +{topk[1] / 2**20:.1f} MiB "
-          "(the output layer's transient logits of one micro-batch dominate the peak)")
+          "(transient: fp32 copies of one chunk of loss.chunk_tokens x V logits)")
     print(f"full_mb={full[0] / 2**20:.1f} topk_mb={topk[0] / 2**20:.3f} bytes_ratio={topk[0] / full[0]:.5f} "
           f"peak_rss_ratio={topk[1] / max(full[1], 1):.3f}")
 

@@ -16,7 +16,8 @@ the ``[MASK]`` row, so that their vocab-parallel logits line up shard for shard.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -208,10 +209,23 @@ def mask_unused_vocab(logits: Tensor, config: ModelConfig, exclude_mask_token: b
     return logits.masked_fill(unused, float("-inf"))
 
 
+@dataclass
+class ColumnChunks:
+    """``select_output_columns`` context for forward-only consumers (the teacher): the columns
+    ``[B, K]`` are projected ``chunk`` at a time and each chunk's logits ``[B, k, V/TP]`` go to
+    ``consume(start, logits)``, so the logits of all columns never exist at once (at a 152k
+    vocabulary, 4,096 columns of fp32 logits are 2.5 GB)."""
+
+    columns: Tensor
+    consume: Callable[[int, Tensor], None]
+    chunk: int = 1024
+
+
 def select_output_columns(*, hidden_states: Tensor, output_layer, output_weight, runtime_gather_output, context,
                           scale_logits, **_unused) -> Tensor:
     """A ``GPTModel.forward(output_processor=...)`` that runs the output layer only on the sequence
-    columns ``context`` ``[B, K]`` (long) and returns their vocab-parallel logits ``[B, K, V/TP]``.
+    columns ``context`` ``[B, K]`` (long) and returns their vocab-parallel logits ``[B, K, V/TP]``
+    (or, with a ``ColumnChunks`` context, hands them over chunk by chunk and returns an empty tensor).
 
     Losses read a few columns of a long input (the xt columns of ``[prompt | x0 | xt]``, the answer
     columns of ``[prompt; answer]``); with a large vocabulary the output layer is a large share of
@@ -220,13 +234,21 @@ def select_output_columns(*, hidden_states: Tensor, output_layer, output_weight,
     if getattr(output_layer, "sequence_parallel", False):
         raise NotImplementedError("select_output_columns does not support sequence parallelism")
     seq, batch, hidden = hidden_states.shape
-    columns = context.to(hidden_states.device)
+    chunks = context if isinstance(context, ColumnChunks) else None
+    columns = (chunks.columns if chunks else context).to(hidden_states.device)
     if columns.dim() != 2 or columns.shape[0] != batch:
         raise ValueError(f"output columns must be [B={batch}, K], got {tuple(columns.shape)}")
-    index = columns.t()[..., None].expand(-1, -1, hidden)  # [K, B, H]
-    selected = hidden_states.gather(0, index)
-    logits, _ = output_layer(selected, weight=output_weight, runtime_gather_output=runtime_gather_output)
-    return scale_logits(logits).transpose(0, 1).contiguous()
+
+    def project(part: Tensor) -> Tensor:
+        selected = hidden_states.gather(0, part.t()[..., None].expand(-1, -1, hidden))  # [k, B, H]
+        logits, _ = output_layer(selected, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        return scale_logits(logits).transpose(0, 1).contiguous()
+
+    if chunks is None:
+        return project(columns)
+    for start in range(0, columns.shape[1], max(1, chunks.chunk)):
+        chunks.consume(start, project(columns[:, start:start + chunks.chunk]))
+    return hidden_states.new_zeros(())
 
 
 def logits_at_columns(model, input_ids: Tensor, position_ids: Tensor, mask, columns: Tensor) -> Tensor:

@@ -129,15 +129,16 @@ class FrozenTeacher:
         return self.config.torch_dtype
 
     def _forward(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
-                 needed: Tensor, micro_batch_size: int, consume) -> None:
+                 needed: Tensor, micro_batch_size: int, consume, chunk_tokens: int = 1024) -> None:
         """One causal forward over ``[prompt; answer[:-1]]`` through megatron's pipeline schedule,
         micro-batch by micro-batch, with the output layer run only on the columns that predict the
-        ``needed`` ``[B, A]`` answer positions. On the last stage, ``consume(rows, answer_index,
-        slot_valid, logits)`` receives each micro-batch's real rows ``[m]``, the answer positions of
-        its slots ``[m, K]``, which slots are real ``[m, K]`` and their logits ``[m, K, V/TP]``."""
+        ``needed`` ``[B, A]`` answer positions, about ``chunk_tokens`` tokens at a time
+        (``model.ColumnChunks``). On the last stage, ``consume(rows, answer_index, slot_valid,
+        logits)`` receives the micro-batch's real rows ``[m]``, the answer positions of a chunk's
+        slots ``[m, k]``, which slots are real ``[m, k]`` and their logits ``[m, k, V/TP]``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from .model import logits_at_columns
+        from .model import ColumnChunks, logits_at_columns
 
         _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
         bsz, plen = prompt_ids.shape
@@ -155,17 +156,18 @@ class FrozenTeacher:
             microbatches.append(dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real,
                                      answer_index=order, slot_valid=want.gather(1, order), columns=plen - 1 + order))
 
-        def collect(mb, output: Tensor):
-            real = mb["real"]
-            consume(mb["rows"][real], mb["answer_index"][real], mb["slot_valid"][real], output[real.to(output.device)])
-            return output.new_zeros(()), {}
+        def collect(mb, start: int, logits: Tensor):
+            real, width = mb["real"], logits.shape[1]
+            consume(mb["rows"][real], mb["answer_index"][real, start:start + width],
+                    mb["slot_valid"][real, start:start + width], logits[real.to(logits.device)])
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             lay = mb["layout"].to(device)
+            chunks = ColumnChunks(mb["columns"], partial(collect, mb), max(1, chunk_tokens // micro_batch_size))
             output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids,
-                                       attention_mask(self.config, lay), mb["columns"])
-            return output, partial(collect, mb)
+                                       attention_mask(self.config, lay), chunks)
+            return output, lambda out: (out.new_zeros(()), {})
 
         self.model.eval()
         get_forward_backward_func()(
@@ -210,19 +212,23 @@ class FrozenTeacher:
                               torch.zeros((bsz, alen), device=device))
 
         def consume(rows, answer_index, slot_valid, logits):
-            # every position is needed, so slot j of a row is answer position j
+            # every position is needed: the slots of a chunk are consecutive answer positions
+            start, end = int(answer_index[0, 0]), int(answer_index[0, -1]) + 1
             rows = rows.to(device)
             if top_k is None:
-                out[rows] = logits.to(out.dtype)
+                out[rows, start:end] = logits.to(out.dtype)
                 return
             top = TeacherTopK.from_logits(logits, top_k, excluded, chunk_tokens)
-            out.values[rows], out.indices[rows], out.logsumexp[rows] = top.values, top.indices, top.logsumexp
-            targets = torch.where(answer_valid[rows.cpu()], answer_ids[rows.cpu()], 0).to(logits.device)
+            out.values[rows, start:end], out.indices[rows, start:end] = top.values, top.indices
+            out.logsumexp[rows, start:end] = top.logsumexp
+            cpu_rows = rows.cpu()
+            valid = answer_valid[cpu_rows, start:end]
+            targets = torch.where(valid, answer_ids[cpu_rows, start:end], 0).to(logits.device)
             nll = masked_diffusion_nll(logits.reshape(-1, shard), targets.reshape(-1), excluded, chunk_tokens)
-            out.answer_nll[rows] = torch.where(answer_valid[rows.cpu()].to(logits.device), nll.view(targets.shape), 0.0)
+            out.answer_nll[rows, start:end] = torch.where(valid.to(logits.device), nll.view(targets.shape), 0.0)
 
         self._forward(prompt_ids, prompt_valid, answer_ids, answer_valid, torch.ones_like(answer_valid),
-                      micro_batch_size, consume)
+                      micro_batch_size, consume, chunk_tokens)
         return out
 
     @torch.no_grad()
@@ -285,7 +291,7 @@ class FrozenTeacher:
                     top.values, top.indices, top.logsumexp)
 
         self._forward(prompt_ids, prompt_valid, answer_ids, answer_valid, positions | nll_positions,
-                      micro_batch_size, consume)
+                      micro_batch_size, consume, chunk_tokens)
         return TeacherTargets(index=index, logits=packed, answer_nll=broadcast_from_last_stage(nll))
 
     @torch.no_grad()
