@@ -10,10 +10,12 @@ EXTRAS = {
     # HF checkpoints in and out, the GGUF-shipped SmolLM2 demo model.
     "hf": ["transformers>=4.51", "safetensors>=0.4", "gguf>=0.10", "accelerate"],
     "data": ["reasoning-gym>=0.1.20"],
+    # opdlm-eval plots and the lm-evaluation-harness model "opdlm" (tested against 0.4.13)
+    "eval": ["lm-eval==0.4.13", "matplotlib"],
     "wandb": ["wandb"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"],
 }
-EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "dev") for d in EXTRAS[k]})
+EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "eval", "dev") for d in EXTRAS[k]})
 
 setup(
     name="opdlm-megatron",
@@ -40,6 +42,8 @@ setup(
             "opdlm-prepare-smollm2=opdlm_megatron.tools.prepare_smollm2:main",
             "opdlm-generate=opdlm_megatron.generate:main",
             "opdlm-train=opdlm_megatron.train:main",
+            "opdlm-eval=opdlm_megatron.evaluate:main",
+            "opdlm-lm-eval=opdlm_megatron.eval.lm_eval_model:main",
         ]
     },
 )

@@ -256,3 +256,47 @@ def logits_at_columns(model, input_ids: Tensor, position_ids: Tensor, mask, colu
     last pipeline stage, the hidden states on other stages (see ``select_output_columns``)."""
     return model(input_ids, position_ids, mask, output_processor=select_output_columns,
                  output_processor_context=columns)
+
+
+def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout: AttentionLayout,
+                           prediction_columns: Tensor, needed: Tensor, micro_batch_size: int, consume,
+                           chunk_tokens: int = 1024) -> None:
+    """A forward-only pass through megatron's pipeline schedule that projects only the columns
+    predicting the ``needed`` ``[B, A]`` answer positions (``prediction_columns`` ``[B, A]``), about
+    ``chunk_tokens`` tokens at a time (``ColumnChunks``). On the last stage, ``consume(rows,
+    answer_index, slot_valid, logits)`` gets a micro-batch's real rows ``[m]``, the answer positions
+    of a chunk's slots ``[m, k]``, which slots are real ``[m, k]`` and their logits ``[m, k, V/TP]``.
+    Used by the teacher (causal ``[prompt; answer]``) and the likelihood of students (OPD layout)."""
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .teacher import microbatch_rows
+
+    device = next(model.parameters()).device
+    microbatches = []
+    for rows, real in microbatch_rows(input_ids.shape[0], micro_batch_size):
+        want = needed[rows] & real[:, None]
+        width = max(1, int(want.sum(-1).max()))
+        order = torch.sort((~want).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+        microbatches.append(dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real,
+                                 answer_index=order, slot_valid=want.gather(1, order),
+                                 columns=prediction_columns[rows].gather(1, order)))
+
+    def collect(mb, start: int, logits: Tensor):
+        real, width = mb["real"], logits.shape[1]
+        consume(mb["rows"][real], mb["answer_index"][real, start:start + width],
+                mb["slot_valid"][real, start:start + width], logits[real.to(logits.device)])
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        lay = mb["layout"].to(device)
+        chunks = ColumnChunks(mb["columns"], partial(collect, mb), max(1, chunk_tokens // micro_batch_size))
+        output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, attention_mask(config, lay), chunks)
+        return output, lambda out: (out.new_zeros(()), {})
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
+        micro_batch_size=micro_batch_size, forward_only=True,
+    )

@@ -130,51 +130,21 @@ class FrozenTeacher:
 
     def _forward(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
                  needed: Tensor, micro_batch_size: int, consume, chunk_tokens: int = 1024) -> None:
-        """One causal forward over ``[prompt; answer[:-1]]`` through megatron's pipeline schedule,
-        micro-batch by micro-batch, with the output layer run only on the columns that predict the
-        ``needed`` ``[B, A]`` answer positions, about ``chunk_tokens`` tokens at a time
-        (``model.ColumnChunks``). On the last stage, ``consume(rows, answer_index, slot_valid,
-        logits)`` receives the micro-batch's real rows ``[m]``, the answer positions of a chunk's
-        slots ``[m, k]``, which slots are real ``[m, k]`` and their logits ``[m, k, V/TP]``."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from .model import ColumnChunks, logits_at_columns
+        """One causal forward over ``[prompt; answer[:-1]]`` (``model.forward_answer_columns``): the
+        output layer runs only on the columns that predict the ``needed`` answer positions."""
+        from .model import forward_answer_columns
 
         _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
-        bsz, plen = prompt_ids.shape
         if answer_ids.shape[1] == 0:
             return
-        device = next(self.model.parameters()).device
+        bsz, plen = prompt_ids.shape
         # the last answer token predicts nothing inside the answer: leave it out of the forward
         input_ids = torch.cat([prompt_ids, answer_ids[:, :-1]], 1)
         layout = causal_layout(torch.cat([prompt_valid, answer_valid[:, :-1]], 1))
-        microbatches = []
-        for rows, real in microbatch_rows(bsz, micro_batch_size):
-            want = needed[rows] & real[:, None]
-            width = max(1, int(want.sum(-1).max()))
-            order = torch.sort((~want).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            microbatches.append(dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real,
-                                     answer_index=order, slot_valid=want.gather(1, order), columns=plen - 1 + order))
-
-        def collect(mb, start: int, logits: Tensor):
-            real, width = mb["real"], logits.shape[1]
-            consume(mb["rows"][real], mb["answer_index"][real, start:start + width],
-                    mb["slot_valid"][real, start:start + width], logits[real.to(logits.device)])
-
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            lay = mb["layout"].to(device)
-            chunks = ColumnChunks(mb["columns"], partial(collect, mb), max(1, chunk_tokens // micro_batch_size))
-            output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids,
-                                       attention_mask(self.config, lay), chunks)
-            return output, lambda out: (out.new_zeros(()), {})
-
+        columns = plen - 1 + torch.arange(answer_ids.shape[1])[None].expand(bsz, -1)
         self.model.eval()
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
-            num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
-            micro_batch_size=micro_batch_size, forward_only=True,
-        )
+        forward_answer_columns(self.model, self.config, input_ids, layout, columns, needed, micro_batch_size,
+                               consume, chunk_tokens)
 
     @torch.no_grad()
     def answer_logits(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,

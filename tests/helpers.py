@@ -148,3 +148,26 @@ def reference_forward(state, config, input_ids, allowed, position_ids):
         x = x + (F.silu(gate) * up) @ state[p + "mlp.linear_fc2.weight"].t()
     x = rms(x, state["decoder.final_layernorm.weight"])
     return x @ state["embedding.word_embeddings.weight"].t()
+
+
+def save_word_tokenizer(directory, size: int = 250, chat_template: bool = True):
+    """A local word-level HF tokenizer with ``size`` tokens ("w3" ... plus digits), EOS id 2 and a
+    chat template, saved to ``directory``; returns it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "[UNK]", "<|user|>", "<|assistant|>", "<|system|>"]
+    words += [str(i) for i in range(100)] + ["+", "-", "*", "=", "?", "what", "is", "Question:", "Answer:"]
+    words += [f"w{i}" for i in range(size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                 unk_token="[UNK]")
+    if chat_template:
+        hf.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    hf.save_pretrained(str(directory))
+    return hf

@@ -1,0 +1,8 @@
+"""Task evaluation of converted diffusion LMs and their teachers (``opdlm-eval``, ``evaluate.py``)
+and the lm-eval-harness model ``opdlm`` (``lm_eval_model.py``).
+
+``tasks`` (reasoning-gym / JSONL tasks with scorers) -> ``runner`` (decode with the rollout
+engine, score) -> ``metrics`` (accuracy +- SE, TPF, NFE, teacher agreement, AUP);
+``likelihood`` scores continuations (exactly for AR models, by the block-diffusion bound for
+students).
+"""
