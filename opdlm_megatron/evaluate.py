@@ -12,8 +12,8 @@ Tasks: a reasoning-gym dataset by name (its own difficulty options and scorer), 
 given rule (threshold ``--threshold`` or static ``--tokens-per-step``, block size, temperature; with
 ``--seeds N`` when sampling); the teacher (default: the student checkpoint itself, i.e. its teacher
 when it is a fresh conversion) greedily and causally, on the same prompts. ``--sweep`` adds the
-accuracy-TPF curve over tau in {0.5, 0.7, 0.9, 0.95} and static k in {1, 2}, its PNG and the area
-under it (AUP).
+accuracy-TPF curve over tau in {0.5, 0.7, 0.9, 0.95}, static k in {1, 2}, Fast-dLLM's factor rule
+(f = 1) and the entropy-bounded rule (budget 0.5), its PNG and the area under it (AUP).
 
 Writes ``samples.jsonl`` (one record per answer) and ``summary.json`` (accuracy +- standard error,
 tokens per forward, forwards per answer, answer tokens/s, mean answer length, share hitting the
@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, default=None, help="confidence threshold tau (default 0.9)")
     rule.add_argument("--tokens-per-step", type=int, default=None, help="static rule: k tokens per step")
-    p.add_argument("--sweep", action="store_true", help="also tau in {0.5,0.7,0.9,0.95} and k in {1,2}")
+    rule.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule with this f")
+    rule.add_argument("--entropy-budget", type=float, default=None, help="entropy-bounded rule with this budget")
+    p.add_argument("--sweep", action="store_true", help="also tau in {0.5,0.7,0.9,0.95}, k in {1,2}, factor f=1 "
+                                                        "and entropy budget 0.5")
     p.add_argument("--block-size", type=int, default=None, help="default: the student's")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -101,6 +104,10 @@ def validate(args) -> TaskSpec:
             raise EvalInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise EvalInputError(f"--threshold must lie in (0, 1], got {args.threshold}")
+    if args.factor is not None and args.factor <= 0:
+        raise EvalInputError(f"--factor must be > 0, got {args.factor}")
+    if args.entropy_budget is not None and args.entropy_budget < 0:
+        raise EvalInputError(f"--entropy-budget must be >= 0, got {args.entropy_budget}")
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
         raise EvalInputError(f"--tokens-per-step must be positive, got {args.tokens_per_step}")
     if args.block_size is not None and args.block_size < 1:
@@ -127,23 +134,31 @@ def validate(args) -> TaskSpec:
                     prompt_field=args.prompt_field, reference_field=args.reference_field)
 
 
-def encode(items, tokenizer, args) -> List[List[int]]:
+def encode(items, tokenizer, chat_template: bool = True, system_prompt: Optional[str] = None,
+           enable_thinking: bool = False) -> List[List[int]]:
+    """Prompt token ids of evaluation items, through the chat template or as plain text."""
     from .data import chat_prompt_ids
 
-    if args.chat_template:
-        return [chat_prompt_ids(tokenizer, item.messages(args.system_prompt), None, args.enable_thinking)
-                for item in items]
-    return [list(tokenizer(item.text(args.system_prompt), add_special_tokens=False)["input_ids"]) for item in items]
+    if chat_template:
+        return [chat_prompt_ids(tokenizer, item.messages(system_prompt), None, enable_thinking) for item in items]
+    return [list(tokenizer(item.text(system_prompt), add_special_tokens=False)["input_ids"]) for item in items]
 
 
 def settings(args):
-    from .eval.runner import PAPER_SWEEP, DecodeSetting
+    from .eval.runner import FAST_RULES, PAPER_SWEEP, DecodeSetting
 
-    main = (DecodeSetting("k", args.tokens_per_step) if args.tokens_per_step is not None
-            else DecodeSetting("tau", args.threshold if args.threshold is not None else 0.9))
+    if args.tokens_per_step is not None:
+        main = DecodeSetting("k", args.tokens_per_step)
+    elif args.factor is not None:
+        main = DecodeSetting("factor", args.factor)
+    elif args.entropy_budget is not None:
+        main = DecodeSetting("eb", args.entropy_budget)
+    else:
+        main = DecodeSetting("tau", args.threshold if args.threshold is not None else 0.9)
     out = [main]
     if args.sweep:
-        out += [DecodeSetting(rule, value) for rule, value in PAPER_SWEEP if DecodeSetting(rule, value) != main]
+        out += [DecodeSetting(rule, value) for rule, value in PAPER_SWEEP + FAST_RULES
+                if DecodeSetting(rule, value) != main]
     return out
 
 
@@ -162,7 +177,7 @@ def run(args, spec: TaskSpec) -> Optional[dict]:
 
     items = load_task(spec)
     tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.student, "tokenizer"))
-    prompts = encode(items, tokenizer, args)
+    prompts = encode(items, tokenizer, args.chat_template, args.system_prompt, args.enable_thinking)
     student_config = load_model_config(args.student)
     block = args.block_size or student_config.block_size
     rules = settings(args)

@@ -100,13 +100,17 @@ def _rng_path(directory: str, rank: int) -> str:
 
 def save_training_checkpoint(root: str, step: int, model, optimizer, model_config: ModelConfig,
                              trainer_state: Dict[str, Any], keep_last: int = 0,
-                             rollout_buffer: Optional[RolloutResult] = None) -> str:
+                             rollout_buffer: Optional[RolloutResult] = None,
+                             tokenizer_dir: Optional[str] = None) -> str:
     """Saves a resumable checkpoint of ``model`` and ``optimizer`` after ``step`` steps.
 
     ``model`` is the bare student (not its DDP wrapper, whose keys carry a ``module.`` prefix), so
     the weights' keys are those of a plain model checkpoint. ``rollout_buffer`` (identical on every
-    rank) is written once, by rank 0.
+    rank) is written once, by rank 0; so are the tokenizer files of ``tokenizer_dir`` (into
+    ``tokenizer/``, so ``generate``, ``opdlm-eval`` and the HF export work on the checkpoint as they
+    do on a converted one).
     """
+    from .tools.hf_io import copy_tokenizer_files
     from safetensors.torch import save_file
 
     directory = step_directory(root, step)
@@ -117,6 +121,8 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
         torch.save(rng, _rng_path(tmp, global_rank()))
         if rollout_buffer is not None and global_rank() == 0:
             save_file(rollout_buffer.tensors(), os.path.join(tmp, ROLLOUT_BUFFER_FILE))
+        if tokenizer_dir and os.path.isdir(tokenizer_dir) and global_rank() == 0:
+            copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "tokenizer"))
 
     os.makedirs(root, exist_ok=True)
     save_model_checkpoint(model, directory, model_config, {"trainer": trainer_state, "world_size": _world()},

@@ -450,9 +450,12 @@ class Trainer:
         when a rollout's steps are not all taken yet; never the teacher)."""
         buffer = self.buffer
         mid_rollout = buffer is not None and buffer.next_update < self.cfg.updates_per_rollout
+        tokenizer = self.cfg.model.tokenizer or (os.path.join(self.cfg.model.student_checkpoint, "tokenizer")
+                                                 if self.cfg.model.student_checkpoint else None)
         return save_training_checkpoint(self.cfg.checkpoint_dir, self.step, self.student, self.optimizer,
                                         self.config, self.trainer_state(), self.cfg.checkpoint.keep_last,
-                                        rollout_buffer=buffer.answers if mid_rollout else None)
+                                        rollout_buffer=buffer.answers if mid_rollout else None,
+                                        tokenizer_dir=tokenizer)
 
     def maybe_resume(self) -> bool:
         directory = latest_checkpoint(self.cfg.checkpoint_dir)

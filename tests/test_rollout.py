@@ -40,7 +40,7 @@ def _full_logits(model, config, tokens, mask):
 
 
 def reference_decode(model, config, prompt, *, block, max_new, threshold=0.9, tokens_per_step=None,
-                     steps_per_block=None, eos=()):
+                     steps_per_block=None, eos=(), commit_rule="auto", factor=1.0, entropy_budget=0.5):
     """Greedy block diffusion by full recompute. Returns (answer, commit rounds)."""
     mask_id, L = config.mask_token_id, len(prompt)
     tokens = list(prompt) + [mask_id] * max_new
@@ -61,6 +61,19 @@ def reference_decode(model, config, prompt, *, block, max_new, threshold=0.9, to
                 candidates = sorted([s for s in range(block) if masked[s]], key=lambda s: -float(conf[s]))
                 if step + 1 >= steps_per_block:
                     chosen = candidates
+                elif commit_rule == "factor":  # largest n with c_(n) >= 1 - f / (n + 1)
+                    n = max([k for k in range(1, len(candidates) + 1)
+                             if float(conf[candidates[k - 1]]) >= 1 - factor / (k + 1)], default=1)
+                    chosen = candidates[:n]
+                elif commit_rule == "entropy_bounded":  # lowest entropy first while the sum <= budget
+                    ent = [-float((p * p.clamp_min(1e-300).log()).sum()) for p in probs]
+                    by_entropy = sorted(candidates, key=lambda s: ent[s])
+                    chosen, total = [], 0.0
+                    for s in by_entropy:
+                        total += ent[s]
+                        if chosen and total > entropy_budget:
+                            break
+                        chosen.append(s)
                 elif tokens_per_step is not None:
                     chosen = candidates[:tokens_per_step]
                 else:
@@ -119,6 +132,9 @@ def student(runtime):
     (False, dict(threshold=0.5, confidence="probability")),
     (False, dict(tokens_per_step=2)),
     (True, dict(threshold=0.9, steps_per_block=2)),
+    (False, dict(commit_rule="factor", factor=1.0)),
+    (True, dict(commit_rule="factor", factor=2.5)),
+    (False, dict(commit_rule="entropy_bounded", entropy_budget=2.0)),
 ])
 def test_greedy_matches_naive_reference(student, shift, rule):
     model, config = student(logit_shift=shift)
@@ -131,7 +147,8 @@ def test_greedy_matches_naive_reference(student, shift, rule):
         assert answer == ref_answer
         assert steps == ref_steps
         multi_commits += sum(steps.count(s) > 1 for s in set(steps))
-    if rule.get("threshold", 1) < 0.5 or "tokens_per_step" in rule or "steps_per_block" in rule:
+    if (rule.get("threshold", 1) < 0.5 or "tokens_per_step" in rule or "steps_per_block" in rule
+            or rule.get("factor", 0) > 2 or rule.get("entropy_budget", 0) > 1):
         assert multi_commits > 0, "the rule under test never committed several tokens in one step"
     # state_before_round rebuilds a partially masked answer from commit_step
     xt = result.state_before_round(torch.full((len(PROMPTS),), 2), config.mask_token_id)
@@ -284,6 +301,15 @@ def test_commit_rules():
                                                                               [True, False, True, False]]
     last = DecodeConfig(threshold=0.9, steps_per_block=2).resolved(4, [])
     assert sampling.select_commits(conf, masked, torch.tensor([1, 1]), last).tolist() == masked.tolist()
+    # factor f = 1: rank n passes if c >= 1 - 1/(n+1): 0.95 >= 0.5, 0.91 >= 0.667, 0.5 < 0.75 -> top 2
+    factor = DecodeConfig(commit_rule="factor", factor=1.0).resolved(4, [])
+    assert sampling.select_commits(conf, masked, step, factor).tolist() == [[True, False, True, False],
+                                                                              [False, False, True, False]]
+    # entropy budget 1.0 with entropies 0.2, 0.9, 0.5, 2.0: 0.2 + 0.5 <= 1, + 0.9 > 1
+    ent = torch.tensor([[0.2, 0.9, 0.5, 2.0], [3.0, 0.1, 2.0, 1.0]])
+    eb = DecodeConfig(commit_rule="entropy_bounded", entropy_budget=1.0).resolved(4, [])
+    assert sampling.select_commits(conf, masked, step, eb, ent).tolist() == [[True, False, True, False],
+                                                                               [False, False, False, True]]
 
 
 # ----------------------------------------------------------------------------------- CLI

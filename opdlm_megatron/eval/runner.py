@@ -14,23 +14,32 @@ from ..rollout.config import DecodeConfig
 from .tasks import EvalItem
 
 PAPER_SWEEP = (("tau", 0.5), ("tau", 0.7), ("tau", 0.9), ("tau", 0.95), ("k", 1), ("k", 2))
+FAST_RULES = (("factor", 1.0), ("eb", 0.5))  # Fast-dLLM's factor rule, the entropy-bounded sampler
 
 
 @dataclass(frozen=True)
 class DecodeSetting:
-    """A commit rule: ``tau`` (confidence threshold) or ``k`` (static tokens per step)."""
+    """A commit rule and its parameter: ``tau`` (confidence threshold), ``k`` (static tokens per
+    step), ``factor`` (Fast-dLLM's factor f) or ``eb`` (entropy budget gamma)."""
 
     rule: str
     value: float
 
     @property
     def name(self) -> str:
-        return f"tau={self.value:g}" if self.rule == "tau" else f"k={int(self.value)}"
+        return f"k={int(self.value)}" if self.rule == "k" else f"{self.rule}={self.value:g}"
 
     def apply(self, decode: DecodeConfig) -> DecodeConfig:
         if self.rule == "tau":
-            return replace(decode, threshold=float(self.value), tokens_per_step=None)
-        return replace(decode, tokens_per_step=int(self.value))
+            return replace(decode, commit_rule="threshold", threshold=float(self.value), tokens_per_step=None)
+        if self.rule == "k":
+            return replace(decode, commit_rule="static", tokens_per_step=int(self.value))
+        if self.rule == "factor":
+            return replace(decode, commit_rule="factor", factor=float(self.value), tokens_per_step=None)
+        if self.rule == "eb":
+            return replace(decode, commit_rule="entropy_bounded", entropy_budget=float(self.value),
+                           tokens_per_step=None)
+        raise ValueError(f"unknown decode rule {self.rule!r}; expected tau, k, factor or eb")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 CONFIDENCES = ("probability", "margin", "neg_entropy")
+COMMIT_RULES = ("auto", "threshold", "static", "factor", "entropy_bounded")
 
 
 @dataclass
@@ -17,9 +18,15 @@ class DecodeConfig:
     masked and each denoising step predicts every masked slot of it. A block ends when nothing is
     masked or after ``steps_per_block`` steps (the last step commits whatever is left).
 
-    Commit rule: static when ``tokens_per_step`` is set (the ``tokens_per_step`` most confident
-    masked slots per step), else dynamic (every masked slot whose confidence is >= ``threshold``,
-    and always at least the most confident one).
+    Commit rule (``commit_rule``; "auto": static when ``tokens_per_step`` is set, else threshold),
+    always at least one masked slot per step:
+
+    * ``"threshold"`` (paper, dynamic remasking): every masked slot with confidence >= ``threshold``;
+    * ``"static"``: the ``tokens_per_step`` most confident masked slots;
+    * ``"factor"`` (Fast-dLLM): the n most confident slots for the largest n whose n-th confidence
+      c_(n) satisfies ``c_(n) >= 1 - factor / (n + 1)``;
+    * ``"entropy_bounded"`` (EB-sampler): slots in order of increasing entropy (nats) while the sum
+      of their entropies stays <= ``entropy_budget``.
 
     Confidence (always on the model's untempered, unfiltered distribution, as LLaDA / Fast-dLLM):
     ``"probability"`` of the chosen token, ``"margin"`` top1 - top2 probability, or
@@ -41,6 +48,9 @@ class DecodeConfig:
     block_size: Optional[int] = None
     threshold: float = 0.9
     tokens_per_step: Optional[int] = None
+    commit_rule: str = "auto"
+    factor: float = 1.0
+    entropy_budget: float = 0.5
     steps_per_block: Optional[int] = None
     temperature: float = 0.0
     top_k: Optional[int] = None
@@ -73,6 +83,14 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.temperature must be >= 0, got {self.temperature!r}")
         if self.top_p is not None and not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"DecodeConfig.top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.commit_rule not in COMMIT_RULES:
+            raise ValueError(f"unknown commit_rule {self.commit_rule!r}; expected one of {COMMIT_RULES}")
+        if self.commit_rule == "static" and self.tokens_per_step is None:
+            raise ValueError("commit_rule 'static' needs tokens_per_step")
+        if not isinstance(self.factor, (int, float)) or self.factor <= 0:
+            raise ValueError(f"DecodeConfig.factor must be > 0, got {self.factor!r}")
+        if not isinstance(self.entropy_budget, (int, float)) or self.entropy_budget < 0:
+            raise ValueError(f"DecodeConfig.entropy_budget must be >= 0, got {self.entropy_budget!r}")
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"unknown confidence {self.confidence!r}; expected one of {CONFIDENCES}")
         if not isinstance(self.row_offset, int) or self.row_offset < 0:
@@ -83,6 +101,13 @@ class DecodeConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def rule(self) -> str:
+        """The commit rule in effect (``commit_rule`` with "auto" resolved)."""
+        if self.commit_rule != "auto":
+            return self.commit_rule
+        return "static" if self.tokens_per_step is not None else "threshold"
 
     def resolved(self, model_block_size: int, model_eos_token_ids: Sequence[int]) -> "DecodeConfig":
         """A copy with ``block_size``/``eos_token_ids``/``steps_per_block`` filled in and checked."""
@@ -96,5 +121,6 @@ class DecodeConfig:
         if self.tokens_per_step is not None and self.tokens_per_step > block:
             raise ValueError(f"tokens_per_step {self.tokens_per_step} exceeds the block size {block}")
         # Default: enough steps for the rule to finish the block on its own.
-        steps = self.steps_per_block or (-(-block // self.tokens_per_step) if self.tokens_per_step else block)
+        static = self.rule == "static"
+        steps = self.steps_per_block or (-(-block // self.tokens_per_step) if static else block)
         return dataclasses.replace(self, block_size=block, eos_token_ids=[int(t) for t in eos], steps_per_block=steps)

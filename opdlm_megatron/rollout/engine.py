@@ -35,7 +35,7 @@ from ..model import attention_mask, mask_unused_vocab
 from .config import DecodeConfig
 from .kv_cache import BlockKVCache
 from .pipeline import StageRunner
-from .sampling import choose_tokens, select_commits, slot_keys
+from .sampling import choose_tokens, entropy, select_commits, slot_keys
 from .types import RolloutResult
 
 
@@ -250,11 +250,16 @@ class DiffusionRolloutEngine:
         )
         keys_layout = masks.AttentionLayout.cat([cached_layout, query_layout])
         mask = attention_mask(self.config, query_layout, keys_layout)
-        logits = self.runner.forward(rows.tokens.gather(1, query_cols), query_layout.position_ids, mask)
+        # only the columns that predict the current block's slots go through the output layer: the
+        # block itself, or with the logit shift the column before each slot (the last pending one)
+        width = pend_cols.shape[1]
+        first = max(width - 1, 0) if self.config.logit_shift else width
+        columns = torch.arange(first, width + b, device=dev).expand(R, -1)
+        logits = self.runner.forward(rows.tokens.gather(1, query_cols), query_layout.position_ids, mask, columns)
         pred = None
         if logits is not None:
-            pending_now = pend_valid.any(1) if pend_cols.shape[1] else torch.zeros(R, dtype=torch.bool, device=dev)
-            pred = self._predictions(rows, logits, pend_cols.shape[1], pending_now, b)
+            pending_now = pend_valid.any(1) if width else torch.zeros(R, dtype=torch.bool, device=dev)
+            pred = self._predictions(rows, logits, width - first, pending_now, b)
         return pred, pend_cols, pend_valid
 
     def _full_forward(self, rows: _Rows, current_cols: Tensor):
@@ -298,7 +303,8 @@ class DiffusionRolloutEngine:
             keys = slot_keys(decode.seed, row_keys, answer_pos.reshape(-1), rows.rounds[:, None].expand(R, b).reshape(-1))
         tokens, conf = choose_tokens(flat, decode, keys)
         tokens, conf = tokens.view(R, b), conf.view(R, b)
-        commit = select_commits(conf, masked, rows.step_in_block, decode)
+        entropies = entropy(flat).view(R, b) if decode.rule == "entropy_bounded" else None
+        commit = select_commits(conf, masked, rows.step_in_block, decode, entropies)
         return torch.stack([tokens.long(), commit.long()])
 
     @staticmethod

@@ -35,13 +35,20 @@ class StageRunner:
             self.pp_group = parallel_state.get_pipeline_model_parallel_group()
             self._comm = P2PCommunicator(self.pp_group, model.config)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask) -> Optional[Tensor]:
-        """Vocab-parallel logits ``[B, S, V/TP]`` on the last stage, None elsewhere."""
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask,
+                columns: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Vocab-parallel logits ``[B, S, V/TP]`` on the last stage, None elsewhere; with ``columns``
+        ``[B, K]`` only those columns go through the output layer (``[B, K, V/TP]``)."""
+        from ..model import logits_at_columns
+
         if self._comm is not None:
             shape = (input_ids.shape[1], input_ids.shape[0], self.hidden_size)
             received = self._comm.recv_forward(shape, is_first_stage=self.is_first)
             self.model.set_input_tensor(received)
-        output = self.model(input_ids, position_ids, attention_mask)
+        if columns is None:
+            output = self.model(input_ids, position_ids, attention_mask)
+        else:
+            output = logits_at_columns(self.model, input_ids, position_ids, attention_mask, columns)
         if self._comm is not None:
             self._comm.send_forward(output, is_last_stage=self.is_last)
         return output if self.is_last else None

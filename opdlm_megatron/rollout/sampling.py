@@ -143,21 +143,54 @@ def confidence(dist: Tensor, tokens: Tensor, measure: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ commit rules
-def select_commits(conf: Tensor, masked: Tensor, step_in_block: Tensor, decode: DecodeConfig) -> Tensor:
-    """Which slots ``[R, b]`` of the current blocks to commit this step.
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) ``[N]`` of the full-vocabulary distributions of logit shards ``[N, V/TP]``."""
+    lse = vp.global_logsumexp(logits)
+    logp = logits.float() - lse[:, None]
+    p = torch.exp(logp)
+    return -vp.tp_sum(torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
 
-    ``conf`` ``[R, b]`` confidences, ``masked`` ``[R, b]`` slots still masked, ``step_in_block``
-    ``[R]`` steps already spent on each row's block. Static rule: the ``tokens_per_step`` most
-    confident masked slots; dynamic rule: masked slots with confidence >= threshold plus the most
-    confident one. On the block's last allowed step every masked slot is committed.
-    """
-    ranked = torch.where(masked, conf.float(), torch.full_like(conf, float("-inf"), dtype=torch.float32))
-    order = ranked.argsort(dim=-1, descending=True, stable=True)
+
+def _ranks(score: Tensor, masked: Tensor, descending: bool) -> Tensor:
+    """Rank ``[R, b]`` of every masked slot by ``score`` (0 = first); unmasked slots rank last."""
+    fill = float("-inf") if descending else float("inf")
+    ranked = torch.where(masked, score.float(), torch.full_like(score, fill, dtype=torch.float32))
+    order = ranked.argsort(dim=-1, descending=descending, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    if decode.tokens_per_step is not None:
-        commit = rank < decode.tokens_per_step
+    return rank
+
+
+def select_commits(conf: Tensor, masked: Tensor, step_in_block: Tensor, decode: DecodeConfig,
+                   entropies: Optional[Tensor] = None) -> Tensor:
+    """Which slots ``[R, b]`` of the current blocks to commit this step (``DecodeConfig`` rules).
+
+    ``conf`` ``[R, b]`` confidences, ``masked`` ``[R, b]`` slots still masked, ``step_in_block``
+    ``[R]`` steps already spent on each row's block, ``entropies`` ``[R, b]`` (the entropy-bounded
+    rule only). At least the first masked slot in the rule's order is committed; on the block's last
+    allowed step every masked slot is.
+    """
+    rule = decode.rule
+    if rule == "entropy_bounded":
+        if entropies is None:
+            raise ValueError("the entropy-bounded rule needs the slots' entropies")
+        rank = _ranks(entropies, masked, descending=False)
+        ordered = torch.where(masked, entropies.float(), torch.zeros_like(entropies, dtype=torch.float32))
+        # cumulative entropy in rank order, scattered back to the slots
+        order = rank.argsort(dim=-1)
+        cumulative = ordered.gather(-1, order).cumsum(-1).gather(-1, rank)
+        commit = (cumulative <= decode.entropy_budget) | (rank == 0)
     else:
-        commit = (ranked >= decode.threshold) | (rank == 0)
+        rank = _ranks(conf, masked, descending=True)
+        if rule == "static":
+            commit = rank < decode.tokens_per_step
+        elif rule == "factor":
+            # n-th most confident slot (rank n - 1) passes if c >= 1 - f / (n + 1); take the largest such n
+            ranked_conf = torch.where(masked, conf.float(), torch.full_like(conf, float("-inf"), dtype=torch.float32))
+            passes = ranked_conf >= 1.0 - decode.factor / (rank.float() + 2.0)
+            best = torch.where(passes & masked, rank, torch.full_like(rank, -1)).amax(-1, keepdim=True)
+            commit = (rank <= best) | (rank == 0)
+        else:
+            commit = (conf.float() >= decode.threshold) | (rank == 0)
     last_step = (step_in_block + 1 >= decode.steps_per_block)[:, None]
     return masked & (commit | last_step)

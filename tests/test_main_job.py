@@ -1,0 +1,105 @@
+"""The proof issue's pieces: the data-efficiency study's --quick mode (every artefact produced), the
+main job (examples/demo_smollm2.py) on a tiny model at TP=1 and TP=2, and the user's path
+train -> generate -> export -> evaluate on its outputs without extra flags; a slow test runs the
+real SmolLM2 main job."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from opdlm_megatron.checkpointing import save_model_checkpoint
+from opdlm_megatron.model import build_model
+from opdlm_megatron.platform import initialize_runtime
+from tests.conftest import REPO_ROOT, run_torchrun
+from tests.helpers import save_word_tokenizer, tiny_config
+
+DEMO = str(REPO_ROOT / "examples" / "demo_smollm2.py")
+
+
+def _python(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_data_efficiency_quick_produces_every_artefact(tmp_path):
+    out = tmp_path / "results"
+    stdout = _python(str(REPO_ROOT / "benchmarks" / "data_efficiency.py"), "--quick", "--out", str(out))
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"teacher_acc=\S+ opd_acc=\S+ opd_tpf=\S+ mdlm_tokens_over_opd=\S+", last), last
+    with open(out / "data_efficiency.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["arm"] for r in rows} == {"opd", "opd_noshift", "opd_off", "kd_off", "sft", "mdlm"}
+    assert {"acc_tau09", "tpf_tau09", "acc_static1", "teacher_nll", "trained_tokens"} <= set(rows[0])
+    for name in ("data_efficiency_tokens.png", "data_efficiency_tpf.png", "data_efficiency.json"):
+        assert os.path.getsize(out / name) > 0, name
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main_job")
+    ckpt = root / "ckpt"
+    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=256)
+    with initialize_runtime(device="cpu", seed=5):
+        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
+    save_word_tokenizer(ckpt / "tokenizer")
+    return str(ckpt)
+
+
+TINY_JOB = ["--steps", "2", "--prompts-per-rollout", "4", "--batch", "4", "--micro-batch-size", "2",
+            "--eval-prompts", "4", "--eval-tokens", "8", "--min-length", "4", "--max-length", "8"]
+
+
+def test_main_job_pieces_and_the_users_path(tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    stdout = _python(DEMO, "--checkpoint", tiny_ckpt, "--run-dir", str(run), *TINY_JOB)
+    # the screen: our lines and the table, no third-party warnings
+    assert "=== OPDLM main job" in stdout and "Warning" not in stdout and "DEPRECATED" not in stdout
+    summary = json.load(open(run / "summary.json"))
+    assert set(summary["table"]) == {"teacher (AR)", "converted student tau=0.9", "converted student k=1",
+                                     "trained student tau=0.9", "trained student k=1"}
+    assert summary["table"]["trained student k=1"]["tokens_per_forward"] == pytest.approx(1.0)
+    assert os.path.getsize(run / "accuracy_tpf.png") > 0 and os.path.getsize(run / "demo.log") > 0
+    export = run / "hf_student"
+    assert (export / "tokenizer.json").exists() and (export / "config.json").exists()
+
+    # train -> generate -> evaluate on the training checkpoint, no --tokenizer
+    latest = run / "checkpoints" / open(run / "checkpoints" / "latest").read().strip()
+    assert (latest / "tokenizer" / "tokenizer.json").exists()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is 1 + 2 ?"}) + "\n")
+    from opdlm_megatron.evaluate import main as evaluate
+    from opdlm_megatron.generate import main as generate
+
+    generate(["--checkpoint", str(latest), "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"),
+              "--max-new-tokens", "8", "--chat-template"])
+    assert json.loads(open(tmp_path / "out.jsonl").readline())["completion_ids"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "what is 1 + 2 ?", "reference": "3"}) + "\n")
+    assert evaluate(["--student", str(latest), "--task", "jsonl", "--data", str(qa), "--max-new-tokens", "8",
+                     "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+
+
+@pytest.mark.distributed
+def test_main_job_tp2(tiny_ckpt, tmp_path):
+    run = tmp_path / "tp2"
+    run_torchrun("../../examples/demo_smollm2.py", "--checkpoint", tiny_ckpt, "--run-dir", str(run), "--tp", "2",
+                 *TINY_JOB)
+    summary = json.load(open(run / "summary.json"))
+    assert "trained student tau=0.9" in summary["table"] and len(summary["train"]) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_main_job_reports_its_accuracy_table(tmp_path):
+    run = tmp_path / "smol"
+    stdout = _python(DEMO, "--run-dir", str(run), "--steps", "2", "--prompts-per-rollout", "8", "--batch", "4",
+                     "--eval-prompts", "6", "--eval-tokens", "16", timeout=1500)
+    summary = json.load(open(run / "summary.json"))
+    assert "teacher (AR)" in summary["table"] and "trained student tau=0.9" in summary["table"]
+    assert "=== OPDLM main job" in stdout and (run / "hf_student" / "tokenizer.json").exists()
