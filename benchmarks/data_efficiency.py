@@ -17,7 +17,9 @@ other conversions, at equal budgets of training tokens.
    weights with the same optimizer and batch, and evaluated when its count of the paper's training
    tokens T (samples x generation length; dataset answers: their length) passes each budget.
 4. **Evaluation** on 200 held-out prompts: accuracy at threshold 0.9 and at static 1 token per step
-   (greedy), tokens per forward (TPF), and the teacher's NLL of the student's answers.
+   (greedy), tokens per forward (TPF), the teacher's NLL of the student's answers, and the accuracy
+   of the same weights decoded with blocks of one token (``acc_block1``: with the logit shift that
+   is causal decoding, i.e. what training left of the AR model).
 
 Outputs (``--out``, default ``benchmarks/results``): ``data_efficiency.csv``,
 ``data_efficiency_tokens.png`` (accuracy vs training tokens, one line per arm) and
@@ -99,6 +101,7 @@ class Evaluation:
     tpf_tau: float
     acc_static: float
     tpf_static: float
+    acc_block1: float  # the same weights decoded with blocks of 1 token: what is left of the AR model
     teacher_nll: float
     answer_tokens: float
 
@@ -115,6 +118,8 @@ def evaluate_student(model, config, teacher: FrozenTeacher, held, batch: int) ->
     tau = generate(model, config, prompts, student_decode(base, None, config.block_size), batch)
     static = generate(model, config, prompts, student_decode(DecodeConfig(
         max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], tokens_per_step=1), None, config.block_size), batch)
+    block1 = generate(model, config.replace(block_size=1), prompts, student_decode(DecodeConfig(
+        max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], tokens_per_step=1), None, 1), batch)
     model.train()
     answers = results_from_answers(prompts, [g.ids for g in tau], [g.finished for g in tau], PAD)
     nll = teacher.answer_nll(answers.prompt_ids, answers.prompt_valid, answers.answer_ids, answers.answer_valid, batch)
@@ -124,7 +129,7 @@ def evaluate_student(model, config, teacher: FrozenTeacher, held, batch: int) ->
         return sum(len(g.ids) for g in gens) / max(1, sum(g.forwards for g in gens))
 
     return Evaluation(accuracy_of(tau, held), tpf(tau), accuracy_of(static, held), tpf(static),
-                      float(nll.sum()) / max(tokens, 1), tokens / len(held))
+                      accuracy_of(block1, held), float(nll.sum()) / max(tokens, 1), tokens / len(held))
 
 
 # ---------------------------------------------------------------------------------- teacher
@@ -216,6 +221,7 @@ def run_arm(name: str, args, student_ckpt: str, teacher_ckpt: str, train: List[S
                 rows.append(record(name, pending[0], tokens, trainer.step, evaluation, wall))
                 log(f"{name:9s} T={tokens:>9.0f} step {trainer.step:5d}: acc@0.9 {evaluation.acc_tau:.3f} "
                     f"TPF {evaluation.tpf_tau:.2f} acc@1/step {evaluation.acc_static:.3f} "
+                    f"acc@block1 {evaluation.acc_block1:.3f} "
                     f"teacher NLL {evaluation.teacher_nll:.3f} loss {metrics['loss']:.4f} ({wall:.0f} s)")
                 while pending and tokens >= pending[0]:
                     pending.pop(0)
@@ -225,7 +231,7 @@ def run_arm(name: str, args, student_ckpt: str, teacher_ckpt: str, train: List[S
 
 def record(arm, budget, tokens, step, e: Evaluation, wall) -> dict:
     return dict(arm=arm, budget_tokens=budget, trained_tokens=int(tokens), steps=step, acc_tau09=e.acc_tau,
-                tpf_tau09=e.tpf_tau, acc_static1=e.acc_static, tpf_static1=e.tpf_static,
+                tpf_tau09=e.tpf_tau, acc_static1=e.acc_static, tpf_static1=e.tpf_static, acc_block1=e.acc_block1,
                 teacher_nll=e.teacher_nll, answer_tokens=e.answer_tokens, wall_s=round(wall, 1))
 
 

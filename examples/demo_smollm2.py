@@ -202,8 +202,8 @@ def main(argv=None) -> dict:
             "model": {"student_checkpoint": ckpt},
             "parallel": {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
                          "device": args.device},
-            "data": {"source": "reasoning_gym", "gym_datasets": [args.task], "gym_size": 512, "seed": 1,
-                     "max_prompt_tokens": 160, "system_prompt": args.system_prompt},
+            "data": {"source": "reasoning_gym", "gym_datasets": [args.task], "gym_options": {args.task: options},
+                     "gym_size": 512, "seed": 1, "max_prompt_tokens": 160, "system_prompt": args.system_prompt},
             "rollout": {"tasks_per_rollout": args.prompts_per_rollout, "threshold": 0.9, "temperature": 1.0},
             "curriculum": {"min_length": args.min_length, "max_length": args.max_length,
                            "warmup_rollouts": max(1, args.steps * args.batch // args.prompts_per_rollout - 1)},
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
             "checkpoint": {"save_every": 0, "resume": False},
             "logging": {"wandb": False, "progress_bar": True},
         })
-        trainer = Trainer(cfg, runtime, samples=training_samples(cfg, ckpt, args))
+        trainer = Trainer(cfg, runtime)
         tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
         items = task_items(args, seed=999, count=args.eval_prompts)
         prompts = encode(items, tokenizer, True, args.system_prompt)
@@ -262,17 +262,6 @@ def main(argv=None) -> dict:
         say("\n" + format_table(summary))
         say(f"total {summary['seconds']:.0f} s; summary, accuracy_tpf.png and demo.log in {args.run_dir}")
     return summary
-
-
-def training_samples(cfg, ckpt: str, args):
-    """Training prompts of the task with its difficulty options (reasoning-gym, other seeds)."""
-    from opdlm_megatron.data import Sample, SampleList, chat_prompt_ids, load_tokenizer
-
-    tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
-    samples = SampleList()
-    for item in task_items(args, seed=cfg.data.seed, count=cfg.data.gym_size):
-        samples.append(Sample(chat_prompt_ids(tokenizer, item.messages(args.system_prompt))))
-    return samples
 
 
 def format_table(summary: dict) -> str:

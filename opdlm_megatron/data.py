@@ -152,7 +152,8 @@ def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> SampleList:
     samples = SampleList()
     for offset, name in enumerate(cfg.gym_datasets):
         try:
-            dataset = reasoning_gym.create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset)
+            dataset = reasoning_gym.create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset,
+                                                   **(cfg.gym_options or {}).get(name, {}))
         except Exception as e:  # reasoning_gym raises a bare error for unknown names
             raise ValueError(f"reasoning_gym dataset {name!r} could not be created: {e}") from e
         for i in range(len(dataset)):

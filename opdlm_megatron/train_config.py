@@ -67,6 +67,8 @@ class DataConfig:
     path: Optional[str] = None  # jsonl_chat / text / token_ids
     gym_datasets: List[str] = field(default_factory=lambda: ["basic_arithmetic"])
     gym_size: int = 1000
+    # per-dataset reasoning-gym options (difficulty), e.g. {"basic_arithmetic": {"max_terms": 2}}
+    gym_options: dict = field(default_factory=dict)
     max_prompt_tokens: int = 512
     # a prompt longer than max_prompt_tokens is never cut: "skip" drops it (counted in the metrics
     # as data/skipped_long_prompts), "error" stops with the prompt's location

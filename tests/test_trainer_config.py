@@ -208,6 +208,15 @@ def test_reasoning_gym_prompts(tmp_path):
         expected = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}],
                                                  add_generation_prompt=True, tokenize=False)
         assert tokenizer.decode(sample.prompt_ids) == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
+    # difficulty options reach the dataset
+    options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    easy = load_samples(DataConfig(source="reasoning_gym", gym_datasets=["basic_arithmetic"], gym_size=3, seed=9,
+                                   gym_options={"basic_arithmetic": options}), tokenizer)
+    reference = reasoning_gym.create_dataset("basic_arithmetic", size=3, seed=9, **options)
+    for sample, item in zip(easy, reference):
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}],
+                                                 add_generation_prompt=True, tokenize=False)
+        assert tokenizer.decode(sample.prompt_ids) == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="no_such_dataset"):
         load_samples(DataConfig(source="reasoning_gym", gym_datasets=["no_such_dataset"], gym_size=2), tokenizer)
 
