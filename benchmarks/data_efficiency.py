@@ -251,8 +251,9 @@ def plot(rows: List[dict], teacher_acc: float, out: str) -> None:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        pts = [(max(r["trained_tokens"], 1), r["acc_tau09"]) for r in rows if r["arm"] == arm]
-        ax.plot(*zip(*pts), marker="o", label=arm)
+        pts = [(r["trained_tokens"], r["acc_tau09"]) for r in rows if r["arm"] == arm and r["budget_tokens"] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=arm)
     ax.axhline(teacher_acc, color="gray", linestyle="--", label="teacher (AR)")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens T (samples x generation length)")

@@ -160,3 +160,16 @@ def test_not_a_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--student", str(tmp_path / "hf"), "--task", "basic_arithmetic", "--out", str(tmp_path / "o")])
     assert info.value.code == 2 and "is not an opdlm-megatron checkpoint" in capsys.readouterr().err
+
+
+def test_sampling_seeds_average_per_item(tiny, tmp_path):
+    from opdlm_megatron.evaluate import main
+
+    out = tmp_path / "seeds"
+    assert main(["--student", tiny["ckpt"], "--task", "jsonl", "--data", tiny["data"], "--max-new-tokens", "8",
+                 "--temperature", "1.0", "--seeds", "2", "--no-teacher", "--no-progress", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == 2 * len(tiny["questions"])
+    assert any(a["completion_ids"] != b["completion_ids"] for a, b in zip(rows[:6], rows[6:]))  # seeds differ
+    summary = json.load(open(out / "summary.json"))["results"]["student tau=0.9"]
+    assert summary["samples"] == 12 and summary["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 12)

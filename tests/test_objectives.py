@@ -179,3 +179,24 @@ def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch)
     with initialize_runtime(device="cpu", seed=0) as rt:
         with pytest.raises(ValueError, match="self-distillation teacher could not take the student's weights.*q_layernorm"):
             trainer_module.Trainer(cfg, rt, rollout_fn=naive_rollout)
+
+
+def test_top_k_teacher_keeps_only_its_top_k(assets, tmp_path):
+    """With loss.top_k the trainer's teacher targets hold k values and ids per supervised position
+    (not the [B, A, V/TP] logits), and the step trains."""
+    from opdlm_megatron.losses import TeacherTopK
+    from opdlm_megatron.trainer import Trainer
+
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=2), loss=dict(top_k=8)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
+        trainer.buffer = trainer._next_rollout()
+        batch = trainer._supervised_batch(trainer.buffer, 0)
+        targets, _ = trainer._teacher_targets(batch)
+        assert isinstance(targets.logits, TeacherTopK)
+        assert tuple(targets.logits.values.shape) == (int(batch.supervised.sum()), 8)
+        assert targets.nbytes < int(batch.supervised.sum()) * trainer.config.padded_vocab_size(1) * 4 / 5
+        history = [trainer.train_step() for _ in range(2)]
+        trainer.close()
+    assert all(math.isfinite(h["loss"]) for h in history)
