@@ -81,6 +81,17 @@ def quiet_third_parties(run_dir: str) -> str:
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # torch's "torch" logger has its own stderr handler (re-installed whenever torch (re)initialises
+    # its logging), so records of its children would reach the screen; a filter on the children that
+    # talk at import (cpp_extension: "No CUDA runtime is found") hands them to the log file instead
+    file_handler = logging.getLogger().handlers[0]
+
+    def to_log_file(record: logging.LogRecord) -> bool:
+        file_handler.handle(record)
+        return False
+
+    for name in ("torch.utils.cpp_extension", "torch.distributed", "torch.distributed.checkpoint"):
+        logging.getLogger(name).addFilter(to_log_file)
     return path
 
 

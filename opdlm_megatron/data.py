@@ -86,7 +86,9 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict], system_prompt: Optional
                                               enable_thinking=enable_thinking))
 
 
-def _read_jsonl(path: str) -> List[dict]:
+def read_jsonl(path: str) -> List[tuple]:
+    """``(line number, record)`` for every non-blank line of a JSONL file of objects; a missing file,
+    a line that is not a JSON object or a file without records raises with the file and line named."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
     records = []
@@ -103,7 +105,7 @@ def _read_jsonl(path: str) -> List[dict]:
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             records.append((line_no, record))
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise ValueError(f"{path} is empty")
     return records
 
 
@@ -137,7 +139,7 @@ def _keep(samples: SampleList, sample: Sample, cfg: DataConfig, where: str) -> N
 
 def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> SampleList:
     samples = SampleList()
-    for line_no, record in _read_jsonl(cfg.path):
+    for line_no, record in read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
         ids = chat_prompt_ids(tokenizer, _prompt_messages(record, where), cfg.system_prompt, cfg.enable_thinking)
         _keep(samples, Sample(ids), cfg, where)
@@ -166,7 +168,7 @@ def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> SampleList:
 
 def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> SampleList:
     samples = SampleList()
-    for line_no, record in _read_jsonl(cfg.path):
+    for line_no, record in read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
         if "text" in record:
             ids = _ids(tokenizer(str(record["text"]), add_special_tokens=False))
@@ -194,7 +196,7 @@ def text_samples(cfg: DataConfig, tokenizer, eos_token_id: Optional[int]) -> Sam
 
 def token_id_samples(cfg: DataConfig) -> SampleList:
     samples = SampleList()
-    for line_no, record in _read_jsonl(cfg.path):
+    for line_no, record in read_jsonl(cfg.path):
         where = f"{cfg.path}:{line_no}"
         if "prompt_ids" not in record:
             raise ValueError(f"{where}: record needs 'prompt_ids'")

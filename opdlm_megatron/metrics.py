@@ -78,6 +78,24 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 
+    def drop_from(self, step: int) -> None:
+        """Drops the records of steps ``>= step``: a run resumed from a checkpoint taken after ``step``
+        steps redoes the steps a killed run logged after it, and the file must hold each step once. Written to a
+        temporary file and renamed, so a kill during the rewrite leaves the old file."""
+        if not self.is_writer or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) < step]
+        if len(kept) == len(lines):
+            return
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
+            f.writelines(kept)
+        os.replace(temporary, self.path)
+        logger.info("metrics: dropped %d records from step %d on (logged after the last checkpoint)",
+                    len(lines) - len(kept), step)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()

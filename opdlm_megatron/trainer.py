@@ -483,6 +483,7 @@ class Trainer:
                     raise ValueError(f"{directory} was saved inside a rollout but holds no rollout buffer")
                 self.buffer = RolloutBuffer(int(saved["rollout"]), buffer_answers, int(saved["generation_length"]),
                                             int(saved["next_update"]), dict(saved["metrics"]))
+        self.metrics.drop_from(self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
         return True
 

@@ -185,11 +185,21 @@ def test_logit_shift_block1_reproduces_causal_teacher(student):
     assert result.num_forward_passes == 10
 
 
-def test_prompt_alone_equals_prompt_in_mixed_batch(student):
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_prompt_alone_equals_prompt_in_mixed_batch(student, with_eos):
+    # batch invariance: a row's tokens do not depend on the rows beside it, also when rows of
+    # different prompt lengths leave the batch (EOS) at different steps and the cache drops them
     model, config = student(logit_shift=True)
     engine = DiffusionRolloutEngine(model, config)
     decode = DecodeConfig(max_new_tokens=12, threshold=0.5)
-    batched = _result_rows(engine.generate(PROMPTS, decode))
+    if with_eos:
+        eos_token = int(engine.generate(PROMPTS[:1], decode).answer_ids[0, 5])
+        decode = DecodeConfig(max_new_tokens=12, threshold=0.5, eos_token_ids=[eos_token])
+    result = engine.generate(PROMPTS, decode)
+    if with_eos:
+        lengths = result.answer_lengths().tolist()
+        assert bool(result.finished[0]) and len(set(lengths)) > 1, lengths
+    batched = _result_rows(result)
     for prompt, expected in zip(PROMPTS, batched):
         assert _result_rows(engine.generate([prompt], decode))[0] == expected
 

@@ -1,5 +1,6 @@
 """The OPD training loop on a tiny model (CPU, real megatron-core DDP/optimizer/schedules)."""
 
+import json
 import math
 import os
 
@@ -168,7 +169,15 @@ def test_interrupt_and_resume_gives_identical_losses(assets, tmp_path, stop_at):
     saved = os.path.join(cfg_b.checkpoint_dir, f"step_{stop_at:08d}")
     assert os.path.isdir(saved)
     assert os.path.isfile(os.path.join(saved, "rollout_buffer.safetensors")) == (stop_at % 2 == 1)
+    # a kill after the checkpoint loses a step that was already logged: the resumed run redoes it
+    # and metrics.jsonl keeps each step once
+    log_b = os.path.join(cfg_b.run_dir, "metrics.jsonl")
+    with open(log_b, "a") as f:
+        f.write(json.dumps({"step": stop_at, "loss": -1.0}) + "\n")
     rest = _train(cfg_b)
+    logged = read_metrics(log_b)
+    assert [r["step"] for r in logged] == [r["step"] for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl"))]
+    assert [r["loss"] for r in logged] == [h["loss"] for h in first + rest]
     assert [h["step"] for h in rest] == list(range(stop_at, 4))
     for a, b in zip(full, first + rest):
         for key in ("loss", "lr", "rollout", "rollout_len", "tokens_trained", "paper_tokens_total", "teacher_nll",

@@ -14,11 +14,11 @@ left out of the evaluated items).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
+from ..data import read_jsonl
 from . import scoring
 
 FILE_TASKS = ("math_jsonl", "jsonl")
@@ -106,26 +106,15 @@ def _reasoning_gym_task(spec: TaskSpec) -> List[EvalItem]:
     return items
 
 
-def _read_jsonl(path: Optional[str]) -> List[dict]:
+def _read_jsonl(path: Optional[str]) -> List[tuple]:
     if not path:
         raise TaskError("this task reads a JSONL file: pass --data FILE")
     if not os.path.isfile(path):
         raise TaskError(f"--data file not found: {path}")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{path}:{number}: expected a JSON object")
-            records.append((number, record))
-    if not records:
-        raise TaskError(f"{path} is empty")
-    return records
+    try:
+        return read_jsonl(path)
+    except ValueError as error:
+        raise TaskError(str(error)) from None
 
 
 def _file_task(spec: TaskSpec) -> List[EvalItem]:
