@@ -55,10 +55,12 @@ class LongPromptError(ValueError):
 
 
 # ------------------------------------------------------------------------------- tokenizing
-def load_tokenizer(path: str):
+def load_tokenizer(path: Optional[str]):
     """An HF tokenizer from a local directory (never from the hub)."""
     from transformers import AutoTokenizer
 
+    if not path:
+        raise FileNotFoundError("no tokenizer directory: set model.tokenizer (or a student checkpoint with tokenizer/)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -50,6 +50,13 @@ class ModelPaths:
     random_init: bool = False  # tests/benchmarks: ignore checkpoints, build both from model_config
     model_config: Optional[dict] = None  # ModelConfig fields for random_init
 
+    @property
+    def tokenizer_dir(self) -> Optional[str]:
+        """``tokenizer``, else the student checkpoint's ``tokenizer/``; None when neither is set."""
+        if self.tokenizer:
+            return self.tokenizer
+        return os.path.join(self.student_checkpoint, "tokenizer") if self.student_checkpoint else None
+
 
 @dataclass
 class ParallelConfig:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -193,7 +192,7 @@ class Trainer:
         if samples is None:
             tokenizer = None
             if cfg.data.source != "token_ids":
-                tokenizer = load_tokenizer(cfg.model.tokenizer or os.path.join(cfg.model.student_checkpoint, "tokenizer"))
+                tokenizer = load_tokenizer(cfg.model.tokenizer_dir)
             eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
             loaded = load_samples(cfg.data, tokenizer, eos)
             samples, self.skipped_long_prompts = loaded, loaded.skipped_long_prompts
@@ -450,12 +449,10 @@ class Trainer:
         when a rollout's steps are not all taken yet; never the teacher)."""
         buffer = self.buffer
         mid_rollout = buffer is not None and buffer.next_update < self.cfg.updates_per_rollout
-        tokenizer = self.cfg.model.tokenizer or (os.path.join(self.cfg.model.student_checkpoint, "tokenizer")
-                                                 if self.cfg.model.student_checkpoint else None)
         return save_training_checkpoint(self.cfg.checkpoint_dir, self.step, self.student, self.optimizer,
                                         self.config, self.trainer_state(), self.cfg.checkpoint.keep_last,
                                         rollout_buffer=buffer.answers if mid_rollout else None,
-                                        tokenizer_dir=tokenizer)
+                                        tokenizer_dir=self.cfg.model.tokenizer_dir)
 
     def maybe_resume(self) -> bool:
         directory = latest_checkpoint(self.cfg.checkpoint_dir)

@@ -8,14 +8,11 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
 from opdlm_megatron.eval import scoring
 from opdlm_megatron.eval.metrics import (accuracy, accuracy_under_parallelism, edit_distance, edit_similarity,
                                          teacher_agreement)
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
 from tests.conftest import run_torchrun
-from tests.helpers import save_word_tokenizer, tiny_config
+from tests.helpers import save_tiny_student
 
 
 @pytest.mark.parametrize("text,how,expected", [
@@ -79,10 +76,7 @@ def tiny(tmp_path_factory):
     the teacher's own greedy answers for half the items (so the teacher scores exactly 0.5)."""
     root = tmp_path_factory.mktemp("eval")
     ckpt = root / "ckpt"
-    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=128)
-    with initialize_runtime(device="cpu", seed=11):
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
-    save_word_tokenizer(ckpt / "tokenizer")
+    save_tiny_student(ckpt, seed=11, max_sequence_length=128)
     questions = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2)]]
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "reference": "placeholder"}) + "\n" for q in questions))

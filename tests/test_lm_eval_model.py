@@ -10,13 +10,13 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import build_from_checkpoint, save_model_checkpoint
+from opdlm_megatron.checkpointing import build_from_checkpoint
 from opdlm_megatron.eval.likelihood import ar_loglikelihood, block_diffusion_loglikelihood
 from opdlm_megatron.masks import opd_training_batch
 from opdlm_megatron.model import attention_mask, build_model, mask_unused_vocab
 from opdlm_megatron.platform import initialize_runtime
 from tests.conftest import run_torchrun
-from tests.helpers import save_word_tokenizer, tiny_config
+from tests.helpers import save_tiny_student, tiny_config
 
 
 def test_ar_loglikelihood_matches_hf(tmp_path, runtime):
@@ -83,10 +83,7 @@ def test_block_diffusion_bound_matches_brute_force(runtime):
 def tiny_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     ckpt = root / "ckpt"
-    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=128)
-    with initialize_runtime(device="cpu", seed=11):
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
-    save_word_tokenizer(ckpt / "tokenizer")
+    save_tiny_student(ckpt, seed=11, max_sequence_length=128)
     return dict(root=root, ckpt=str(ckpt))
 
 

@@ -12,11 +12,8 @@ import sys
 
 import pytest
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
 from tests.conftest import REPO_ROOT, run_torchrun
-from tests.helpers import save_word_tokenizer, tiny_config
+from tests.helpers import save_tiny_student
 
 DEMO = str(REPO_ROOT / "examples" / "demo_smollm2.py")
 
@@ -43,13 +40,7 @@ def test_data_efficiency_quick_produces_every_artefact(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("main_job")
-    ckpt = root / "ckpt"
-    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=256)
-    with initialize_runtime(device="cpu", seed=5):
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
-    save_word_tokenizer(ckpt / "tokenizer")
-    return str(ckpt)
+    return save_tiny_student(tmp_path_factory.mktemp("main_job") / "ckpt", seed=5, max_sequence_length=256)
 
 
 TINY_JOB = ["--steps", "2", "--prompts-per-rollout", "4", "--batch", "4", "--micro-batch-size", "2",

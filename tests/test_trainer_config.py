@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -248,3 +249,14 @@ def test_table13_schedule_values():
     # Table 14 (OPDLM-MATH): 10 epochs, final length 2,000 (non-thinking)
     math_cfg = train_config_from_dict({**BASE, "data": {"epochs": 10}, "curriculum": {"max_length": 2000}})
     assert math_cfg.data.epochs == 10 and rollout_length(10, math_cfg.curriculum) == 2000
+
+
+def test_tokenizer_dir_defaults_to_the_student_checkpoint():
+    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.train_config import ModelPaths
+
+    assert ModelPaths(student_checkpoint="ckpt").tokenizer_dir == os.path.join("ckpt", "tokenizer")
+    assert ModelPaths(student_checkpoint="ckpt", tokenizer="tok").tokenizer_dir == "tok"
+    assert ModelPaths(random_init=True).tokenizer_dir is None
+    with pytest.raises(FileNotFoundError, match="set model.tokenizer"):
+        load_tokenizer(None)

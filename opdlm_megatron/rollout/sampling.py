@@ -186,9 +186,8 @@ def select_commits(conf: Tensor, masked: Tensor, step_in_block: Tensor, decode: 
             commit = rank < decode.tokens_per_step
         elif rule == "factor":
             # n-th most confident slot (rank n - 1) passes if c >= 1 - f / (n + 1); take the largest such n
-            ranked_conf = torch.where(masked, conf.float(), torch.full_like(conf, float("-inf"), dtype=torch.float32))
-            passes = ranked_conf >= 1.0 - decode.factor / (rank.float() + 2.0)
-            best = torch.where(passes & masked, rank, torch.full_like(rank, -1)).amax(-1, keepdim=True)
+            passes = masked & (conf.float() >= 1.0 - decode.factor / (rank.float() + 2.0))
+            best = torch.where(passes, rank, torch.full_like(rank, -1)).amax(-1, keepdim=True)
             commit = (rank <= best) | (rank == 0)
         else:
             commit = (conf.float() >= decode.threshold) | (rank == 0)
