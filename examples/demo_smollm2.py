@@ -61,9 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def rank0() -> bool:
+    """True on the process that writes files and prints. It also holds after the runtime has torn down the process
+    group (the export and ``summary.json`` come after it): torchrun's RANK says which process this is then."""
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def say(message: str) -> None:
@@ -272,8 +276,10 @@ def main(argv=None) -> dict:
             summary["hf_export"] = {"path": hf_out, "parameters": sum(p.numel() for p in reloaded.parameters())}
         summary["seconds"] = time.perf_counter() - t0
         plot(rows, os.path.join(args.run_dir, "accuracy_tpf.png"))
-        with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
+        path = os.path.join(args.run_dir, "summary.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)  # a reader never sees half a summary
         say("\n" + format_table(summary))
         say(f"total {summary['seconds']:.0f} s; summary, accuracy_tpf.png and demo.log in {args.run_dir}")
     return summary
