@@ -3,7 +3,7 @@ AR model's greedy decoding with a KV cache in HF transformers ``generate``, meas
 
     python benchmarks/rollout_throughput.py [--random-weights] [--new-tokens 256] [--block-size 4]
         [--threshold 0.9] [--checkpoint DIR --hf-dir HF] [--trained-checkpoint DIR]
-        [--batch-prompts 32] [--quick]
+        [--batch-prompts 32] [--forward-impl auto|fused|megatron] [--quick]
 
 Weights: ``--checkpoint`` (an opdlm-megatron checkpoint) plus ``--hf-dir`` (the HF model it came
 from) when given; else SmolLM2-135M through ``opdlm_megatron.tools.prepare_smollm2.ensure_smollm2``
@@ -16,7 +16,8 @@ Measured, in this order:
    with ``--trained-checkpoint`` (a diffusion-trained student of the same base model, e.g. the long
    OPD run's), for it too: one line each;
 2. the cost of one cached engine forward against one HF decode step, and where it goes (weight
-   matmuls, attention, output layer, the CPU shim, everything else) from torch.profiler / cProfile;
+   matmuls, attention, output layer, the CPU shim, everything else) from torch.profiler / cProfile,
+   and the same answer through the other decoding forward (megatron's vs the fused one);
 3. batch throughput: ``--batch-prompts`` prompts of mixed lengths, engine at a static 1 and 2 tokens
    per forward vs HF ``generate`` on the same left-padded batch with its KV cache.
 The last line reads ``speedup_vs_naive=X speedup_vs_ar=Y tokens_per_forward=Z forward_over_ar_step=W
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--batch-prompts", type=int, default=32, help="batch-throughput part (0: skip)")
     parser.add_argument("--batch-new-tokens", type=int, default=None, help="default: --new-tokens")
     parser.add_argument("--quick", action="store_true", help="2-layer random model, short answers (smoke test)")
+    parser.add_argument("--forward-impl", default="auto", choices=("auto", "fused", "megatron"),
+                        help="the engine's decoding forward (the other one is timed beside it in part 2)")
     parser.add_argument("--skip-naive", action="store_true", help="(debug) skip the slow naive baseline")
     args = parser.parse_args()
     if args.quick:
@@ -240,10 +243,10 @@ def main() -> None:
     with initialize_runtime(device="cpu", seed=0):
         model, config, hf, prompts = _load_models(args)
         model.eval()
-        engine = DiffusionRolloutEngine(model, config)
+        engine = DiffusionRolloutEngine(model, config, forward_impl=args.forward_impl)
         decode = DecodeConfig(max_new_tokens=args.new_tokens, block_size=args.block_size,
                               threshold=args.threshold, eos_token_ids=[])
-        print(f"threads={torch.get_num_threads()} prompts={len(prompts)} new_tokens={args.new_tokens} "
+        print(f"forward={engine.forward_impl} threads={torch.get_num_threads()} prompts={len(prompts)} new_tokens={args.new_tokens} "
               f"block={args.block_size} threshold={args.threshold}")
 
         # 1. batch 1: engine vs naive vs HF AR
@@ -255,7 +258,8 @@ def main() -> None:
         if args.trained_checkpoint:
             trained, trained_config = build_from_checkpoint(args.trained_checkpoint, "student")
             trained.eval()
-            trained_engine = DiffusionRolloutEngine(trained, trained_config.replace(block_size=args.block_size))
+            trained_engine = DiffusionRolloutEngine(trained, trained_config.replace(block_size=args.block_size),
+                                                    forward_impl=args.forward_impl)
             line, _ = _student_line("trained", trained_engine, prompts, decode, args.new_tokens, hf_rate,
                                     args.skip_naive)
             del trained, trained_engine
@@ -267,6 +271,15 @@ def main() -> None:
         print(f"one cached block-{args.block_size} forward: {ms:.1f} ms = "
               + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
               + f" ms; HF decode step {1000 * t_ar / ar_steps:.1f} ms (forward_over_ar_step={forward_over_ar:.2f}, goal <= 1.2)")
+        other_impl = "megatron" if engine.forward_impl == "fused" else "fused"
+        if other_impl == "megatron" or engine.forward_reason is None:
+            other = DiffusionRolloutEngine(model, config, forward_impl=other_impl)
+            other.generate([prompts[0]], DecodeConfig(max_new_tokens=args.block_size, block_size=args.block_size,
+                                                      eos_token_ids=[]))  # warm-up
+            result, seconds = _timed(lambda: other.generate([prompts[0]], short))
+            same = torch.equal(result.answer_ids, engine.generate([prompts[0]], short).answer_ids)
+            print(f"  the {other_impl} forward on the same answer: {1000 * seconds / result.num_forward_passes:.1f} "
+                  f"ms per forward (same tokens: {same})")
 
         # 3. batch throughput at 1 and 2 tokens per forward against HF generate on the same batch
         batch_ratio = float("nan")

@@ -30,6 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from .attention import FlexCoreAttention
 from .config import ModelConfig
 from .masks import AttentionLayout
+from .platform import compute_device
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -133,7 +134,7 @@ def build_model(
     cp = parallel_state.get_context_parallel_world_size()
     if cp != 1:
         raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
-    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    device = device or compute_device()
     transformer_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

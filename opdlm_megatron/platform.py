@@ -33,6 +33,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -88,6 +89,26 @@ class _NullStream:
 _NULL_STREAM = _NullStream()
 
 
+@contextlib.contextmanager
+def cpu_shim_suspended():
+    """Runs a block without ``_CudaToCpuMode`` seeing its torch calls: for hot loops of plain tensor
+    ops on tensors that are already placed (the fused decoding forward), where the mode would only
+    add Python overhead to each op. The other shims stay in place."""
+    with torch._C.DisableTorchFunction():
+        yield
+
+
+_ACTIVE_SHIMS = 0  # how many CpuShims are entered (CUDA calls are redirected to the CPU meanwhile)
+
+
+def compute_device() -> torch.device:
+    """The device models go to: CPU while the CPU shims redirect CUDA (where ``torch.cuda`` may claim
+    to be available), else the current CUDA device when there is one, else CPU."""
+    if _ACTIVE_SHIMS or not torch.cuda.is_available():
+        return _CPU
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class CpuShims:
     """Context manager that lets megatron-core's CUDA-assuming code paths run on CPU.
 
@@ -129,6 +150,87 @@ class CpuShims:
         patch(mcore_random, "_get_cuda_rng_state", get_rng_state)
         patch(mcore_random, "_set_cuda_rng_state", set_rng_state)
         stack.enter_context(_CudaToCpuMode())
+        global _ACTIVE_SHIMS
+        _ACTIVE_SHIMS += 1
+
+        def leave() -> None:
+            global _ACTIVE_SHIMS
+            _ACTIVE_SHIMS -= 1
+
+        stack.callback(leave)
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+class MegatronLMCpuShims:
+    """What Megatron-LM's ``pretrain()`` (``megatron/training``) needs on top of ``CpuShims`` to run on
+    CPU over gloo, entered only around a ``pretrain()`` call on a machine without CUDA:
+
+    7. ``torch.cuda.is_available`` -> True and ``device_count`` -> 1: ``initialize_megatron`` asserts
+       the first (``pretrain`` has no ``allow_no_cuda``) and only builds the model-parallel groups and
+       seeds megatron's RNG tracker when the second is positive; every placement they imply is
+       redirected by 1-6. ``torch.accelerator.current_accelerator`` -> None keeps torch's own
+       checks (the optimizers' graph-capture check) from initialising CUDA.
+    8. ``torch.cuda.set_device`` / ``Stream`` / ``stream`` / ``set_stream`` / ``empty_cache`` and the memory
+       statistics ``training_log`` / ``report_memory`` read -> no-ops, zeros; the device properties
+       -> a "cpu" device of compute capability 0.0 (``validate_args`` reads it for TP > 1, and then
+       wants ``CUDA_DEVICE_MAX_CONNECTIONS=1``, which is set while the shims are entered).
+    9. ``megatron.core.datasets.utils.compile_helpers`` -> no-op: it runs ``make`` on a Makefile the
+       wheel does not ship; the prebuilt ``helpers_cpp`` it would build is in the wheel.
+    10. ``megatron.training.training.set_jit_fusion_options`` -> no-op: its warm-up runs the fused
+        bias-GeLU/SwiGLU kernels on ``device="cuda"`` tensors, which OPD does not use.
+    """
+
+    def __init__(self) -> None:
+        self._stack: Optional[contextlib.ExitStack] = None
+        self._base = CpuShims()
+
+    def __enter__(self) -> "MegatronLMCpuShims":
+        import megatron.core.datasets.utils as dataset_utils
+        import megatron.training.training as mlm_training
+
+        stack = contextlib.ExitStack()
+
+        def patch(owner: Any, name: str, value: Any) -> None:
+            if not hasattr(owner, name):
+                return
+            original = getattr(owner, name)
+            setattr(owner, name, value)
+            stack.callback(setattr, owner, name, original)
+
+        zero = lambda *a, **k: 0  # noqa: E731
+        patch(torch.cuda, "is_available", lambda: True)
+        patch(torch.cuda, "device_count", lambda: 1)
+        # torch's own code asks the accelerator API, which would then try to initialise CUDA
+        patch(torch.accelerator, "current_accelerator", lambda *a, **k: None)
+        patch(torch.cuda, "set_device", lambda *a, **k: None)
+        patch(torch.cuda, "Stream", lambda *a, **k: _NULL_STREAM)
+        patch(torch.cuda, "set_stream", lambda *a, **k: None)
+        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+        patch(torch.cuda, "empty_cache", lambda: None)
+        for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+            patch(torch.cuda, name, zero)
+        patch(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+        patch(torch.cuda, "memory_stats", lambda *a, **k: {})
+        patch(torch.cuda, "mem_get_info", lambda *a, **k: (0, 0))
+        properties = SimpleNamespace(major=0, minor=0, name="cpu", total_memory=0, multi_processor_count=1)
+        patch(torch.cuda, "get_device_properties", lambda *a, **k: properties)
+        patch(torch.cuda, "get_device_capability", lambda *a, **k: (0, 0))
+        patch(torch.cuda, "get_device_name", lambda *a, **k: "cpu")
+        # validate_args demands it for TP > 1 before Blackwell (device "arch" 0 here); no effect on CPU
+        previous = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        stack.callback(lambda: os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS") if previous is None
+                       else os.environ.__setitem__("CUDA_DEVICE_MAX_CONNECTIONS", previous))
+        patch(dataset_utils, "compile_helpers", lambda: None)
+        patch(mlm_training, "set_jit_fusion_options", lambda *a, **k: None)
+        if not self._base.active:
+            stack.enter_context(self._base)
         self._stack = stack
         return self
 

@@ -1,4 +1,5 @@
-"""TP=2 and PP=2 rollouts (torchrun, gloo, real megatron-core) give the TP=1 tokens, greedy and seeded."""
+"""TP=2 and PP=2 rollouts (torchrun, gloo, real megatron-core) give the TP=1 tokens, greedy and seeded,
+through both decoding forwards (megatron's and the fused one), against TP=1 through megatron's."""
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ CASES = {
     "sampled": (False, dict(temperature=1.0, top_k=40, top_p=0.95, seed=3, threshold=0.5)),
     "sampled_shift_margin": (True, dict(temperature=0.8, seed=4, confidence="margin", threshold=0.3)),
 }
+
+
+FORWARD_IMPLS = ("megatron", "fused")
 
 
 def decode_config(**kwargs) -> DecodeConfig:
@@ -33,7 +37,7 @@ def reference(tmp_path_factory):
         model = build_model(config, "student", init_method_std=0.5)
         save_model_checkpoint(model, str(ckpt), config)
         for name, (shift, kwargs) in CASES.items():
-            result = DiffusionRolloutEngine(model, config.replace(logit_shift=shift)).generate(
+            result = DiffusionRolloutEngine(model, config.replace(logit_shift=shift), forward_impl="megatron").generate(
                 PROMPTS, decode_config(**kwargs))
             results[name] = result
     return ckpt, results
@@ -48,12 +52,14 @@ def test_parallel_rollout_matches_tp1(reference, tmp_path, tp, pp):
     out = tmp_path / "out.pt"
     run_torchrun("rollout_parallel.py", f"--ckpt={ckpt}", f"--tp={tp}", f"--pp={pp}", f"--out={out}")
     got = torch.load(out)
-    for name, exp in expected.items():
-        res = got[name]
-        assert torch.equal(res["answer_ids"], exp.answer_ids), name
-        assert torch.equal(res["answer_valid"], exp.answer_valid), name
-        assert torch.equal(res["commit_step"], exp.commit_step), name
-        assert res["num_forward_passes"] == exp.num_forward_passes, name
+    assert set(got) == {f"{name}/{impl}" for name in expected for impl in FORWARD_IMPLS}
+    for key, res in got.items():
+        name = key.split("/")[0]
+        exp = expected[name]
+        assert torch.equal(res["answer_ids"], exp.answer_ids), key
+        assert torch.equal(res["answer_valid"], exp.answer_valid), key
+        assert torch.equal(res["commit_step"], exp.commit_step), key
+        assert res["num_forward_passes"] == exp.num_forward_passes, key
     # the cases really commit several tokens per step somewhere
     steps = expected["greedy"].commit_step
     assert any((steps[i] == s).sum() > 1 for i in range(len(PROMPTS)) for s in steps[i].unique() if s >= 0)

@@ -14,7 +14,8 @@ FlexCoreAttention or TEDotProductAttention: all take ``query, key, value, attent
 ``position_ids``), so cached keys are stored rotated. The hook puts the cached keys/values in front
 of the current ones; the caller passes the matching mask, built from
 ``AttentionLayout.cat([cached_layout, query_layout])``. Nothing is added to the module tree, so the
-state dict is unchanged, and the hooks exist only inside ``with cache:``. Each TP rank caches its own
+state dict is unchanged, and the hooks exist only inside ``with cache:``. The fused decoding forward
+(``fused_forward.py``) calls ``extend`` itself instead (``hooks=False``). Each TP rank caches its own
 heads and each PP stage its own layers.
 """
 
@@ -41,8 +42,9 @@ class BlockKVCache:
     before the current keys), run the model, then ``commit`` the query slots that became final.
     """
 
-    def __init__(self, model, num_columns: int) -> None:
+    def __init__(self, model, num_columns: int, hooks: bool = True) -> None:
         self.attentions = _self_attentions(model)
+        self.hooks = hooks  # False: the caller's forward calls ``extend`` itself (``FusedDecodeForward``)
         if not self.attentions:
             raise ValueError("model has no megatron SelfAttention layers to cache")
         self.num_columns = num_columns
@@ -54,7 +56,7 @@ class BlockKVCache:
 
     # ------------------------------------------------------------------------------ hooks
     def __enter__(self) -> "BlockKVCache":
-        for index, attention in enumerate(self.attentions):
+        for index, attention in enumerate(self.attentions if self.hooks else []):
             hook = self._make_hook(index)
             self._handles.append(attention.core_attention.register_forward_pre_hook(hook, with_kwargs=True))
         return self
@@ -71,19 +73,24 @@ class BlockKVCache:
         def hook(module, args, kwargs):
             if len(args) < 3:
                 raise RuntimeError("BlockKVCache expects core_attention(query, key, value, mask, ...) positionally")
-            query, key, value = args[:3]
-            # The current keys are written right after the cached columns of the same buffer, so the
-            # attention reads one contiguous slice instead of a torch.cat that would copy every cached
-            # column of every layer on every forward (for 32 rows of 300 columns: ~440 MB per forward
-            # of SmolLM2). Columns >= ``used`` hold no committed key of any row, so they are scratch.
-            used, width = self.used, key.shape[0]
-            keys, values = self._reserve(index, key, value, used + width)
-            keys[used:used + width] = key
-            values[used:used + width] = value
-            self._current[index] = (keys[used:used + width], values[used:used + width])
-            return (query, keys[:used + width], values[:used + width], *args[3:]), kwargs
+            keys, values = self.extend(index, args[1], args[2])
+            return (args[0], keys, values, *args[3:]), kwargs
 
         return hook
+
+    def extend(self, index: int, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
+        """Layer ``index``'s keys/values to attend to: its cached columns followed by this
+        forward's ``key``/``value`` ``[W, R, groups, dim]`` (kept for ``commit``)."""
+        # The current keys are written right after the cached columns of the same buffer, so the
+        # attention reads one contiguous slice instead of a torch.cat that would copy every cached
+        # column of every layer on every forward (for 32 rows of 300 columns: ~440 MB per forward
+        # of SmolLM2). Columns >= ``used`` hold no committed key of any row, so they are scratch.
+        used, width = self.used, key.shape[0]
+        keys, values = self._reserve(index, key, value, used + width)
+        keys[used:used + width] = key
+        values[used:used + width] = value
+        self._current[index] = (keys[used:used + width], values[used:used + width])
+        return keys[:used + width], values[:used + width]
 
     def _reserve(self, index: int, key: Tensor, value: Tensor, needed: int) -> Tuple[Tensor, Tensor]:
         """The layer's buffers, allocated (or grown, keeping their contents) to >= ``needed`` columns."""

@@ -22,8 +22,9 @@ from ..model import broadcast_from_last_stage
 class StageRunner:
     """Runs this rank's pipeline stage of ``model`` for one forward pass."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, fused=None) -> None:
         self.model = model
+        self.fused = fused  # a FusedDecodeForward of ``model`` (its forward replaces megatron's), or None
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.is_first = parallel_state.is_pipeline_first_stage()
         self.is_last = parallel_state.is_pipeline_last_stage()
@@ -36,16 +37,22 @@ class StageRunner:
             self._comm = P2PCommunicator(self.pp_group, model.config)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask,
-                columns: Optional[Tensor] = None) -> Optional[Tensor]:
+                columns: Optional[Tensor] = None, cache=None) -> Optional[Tensor]:
         """Vocab-parallel logits ``[B, S, V/TP]`` on the last stage, None elsewhere; with ``columns``
-        ``[B, K]`` only those columns go through the output layer (``[B, K, V/TP]``)."""
+        ``[B, K]`` only those columns go through the output layer (``[B, K, V/TP]``). ``cache``: the
+        ``BlockKVCache`` the fused forward reads (the megatron forward reaches it through hooks)."""
         from ..model import logits_at_columns
+        from ..platform import cpu_shim_suspended
 
+        received = None
         if self._comm is not None:
             shape = (input_ids.shape[1], input_ids.shape[0], self.hidden_size)
             received = self._comm.recv_forward(shape, is_first_stage=self.is_first)
             self.model.set_input_tensor(received)
-        if columns is None:
+        if self.fused is not None:
+            with cpu_shim_suspended():  # plain torch ops on tensors already in place: nothing to redirect
+                output = self.fused(input_ids, position_ids, attention_mask, columns, received, cache)
+        elif columns is None:
             output = self.model(input_ids, position_ids, attention_mask)
         else:
             output = logits_at_columns(self.model, input_ids, position_ids, attention_mask, columns)

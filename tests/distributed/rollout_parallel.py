@@ -9,7 +9,7 @@ import torch.distributed as dist
 from opdlm_megatron.checkpointing import build_from_checkpoint
 from opdlm_megatron.platform import initialize_runtime
 from opdlm_megatron.rollout import DiffusionRolloutEngine
-from tests.test_rollout_parallel import CASES, PROMPTS, decode_config
+from tests.test_rollout_parallel import CASES, FORWARD_IMPLS, PROMPTS, decode_config
 
 
 def main() -> None:
@@ -23,11 +23,12 @@ def main() -> None:
     with initialize_runtime(args.tp, args.pp, device="cpu"):
         model, config = build_from_checkpoint(args.ckpt, "student")
         results = {}
-        for name, (shift, kwargs) in CASES.items():
-            engine = DiffusionRolloutEngine(model, config.replace(logit_shift=shift))
+        for (name, (shift, kwargs)), impl in ((case, impl) for case in CASES.items() for impl in FORWARD_IMPLS):
+            engine = DiffusionRolloutEngine(model, config.replace(logit_shift=shift), forward_impl=impl)
             result = engine.generate(PROMPTS, decode_config(**kwargs))
-            results[name] = {k: getattr(result, k) for k in ("answer_ids", "answer_valid", "commit_step", "finished")}
-            results[name]["num_forward_passes"] = result.num_forward_passes
+            key = f"{name}/{impl}"
+            results[key] = {k: getattr(result, k) for k in ("answer_ids", "answer_valid", "commit_step", "finished")}
+            results[key]["num_forward_passes"] = result.num_forward_passes
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, results)
         for rank, other in enumerate(everyone):
