@@ -150,10 +150,10 @@ def main() -> None:
             trainer.train_step()
         step_time, _ = timed(trainer.train_step, args.repeats)
 
-        rollout_time, buffer = timed(trainer._next_rollout, args.repeats)
-        trainer.buffer = buffer
-        states_time, batch = timed(lambda: trainer._supervised_batch(buffer, trainer.step), args.repeats)
-        teacher_time, (targets, _) = timed(lambda: trainer._teacher_targets(batch), args.repeats)
+        rollout_time, buffer = timed(trainer.data._next_rollout, args.repeats)
+        trainer.data.buffer = buffer
+        states_time, batch = timed(lambda: trainer.data._supervised_batch(buffer, trainer.step), args.repeats)
+        teacher_time, (targets, _) = timed(lambda: trainer.data._teacher_targets(batch), args.repeats)
         r = batch.answers
 
         def student_step():

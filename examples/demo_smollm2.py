@@ -125,7 +125,7 @@ def accuracy_table(trainer, items, prompts, tokenizer, args, who: str, student: 
     from opdlm_megatron.eval.runner import student_decode, teacher_decode
     from opdlm_megatron.rollout.config import DecodeConfig
 
-    base = DecodeConfig(max_new_tokens=args.eval_tokens, temperature=0.0, eos_token_ids=trainer.end_of_turn_ids)
+    base = DecodeConfig(max_new_tokens=args.eval_tokens, temperature=0.0, eos_token_ids=trainer.data.end_of_turn_ids)
     out = {}
     if not student:
         gens = generate(trainer.teacher.model, ar_config(trainer.teacher.config), prompts, teacher_decode(base),

@@ -1,6 +1,7 @@
 """The training loop: one pipeline for every objective (OPD, its ablations, baselines, ``ar``).
 
-A rollout, then its optimizer steps, top to bottom (``Trainer.train_step``):
+A rollout, then its optimizer steps, top to bottom (``Trainer.train_step``); steps 1-3 are
+``step_data.StepData``, shared with the Megatron-LM ``pretrain()`` path (``megatron_lm/``):
 
 1. **answers** (once per rollout; no grad): ``rollout.tasks_per_rollout`` samples are drawn (the same
    on every rank) and answered by the source the objective names (``answers.py``): the student's
@@ -27,26 +28,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import losses
-from .answers import (DatasetAnswers, RolloutFn, StudentRollouts, TeacherAnswers, data_parallel_share,
-                      engine_rollout, mix_seed)
+from .answers import RolloutFn, engine_rollout
 from .checkpointing import load_model_checkpoint, load_model_config
 from .config import ModelConfig, canonical_dtype
-from .data import Sample, SampleStream, load_samples, load_tokenizer
+from .data import Sample, load_samples, load_tokenizer
 from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
-from .objectives import StateContext, get_objective
-from .objectives.base import SupervisedBatch
-from .rollout.config import DecodeConfig
-from .rollout.types import RolloutResult
-from .schedules import LRSchedule, rollout_length
-from .states import partially_masked_share
+from .objectives import get_objective
+from .schedules import LRSchedule
+from .step_data import RolloutBuffer, StepData
 from .student import student_step
 from .teacher import FrozenTeacher
 from .train_checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -115,34 +111,6 @@ def wrap_and_build_optimizer(student, cfg: TrainConfig, data_parallel_size: int,
     return model, optimizer, use_distributed
 
 
-def _data_parallel_mean(values: Dict[str, float]) -> Dict[str, float]:
-    """Averages per-replica numbers over data-parallel ranks."""
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_data_parallel_world_size()
-    if size == 1:
-        return values
-    keys = sorted(values)
-    box = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(box, group=parallel_state.get_data_parallel_group())
-    return {k: float(v) / size for k, v in zip(keys, box.tolist())}
-
-
-@dataclass
-class RolloutBuffer:
-    """One rollout's answers (global, identical on every rank) and how far its steps have got."""
-
-    rollout: int
-    answers: RolloutResult
-    generation_length: int  # the length setting the answers were produced with (-1: dataset)
-    next_update: int = 0
-    metrics: Dict[str, float] = field(default_factory=dict)
-
-    def state(self) -> Dict:
-        return {"rollout": self.rollout, "generation_length": self.generation_length,
-                "next_update": self.next_update, "metrics": dict(self.metrics)}
-
-
 # ------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Owns the student (DDP-wrapped), the frozen teacher, optimizer, schedules, data and logging.
@@ -180,14 +148,6 @@ class Trainer:
             kind=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, top_k=cfg.loss.top_k,
             renormalize_top_k=cfg.loss.renormalize_top_k, chunk_tokens=cfg.loss.chunk_tokens,
         )
-        self.end_of_turn_ids = list(cfg.loss.end_of_turn_ids if cfg.loss.end_of_turn_ids is not None
-                                    else self.config.eos_token_ids)
-        self.state_context = StateContext(
-            mask_token_id=self.config.mask_token_id, block_size=self.config.block_size,
-            end_of_turn_ids=self.end_of_turn_ids, include_end_of_turn=cfg.loss.include_end_of_turn,
-            state_selection=cfg.loss.state_selection, t_sampling=cfg.loss.t_sampling, mask_eps=cfg.loss.mask_eps,
-        )
-
         self.skipped_long_prompts = 0
         if samples is None:
             tokenizer = None
@@ -196,18 +156,16 @@ class Trainer:
             eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
             loaded = load_samples(cfg.data, tokenizer, eos)
             samples, self.skipped_long_prompts = loaded, loaded.skipped_long_prompts
-        self.stream = SampleStream(samples, cfg.data.seed, cfg.data.shuffle)
+        self.timers = PhaseTimers()
+        self.data = StepData(cfg, self.objective, self.student, self.config, self.teacher, samples,
+                             self.rollout_fn, self.rank, self.timers)
         self.total_steps = cfg.train.steps or self.steps_for_epochs(len(samples))
         self.lr_schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
-        self.answers = self._answer_source()
         self.student_parameters = self.config.num_parameters()
         self.teacher_parameters = self.teacher.config.num_parameters() if self.objective.distill else 0
 
         self.step = 0
-        self.rollouts_started = 0
-        self.buffer: Optional[RolloutBuffer] = None
         self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "flops_total": 0.0}
-        self.timers = PhaseTimers()
         self.metrics = MetricsLogger(cfg.run_dir, cfg.logging, cfg.to_dict(), is_writer=self.rank == 0)
         self.history: List[Dict[str, float]] = []
         if cfg.checkpoint.resume:
@@ -256,92 +214,14 @@ class Trainer:
             teacher.to(dtype=teacher_config.torch_dtype)
         return student, config, teacher, teacher_config
 
-    def _answer_source(self):
-        cfg, source = self.cfg, self.objective.answers
-        if source == "dataset":
-            return DatasetAnswers(self.config.pad_token_id or 0)
-        if source == "teacher":
-            max_new = cfg.rollout.teacher_max_new_tokens or cfg.curriculum.max_length
-            return TeacherAnswers(self.teacher, max_new, cfg.rollout.teacher_temperature, cfg.seed,
-                                  self.end_of_turn_ids, cfg.run_dir, self.rollout_fn, self.rank == 0)
-        return StudentRollouts(self.student, self.config, self._decode_config,
-                               lambda r: rollout_length(r, cfg.curriculum), self.rollout_fn)
-
-    def _decode_config(self, rollout: int, max_new_tokens: int) -> DecodeConfig:
-        r = self.cfg.rollout
-        return DecodeConfig(max_new_tokens=max_new_tokens, threshold=r.threshold, temperature=r.temperature,
-                            top_k=r.top_k, top_p=r.top_p, tokens_per_step=r.tokens_per_step,
-                            seed=mix_seed(self.cfg.seed, rollout, 0, 2), eos_token_ids=self.end_of_turn_ids or None)
-
-    def _step_generator(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, 0, 1))
-
-    # ------------------------------------------------------------------------------- rollouts
-    def _next_rollout(self) -> RolloutBuffer:
-        """Draws the next ``tasks_per_rollout`` samples and produces their answers."""
-        rollout = self.rollouts_started
-        ids = self.stream.next_indices(self.cfg.rollout.tasks_per_rollout)
-        samples = [self.stream.samples[i] for i in ids]
-        answers, length = self.answers.produce(samples, ids, rollout)
-        self.rollouts_started += 1
-        lengths = answers.answer_valid.sum(-1).double()
-        metrics = {
-            "rollout": float(rollout),
-            "rollout_len": float(length) if self.objective.uses_curriculum else float("nan"),
-            "committed_per_forward": float((lengths / answers.num_rounds.clamp_min(1).double()).mean())
-            if self.objective.uses_curriculum else float("nan"),
-            "forward_passes": float(answers.num_forward_passes),
-            "finished_fraction": float(answers.finished.double().mean()),
-        }
-        return RolloutBuffer(rollout, answers, length, 0, metrics)
-
-    def _supervised_batch(self, buffer: RolloutBuffer, step: int) -> SupervisedBatch:
-        """This rank's rows of the step's states (built on the step's global rows)."""
-        size = self.cfg.train.global_batch_size
-        rows = torch.arange(buffer.next_update * size, (buffer.next_update + 1) * size)
-        global_batch = self.objective.build(buffer.answers.rows(rows), self._step_generator(step), self.state_context)
-        start, end = data_parallel_share(size)
-        return global_batch.rows(torch.arange(start, end))
-
-    def _teacher_targets(self, batch: SupervisedBatch):
-        """The teacher's targets of the supervised positions (and its NLL of the answers, as a metric)."""
-        r = batch.answers
-        kept = losses.answer_loss_mask(r.answer_ids, r.answer_valid, self.end_of_turn_ids,
-                                       self.cfg.loss.include_end_of_turn)
-        targets = self.teacher.targets(
-            r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, batch.supervised,
-            self.cfg.train.micro_batch_size, top_k=self.cfg.loss.top_k, chunk_tokens=self.cfg.loss.chunk_tokens,
-            nll_positions=kept if self.cfg.logging.teacher_nll else None)
-        metrics = {}
-        if self.cfg.logging.teacher_nll:
-            metrics["teacher_nll"] = float(losses.row_mean(targets.answer_nll, kept)) if kept.any() else 0.0
-        return targets, metrics
-
     # ------------------------------------------------------------------------------- a step
     def train_step(self) -> Dict[str, float]:
         """Runs optimizer step ``self.step`` (starting a rollout when the last one is used up),
         advances ``self.step`` and returns the step's metrics (the same on every rank)."""
         cfg = self.cfg
         step = self.step
-        if self.buffer is None or self.buffer.next_update >= cfg.updates_per_rollout:
-            with self.timers.phase("rollout"):
-                self.buffer = self._next_rollout()
-        buffer = self.buffer
-
-        with self.timers.phase("states"):
-            batch = self._supervised_batch(buffer, step)
-        r = batch.answers
-        local = {
-            "answer_tokens": float(r.answer_valid.sum(-1).double().mean()),
-            "partially_masked_share": partially_masked_share(batch.xt, batch.supervised, r.answer_valid,
-                                                             self.config.block_size, self.config.mask_token_id)
-            if batch.xt is not None else float("nan"),
-        }
-        targets = None
-        if batch.distill:
-            with self.timers.phase("teacher"):
-                targets, teacher_metrics = self._teacher_targets(batch)
-            local.update(teacher_metrics)
+        inputs = self.data.prepare(step)
+        batch, targets, buffer = inputs.batch, inputs.targets, inputs.buffer
 
         with self.timers.phase("student"):
             self.model.zero_grad_buffer()
@@ -349,13 +229,12 @@ class Trainer:
             out = student_step(self.model, self.config, batch, targets, self.divergence,
                                cfg.train.micro_batch_size, normalization=cfg.loss.normalization)
         loss = float(out["loss"])
-        metrics: Dict[str, float] = {**buffer.metrics, **_data_parallel_mean(local), "loss": loss,
-                                     "token_mean": out["token_mean"]}
+        metrics: Dict[str, float] = {**inputs.metrics, "loss": loss, "token_mean": out["token_mean"]}
 
         with self.timers.phase("optimizer"):
             finite = self._all_finite(loss)
             lr = self.lr_schedule.set_step(step)
-            paper_tokens = self._paper_tokens(buffer)
+            paper_tokens = self.data.paper_tokens(buffer)
             if finite:
                 ok, grad_norm, _ = self.optimizer.step()
                 metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
@@ -374,11 +253,11 @@ class Trainer:
             self.counters["tokens_trained"] += out["num_tokens"]
             self.counters["paper_tokens_total"] += paper_tokens
             self.counters["flops_total"] += flops
-        buffer.next_update += 1
+        self.data.done_step()
         self.step = step + 1
 
         metrics.update(lr=lr, tokens=out["num_tokens"], paper_tokens=paper_tokens if trained else 0.0,
-                       flops=flops if trained else 0.0, epoch=self.stream.epochs_done,
+                       flops=flops if trained else 0.0, epoch=self.data.stream.epochs_done,
                        **{"data/skipped_long_prompts": float(self.skipped_long_prompts)}, **self.counters)
         if batch.distill:
             metrics[cfg.loss.divergence] = loss
@@ -386,15 +265,6 @@ class Trainer:
                 metrics["kl"] = loss
         metrics.update(self.timers.reset())
         return metrics
-
-    def _paper_tokens(self, buffer: RolloutBuffer) -> float:
-        """The paper's training tokens T of one step (Table 1, eq. 7): samples x generation length;
-        for dataset answers (nothing generated) the answers' own lengths."""
-        size = self.cfg.train.global_batch_size
-        if buffer.generation_length >= 0:
-            return float(size * buffer.generation_length)
-        rows = torch.arange(buffer.next_update * size, (buffer.next_update + 1) * size)
-        return float(buffer.answers.answer_valid[rows].sum())
 
     @staticmethod
     def _all_finite(loss: float) -> bool:
@@ -430,16 +300,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> Dict:
-        buffer = self.buffer
-        mid_rollout = buffer is not None and buffer.next_update < self.cfg.updates_per_rollout
+        buffer = self.data.buffer
         return {
             "format": 2,
             "step": self.step,
-            "rollouts_started": self.rollouts_started,
-            "data": self.stream.state_dict(),
+            "rollouts_started": self.data.rollouts_started,
+            "data": self.data.stream.state_dict(),
             "scheduler": self.lr_schedule.state_dict(),
             "counters": dict(self.counters),
-            "buffer": buffer.state() if mid_rollout else None,
+            "buffer": buffer.state() if self.data.mid_rollout else None,
             "objective": self.cfg.objective,
             "seed": self.cfg.seed,
         }
@@ -447,11 +316,9 @@ class Trainer:
     def save(self) -> str:
         """Saves a resumable checkpoint (student + optimizer + trainer state, and the rollout buffer
         when a rollout's steps are not all taken yet; never the teacher)."""
-        buffer = self.buffer
-        mid_rollout = buffer is not None and buffer.next_update < self.cfg.updates_per_rollout
         return save_training_checkpoint(self.cfg.checkpoint_dir, self.step, self.student, self.optimizer,
                                         self.config, self.trainer_state(), self.cfg.checkpoint.keep_last,
-                                        rollout_buffer=buffer.answers if mid_rollout else None,
+                                        rollout_buffer=self.data.buffer.answers if self.data.mid_rollout else None,
                                         tokenizer_dir=self.cfg.model.tokenizer_dir)
 
     def maybe_resume(self) -> bool:
@@ -465,20 +332,20 @@ class Trainer:
                 f"this run has objective={self.cfg.objective!r} seed={self.cfg.seed}"
             )
         self.step = int(state["step"])
-        self.stream.load_state_dict(state["data"])
+        self.data.stream.load_state_dict(state["data"])
         self.lr_schedule.load_state_dict(state["scheduler"])
         if state.get("format", 1) == 1:
             # the first layout: one rollout of prompts_per_step prompts per optimizer step
-            self.rollouts_started = self.step
+            self.data.rollouts_started = self.step
             self.counters["tokens_trained"] = float(state["tokens_trained"])
         else:
-            self.rollouts_started = int(state["rollouts_started"])
+            self.data.rollouts_started = int(state["rollouts_started"])
             self.counters.update({k: float(v) for k, v in state["counters"].items()})
             saved = state.get("buffer")
             if saved is not None:
                 if buffer_answers is None:
                     raise ValueError(f"{directory} was saved inside a rollout but holds no rollout buffer")
-                self.buffer = RolloutBuffer(int(saved["rollout"]), buffer_answers, int(saved["generation_length"]),
+                self.data.buffer = RolloutBuffer(int(saved["rollout"]), buffer_answers, int(saved["generation_length"]),
                                             int(saved["next_update"]), dict(saved["metrics"]))
         self.metrics.drop_from(self.step)
         logger.info("resumed from %s at step %d", directory, self.step)

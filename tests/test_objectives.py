@@ -191,9 +191,9 @@ def test_top_k_teacher_keeps_only_its_top_k(assets, tmp_path):
                                                  train=dict(steps=2), loss=dict(top_k=8)))
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
-        trainer.buffer = trainer._next_rollout()
-        batch = trainer._supervised_batch(trainer.buffer, 0)
-        targets, _ = trainer._teacher_targets(batch)
+        trainer.data.buffer = trainer.data._next_rollout()
+        batch = trainer.data._supervised_batch(trainer.data.buffer, 0)
+        targets, _ = trainer.data._teacher_targets(batch)
         assert isinstance(targets.logits, TeacherTopK)
         assert tuple(targets.logits.values.shape) == (int(batch.supervised.sum()), 8)
         assert targets.nbytes < int(batch.supervised.sum()) * trainer.config.padded_vocab_size(1) * 4 / 5

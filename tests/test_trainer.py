@@ -148,7 +148,7 @@ def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
         student0.load_state_dict(trainer.student.state_dict(), strict=False)
         metrics = trainer.train_step()
         result = rec.results[0]
-        xt = states.select_states(result, "trajectory", trainer._step_generator(0), trainer.config.mask_token_id,
+        xt = states.select_states(result, "trajectory", trainer.data._step_generator(0), trainer.config.mask_token_id,
                                   block_size=trainer.config.block_size)
         ref = _dense_opd_loss(student0.eval(), trainer.teacher.model, trainer.config, result, xt,
                               trainer.config.eos_token_ids, normalization)
@@ -197,7 +197,7 @@ def test_first_layout_checkpoint_resumes(assets, tmp_path):
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
         trainer.train_step()
-        legacy_state = {"step": 1, "data": trainer.stream.state_dict(), "scheduler": trainer.lr_schedule.state_dict(),
+        legacy_state = {"step": 1, "data": trainer.data.stream.state_dict(), "scheduler": trainer.lr_schedule.state_dict(),
                         "rollout_length": 8, "tokens_trained": 5.0, "objective": "opd", "seed": cfg.seed}
         save_training_checkpoint(cfg.checkpoint_dir, 1, trainer.student, trainer.optimizer, trainer.config,
                                  legacy_state)
