@@ -47,9 +47,12 @@ def _broadcast_object(obj: Any) -> Any:
 
 
 def is_checkpoint(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "metadata.json")) and os.path.isfile(
-        os.path.join(directory, CONFIG_FILE_NAME)
-    )
+    """A model checkpoint this project reads: its own layout, or a Megatron-LM checkpoint root
+    (``megatron_lm/checkpoint.py``) carrying the model config, as OPD ``pretrain()`` runs write."""
+    from .megatron_lm.checkpoint import is_megatron_lm_root
+
+    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE_NAME))
+    return has_config and (os.path.isfile(os.path.join(directory, "metadata.json")) or is_megatron_lm_root(directory))
 
 
 def atomic_directory_save(directory: str, write) -> None:
@@ -123,10 +126,17 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
     the checkpoint's extra state. Training checkpoints load as model checkpoints (optimizer state ignored)."""
     from megatron.core import dist_checkpointing
 
+    from .megatron_lm.checkpoint import is_megatron_lm_root, load_megatron_lm_model
+
     if not is_checkpoint(directory):
         raise FileNotFoundError(
             f"{directory} is not an opdlm-megatron checkpoint (needs metadata.json and {CONFIG_FILE_NAME})"
         )
+    if is_megatron_lm_root(directory):
+        if optimizer is not None:
+            raise ValueError(f"{directory} is a Megatron-LM checkpoint: resume it with Megatron-LM's --load")
+        load_megatron_lm_model(model, directory, strict=strict)
+        return {}
     model_state = model.sharded_state_dict()
     sharded = dict(model_state)
     if optimizer is not None:

@@ -104,6 +104,7 @@ class StepData:
         self.answers = self._answer_source()
         self.rollouts_started = 0
         self.buffer: Optional[RolloutBuffer] = None
+        self._resume_update = 0
 
     # ----------------------------------------------------------------------------- sources
     def _answer_source(self):
@@ -167,11 +168,24 @@ class StepData:
             metrics["teacher_nll"] = float(losses.row_mean(targets.answer_nll, kept)) if kept.any() else 0.0
         return targets, metrics
 
+    def fast_forward(self, steps_done: int) -> None:
+        """Continues as a run that has taken ``steps_done`` steps would, from its data and rollout
+        counters alone (no saved rollout buffer): inside a rollout, that rollout is produced again
+        with the current weights and its first steps skipped."""
+        per_rollout = self.cfg.updates_per_rollout
+        done = steps_done // per_rollout
+        for _ in range(done):
+            self.stream.next_indices(self.cfg.rollout.tasks_per_rollout)
+        self.rollouts_started = done
+        self._resume_update = steps_done % per_rollout
+        self.buffer = None
+
     def prepare(self, step: int) -> StepInputs:
         """Step ``step``'s inputs (starting a rollout when the last one is used up). Collective."""
         if self.buffer is None or self.buffer.next_update >= self.cfg.updates_per_rollout:
             with self.timers.phase("rollout"):
                 self.buffer = self._next_rollout()
+            self.buffer.next_update, self._resume_update = self._resume_update, 0
         buffer = self.buffer
         with self.timers.phase("states"):
             batch = self._supervised_batch(buffer, step)

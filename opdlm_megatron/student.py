@@ -95,6 +95,129 @@ def _check_targets(config: ModelConfig, batch: SupervisedBatch, targets, last_st
                              f"student {excluded.shape[0]}: the vocabularies differ")
 
 
+class StudentStepPlan:
+    """One student step on ``batch`` cut into micro-batches, for any caller of megatron's pipeline
+    schedules: ``student_step`` here, and Megatron-LM's ``train_step`` (``megatron_lm/``), whose
+    ``forward_step_func`` pulls the same micro-batches. Each micro-batch dict carries its plan
+    (``mb["plan"]``), so one static forward-step function serves every step."""
+
+    def __init__(self, model, config: ModelConfig, batch: SupervisedBatch, targets: Optional[TeacherTargets],
+                 divergence_cfg: Optional[DivergenceConfig], micro_batch_size: int, normalization: str = "token",
+                 num_rows: Optional[float] = None) -> None:
+        from megatron.core import parallel_state
+
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+        if batch.distill and divergence_cfg is None:
+            raise ValueError("a distillation batch needs a DivergenceConfig")
+        self.config, self.batch, self.targets = config, batch, targets
+        self.divergence_cfg, self.normalization = divergence_cfg, normalization
+        self.micro_batch_size = micro_batch_size
+        # True: the statistics are only Megatron-LM's [sum, count] pairs (its train_step logs every key)
+        self.megatron_lm_logging = False
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        _check_targets(config, batch, targets, self.last_stage)
+        self.dp_size, _ = _data_parallel()
+
+        supervised = batch.supervised
+        self.counts = batch.normalizer.sum(-1)
+        rows_with_tokens = supervised.any(-1)
+        # global sizes first (known before any forward): the denominators of the normalisations
+        sizes = _dp_sum(torch.tensor([float(self.counts.sum()), float(supervised.sum()),
+                                      float(rows_with_tokens.sum())], dtype=torch.float64))
+        self.global_normalizer, self.global_supervised, self.global_rows = (float(x) for x in sizes)
+        self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
+
+        input_ids, layout, prediction_columns = model_input(config, batch)
+        self.seq_length = input_ids.shape[1]
+        plan = microbatch_rows(batch.batch_size, micro_batch_size)
+        self.num_microbatches = len(plan)
+        self.device = next(model.parameters()).device
+        self.excluded = unused_vocab_columns(config).to(self.device)
+        self.chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
+
+        self.microbatches = []
+        for rows, real in plan:
+            sup = supervised[rows] & real[:, None]
+            # the supervised answer positions of each row first (stable), padded to the widest row
+            width = max(1, int(sup.sum(-1).max()))
+            order = torch.sort((~sup).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            slot_valid = sup.gather(1, order)
+            self.microbatches.append(dict(
+                plan=self, ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order,
+                slot_valid=slot_valid, columns=prediction_columns[rows].gather(1, order),
+            ))
+
+    def loss_func(self, mb, output: Tensor):
+        """(loss to back-propagate, statistics): ``loss`` (this micro-batch's share of the step's loss),
+        ``token_sum`` (unweighted per-token losses), and Megatron-LM's ``[sum, count]`` logging pairs
+        ``opd loss`` (sum over micro-batches and data-parallel ranks = the step's loss) and
+        ``opd per-token loss`` (the unweighted mean over supervised tokens)."""
+        batch, targets = self.batch, self.targets
+        slot_valid = mb["slot_valid"].to(output.device)
+        which_row, which_slot = slot_valid.nonzero(as_tuple=True)
+        student_logits = output[which_row, which_slot]
+        global_rows = mb["rows"].to(output.device)[which_row]
+        answer_idx = mb["answer_index"].to(output.device)[which_row, which_slot]
+        if batch.distill:
+            teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
+            per_token = divergence(student_logits, teacher_logits, self.divergence_cfg, self.excluded)
+        else:
+            ids = batch.answers.answer_ids.to(output.device)[global_rows, answer_idx]
+            per_token = masked_diffusion_nll(student_logits, ids, self.excluded, self.chunk)
+        weighted = per_token
+        if batch.weights is not None:
+            weighted = per_token * batch.weights.to(output.device)[global_rows, answer_idx].to(per_token.dtype)
+        if self.normalization == "token":
+            total = weighted.sum() / max(self.global_normalizer, 1.0)
+            contribution = total * self.dp_size
+            share = 1.0 / (self.num_microbatches * self.dp_size)
+        else:
+            denom = self.counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
+            total = (weighted / denom).sum() / max(self.local_rows, 1.0)
+            contribution = total
+            share = 1.0 / self.num_microbatches
+        detached = total.detach().float()
+        token_sum = per_token.detach().sum().float()
+        stats = {
+            "opd loss": torch.stack([detached, detached.new_tensor(share)]),
+            "opd per-token loss": torch.stack([token_sum, token_sum.new_tensor(float(per_token.numel()))]),
+        }
+        if not self.megatron_lm_logging:
+            stats.update(loss=total.detach(), token_sum=per_token.detach().sum())
+        # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
+        return contribution * self.num_microbatches, stats
+
+    def forward_microbatch(self, mb, model):
+        """megatron's ``forward_step_func`` body for one of this plan's micro-batches."""
+        lay = mb["layout"].to(self.device)
+        output = logits_at_columns(model, mb["ids"].to(self.device), lay.position_ids,
+                                   attention_mask(self.config, lay), mb["columns"])
+        return output, partial(self.loss_func, mb)
+
+    def summarize(self, results) -> Dict[str, float]:
+        """The step's numbers from the schedule's per-micro-batch statistics (identical on every rank)."""
+        totals = torch.zeros(2, dtype=torch.float64)
+        if self.last_stage:
+            totals[0] = sum(float(r["loss"]) for r in results)
+            totals[1] = sum(float(r["token_sum"]) for r in results)
+        broadcast_from_last_stage(totals)
+        _dp_sum(totals)
+        loss = float(totals[0]) if self.normalization == "token" else float(totals[0]) / self.dp_size
+        return {
+            "loss": loss,
+            "num_tokens": self.global_supervised,
+            "num_rows": self.global_rows,
+            "token_mean": float(totals[1]) / max(self.global_supervised, 1.0),
+        }
+
+
+def forward_step(data_iterator, model):
+    """A megatron ``forward_step_func`` for ``StudentStepPlan`` micro-batches."""
+    mb = next(data_iterator)
+    return mb["plan"].forward_microbatch(mb, model)
+
+
 def student_step(
     model,
     config: ModelConfig,
@@ -116,96 +239,15 @@ def student_step(
     ``num_tokens`` (supervised tokens, global), ``num_rows`` (rows with a supervised token, global),
     ``token_mean`` (unweighted mean per-token loss over the supervised tokens, global).
     """
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-    if batch.distill and divergence_cfg is None:
-        raise ValueError("a distillation batch needs a DivergenceConfig")
-    last_stage = parallel_state.is_pipeline_last_stage()
-    _check_targets(config, batch, targets, last_stage)
-    dp_size, _ = _data_parallel()
-
-    supervised = batch.supervised
-    counts = batch.normalizer.sum(-1)
-    rows_with_tokens = supervised.any(-1)
-    # global sizes first (known before any forward): the denominators of the normalisations
-    sizes = _dp_sum(torch.tensor([float(counts.sum()), float(supervised.sum()), float(rows_with_tokens.sum())],
-                                 dtype=torch.float64))
-    global_normalizer, global_supervised, global_rows = (float(x) for x in sizes)
-    local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
-
-    input_ids, layout, prediction_columns = model_input(config, batch)
-    plan = microbatch_rows(batch.batch_size, micro_batch_size)
-    num_microbatches = len(plan)
-    device = next(model.parameters()).device
-    excluded = unused_vocab_columns(config).to(device)
-    chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
-
-    microbatches = []
-    for rows, real in plan:
-        sup = supervised[rows] & real[:, None]
-        # the supervised answer positions of each row first (stable), padded to the widest row
-        width = max(1, int(sup.sum(-1).max()))
-        order = torch.sort((~sup).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-        slot_valid = sup.gather(1, order)
-        microbatches.append(dict(
-            ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order, slot_valid=slot_valid,
-            columns=prediction_columns[rows].gather(1, order),
-        ))
-
-    def loss_func(mb, output: Tensor):
-        slot_valid = mb["slot_valid"].to(output.device)
-        which_row, which_slot = slot_valid.nonzero(as_tuple=True)
-        student_logits = output[which_row, which_slot]
-        global_rows = mb["rows"].to(output.device)[which_row]
-        answer_idx = mb["answer_index"].to(output.device)[which_row, which_slot]
-        if batch.distill:
-            teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
-            per_token = divergence(student_logits, teacher_logits, divergence_cfg, excluded)
-        else:
-            ids = batch.answers.answer_ids.to(output.device)[global_rows, answer_idx]
-            per_token = masked_diffusion_nll(student_logits, ids, excluded, chunk)
-        weighted = per_token
-        if batch.weights is not None:
-            weighted = per_token * batch.weights.to(output.device)[global_rows, answer_idx].to(per_token.dtype)
-        if normalization == "token":
-            total = weighted.sum() / max(global_normalizer, 1.0)
-            contribution = total * dp_size
-        else:
-            denom = counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
-            total = (weighted / denom).sum() / max(local_rows, 1.0)
-            contribution = total
-        # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
-        stats = {"loss": total.detach(), "token_sum": per_token.detach().sum()}
-        return contribution * num_microbatches, stats
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        lay = mb["layout"].to(device)
-        output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, attention_mask(config, lay),
-                                   mb["columns"])
-        return output, partial(loss_func, mb)
-
+    plan = StudentStepPlan(model, config, batch, targets, divergence_cfg, micro_batch_size, normalization, num_rows)
     results = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=num_microbatches, seq_length=input_ids.shape[1],
+        forward_step_func=forward_step, data_iterator=iter(plan.microbatches), model=[model],
+        num_microbatches=plan.num_microbatches, seq_length=plan.seq_length,
         micro_batch_size=micro_batch_size, forward_only=forward_only,
     )
-    totals = torch.zeros(2, dtype=torch.float64)
-    if last_stage:
-        totals[0] = sum(float(r["loss"]) for r in results)
-        totals[1] = sum(float(r["token_sum"]) for r in results)
-    broadcast_from_last_stage(totals)
-    _dp_sum(totals)
-    loss = float(totals[0]) if normalization == "token" else float(totals[0]) / dp_size
-    return {
-        "loss": loss,
-        "num_tokens": global_supervised,
-        "num_rows": global_rows,
-        "token_mean": float(totals[1]) / max(global_supervised, 1.0),
-    }
+    return plan.summarize(results)
 
 
 def student_forward_backward(
