@@ -27,7 +27,9 @@ setup(
     packages=find_packages(include=["opdlm_megatron", "opdlm_megatron.*"]),
     install_requires=[
         # Never PyPI's `apex` (an unrelated package); NVIDIA apex is optional for megatron-core.
-        "megatron-core>=0.16,<0.21",
+        # the tested release line: megatron/training's pretrain(cfg_container, ...) API (the Megatron-LM
+        # path) and the 0.19 model/optimizer internals the CPU shims redirect are 0.19.x-specific
+        "megatron-core>=0.19.2,<0.20",
         "torch>=2.6",
         "numpy",
         "pyyaml",
@@ -44,6 +46,8 @@ setup(
             "opdlm-train=opdlm_megatron.train:main",
             "opdlm-eval=opdlm_megatron.evaluate:main",
             "opdlm-lm-eval=opdlm_megatron.eval.lm_eval_model:main",
+            "opdlm-convert-layout=opdlm_megatron.tools.convert_layout:main",
+            "opdlm-pretrain-megatron-lm=opdlm_megatron.megatron_lm:main",
         ]
     },
 )

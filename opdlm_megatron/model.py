@@ -16,6 +16,8 @@ the ``[MASK]`` row, so that their vocab-parallel logits line up shard for shard.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -59,6 +61,26 @@ class OPDGPTModel(GPTModel):
         # [B, S] -> [S, B, 1, dim]; megatron's RoPE broadcasts over heads and accepts per-row freqs
         rotary = table[position_ids.t()].squeeze(2)
         return (outputs[0], rotary, *outputs[2:])
+
+
+class _DropGPTModelDeprecation(logging.Filter):
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" on every GPTModel build.
+    The project stays on GPTModel on purpose (README, Architecture: HybridModel's forward has no
+    output processor and no per-row RoPE hook), so the notice is dropped for our builds only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GPTModel IS DEPRECATED" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_gpt_model_notice():
+    target = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    notice = _DropGPTModelDeprecation()
+    target.addFilter(notice)
+    try:
+        yield
+    finally:
+        target.removeFilter(notice)
 
 
 def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary) -> ModuleSpec:
@@ -145,17 +167,18 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = OPDGPTModel(
-        config=transformer_config,
-        transformer_layer_spec=layer_spec(config, attn_mask_type),
-        vocab_size=config.padded_vocab_size(tp),
-        max_sequence_length=config.max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=config.tie_word_embeddings,
-        position_embedding_type="rope",
-        **_rope_kwargs(config),
-    )
+    with _quiet_gpt_model_notice():
+        model = OPDGPTModel(
+            config=transformer_config,
+            transformer_layer_spec=layer_spec(config, attn_mask_type),
+            vocab_size=config.padded_vocab_size(tp),
+            max_sequence_length=config.max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=config.tie_word_embeddings,
+            position_embedding_type="rope",
+            **_rope_kwargs(config),
+        )
     _apply_llama3_rope_scaling(model, config)
     model.to(device=device, dtype=config.torch_dtype)
     model.opd_role = role

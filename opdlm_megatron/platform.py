@@ -20,6 +20,11 @@ while it is entered (``Runtime`` enters it and ``Runtime.close`` leaves it):
    assert/branch on those names (``optimizer/clip_grads.py`` ``assert param.grad.type() ==
    'torch.cuda.FloatTensor'``, ``distrib_optimizer.py`` / ``optimizer.py`` param-type switches).
 
+Megatron-LM's ``pretrain()`` (``megatron/training``) assumes more of CUDA; ``MegatronLMCpuShims``
+adds what it needs (7-10 in its docstring) around a ``pretrain()`` call on a machine without CUDA
+(``megatron_lm/__init__.py``). ``cpu_shim_suspended`` lifts the ``TorchFunctionMode`` of 4 around
+hot loops that place nothing (the fused decoding forward).
+
 In CUDA mode nothing is patched. ``tests/test_platform.py`` runs real TP=2 and PP=2
 forward/backward passes through ``get_forward_backward_func`` on a machine without CUDA, so a
 future megatron-core that adds an uncovered CUDA path fails that test instead of a user's run.

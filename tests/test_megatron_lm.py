@@ -192,3 +192,45 @@ def test_missing_student_fails_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "megatron_lm" / "pretrain_opd.py"),
                            "--opd-student", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "checkpoint directory not found" in proc.stderr
+
+
+def test_convert_layout_cli(assets, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "opdlm_megatron.tools.convert_layout", *args],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+
+    mlm, back = tmp_path / "mlm", tmp_path / "back"
+    assert cli("--src", assets["ckpt"], "--dst", str(mlm), "--to", "megatron-lm").returncode == 0
+    assert (mlm / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert cli("--src", str(mlm), "--dst", str(back), "--to", "opdlm").returncode == 0
+    with initialize_runtime(device="cpu", seed=3):
+        original, _ = build_from_checkpoint(assets["ckpt"], "student")
+        again, _ = build_from_checkpoint(str(back), "student")
+        for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items()):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), name
+    for args, message in ((("--src", str(mlm), "--dst", str(tmp_path / "x"), "--to", "megatron-lm"), "already in the megatron-lm layout"),
+                          (("--src", str(tmp_path / "none"), "--dst", str(tmp_path / "y"), "--to", "opdlm"), "is not a model checkpoint"),
+                          (("--src", assets["ckpt"], "--dst", str(mlm), "--to", "megatron-lm"), "already exists")):
+        proc = cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.distributed
+def test_pretrained_checkpoint_in_megatron_lm_layout_starts_the_run(assets, reference, tmp_path):
+    """A converted student in Megatron-LM's layout, loaded by pretrain() itself through
+    --pretrained-checkpoint (finetune semantics), gives the same first step; the teacher is read
+    from the same place."""
+    from opdlm_megatron.tools.convert_layout import convert_layout
+
+    root = tmp_path / "mlm"
+    convert_layout(assets["ckpt"], str(root), "megatron-lm")
+    # --opd-student points at the converted root as well: config and weights come from one place
+    flags = _megatron_flags(assets, 2, "--pretrained-checkpoint", str(root), "--exit-interval", "1",
+                            run_dir=tmp_path / "opd")
+    flags[flags.index(assets["ckpt"])] = str(root)
+    run_torchrun(ENTRY, *flags, nproc=1)
+    (it, loss, norm), = _steps(tmp_path / "opd")
+    assert it == 1
+    assert loss == pytest.approx(reference[0][1], rel=1e-4)
+    assert norm == pytest.approx(reference[0][2], rel=1e-4)

@@ -149,3 +149,17 @@ def test_transformer_engine_spec_without_te_is_a_clear_error(runtime):
         pytest.skip("Transformer Engine is installed")
     with pytest.raises(ImportError, match="needs Transformer Engine"):
         build_model(tiny_config(transformer_impl="transformer_engine"))
+
+
+def test_building_does_not_print_megatrons_gptmodel_notice(runtime, caplog):
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED" on every build; ours stay quiet (README:
+    why the project stays on GPTModel), and the filter is gone afterwards."""
+    import logging
+
+    from opdlm_megatron.model import build_model
+    from tests.helpers import tiny_config
+
+    with caplog.at_level(logging.WARNING):
+        build_model(tiny_config(), "student")
+    assert not [r for r in caplog.records if "GPTModel IS DEPRECATED" in r.getMessage()]
+    assert not logging.getLogger("megatron.core.models.gpt.gpt_model").filters
