@@ -72,6 +72,17 @@ class AttentionLayout:
             torch.cat([x.position_ids for x in layouts], 1),
         )
 
+    def pad_columns(self, multiple: int) -> "AttentionLayout":
+        """Appends invalid columns up to a multiple of ``multiple`` (FP8 GEMM shapes): nothing
+        attends to them, and what they compute is never read."""
+        extra = -self.seq_len % max(1, multiple)
+        if not extra:
+            return self
+        pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
+        last_block = int(self.block_ids.max()) + 1 if self.block_ids.numel() else 0
+        return AttentionLayout(pad(self.block_ids, last_block), pad(self.noisy, False), pad(self.valid, False),
+                               pad(self.position_ids, 0))
+
     def to(self, device) -> "AttentionLayout":
         return AttentionLayout(*(t.to(device) for t in (self.block_ids, self.noisy, self.valid, self.position_ids)))
 

@@ -297,7 +297,16 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
 
     from .teacher import microbatch_rows
 
+    from .precision import fp8_sequence_multiple
+
     device = next(model.parameters()).device
+    # FP8 GEMMs need whole multiples of 16 columns (precision.py); the padding is never attended to
+    padded = layout.pad_columns(fp8_sequence_multiple(model))
+    if padded.seq_len > input_ids.shape[1]:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], padded.seq_len - input_ids.shape[1]),
+                                                             pad_id)], 1)
+        layout = padded
     microbatches = []
     for rows, real in microbatch_rows(input_ids.shape[0], micro_batch_size):
         want = needed[rows] & real[:, None]

@@ -270,6 +270,50 @@ class ParallelSizes:
         return world_size // model_parallel
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``gpu-[001-004,010],login1`` -> ``gpu-001``), without
+    calling ``scontrol`` (not every container has it)."""
+    text = nodelist.strip()
+    depth, cut = 0, len(text)
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            cut = i
+            break
+    first = text[:cut]
+    if "[" not in first:
+        if not first:
+            raise ValueError(f"empty SLURM node list {nodelist!r}")
+        return first
+    prefix, rest = first.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def launch_environment(env: Optional[dict] = None) -> dict:
+    """torch.distributed's ``env://`` variables for this process: torchrun's when set, else derived
+    from SLURM's (one ``srun`` task per GPU: ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``,
+    the first host of ``SLURM_JOB_NODELIST`` as the rendezvous host, ``MASTER_PORT`` or a port from the
+    job id), else {} (a single process). Returns only the variables to add."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist and "MASTER_ADDR" not in env:
+        raise ValueError("SLURM_PROCID is set but neither SLURM_JOB_NODELIST nor MASTER_ADDR names the rendezvous host")
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),
+    }
+
+
 def resolve_device(device: str) -> torch.device:
     """Maps ``"auto" | "cuda" | "cpu"`` to a torch device (auto: CUDA when available)."""
     if device not in DEVICES:
@@ -339,11 +383,13 @@ def initialize_runtime(
 ) -> Runtime:
     """Initialises torch.distributed (if needed), megatron parallel_state and RNG trackers.
 
-    Works single-process (a one-rank group is created in memory) and under ``torchrun``
-    (``env://``). ``device``: ``"auto"`` picks CUDA+NCCL when available, else CPU+gloo.
+    Works single-process (a one-rank group is created in memory), under ``torchrun`` (``env://``)
+    and with one ``srun`` task per GPU (SLURM's variables, ``launch_environment``). ``device``: ``"auto"`` picks CUDA+NCCL when available, else CPU+gloo.
     """
     from megatron.core import parallel_state
 
+    if not dist.is_initialized():
+        os.environ.update(launch_environment())  # srun-launched tasks: SLURM's variables -> env://
     torch_device = resolve_device(device)
     sizes = ParallelSizes(tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"

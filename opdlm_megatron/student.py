@@ -41,6 +41,7 @@ from .losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence,
 from .masks import causal_layout, opd_training_batch
 from .model import attention_mask, broadcast_from_last_stage, logits_at_columns
 from .objectives.base import SupervisedBatch
+from .precision import fp8_sequence_multiple
 from .rollout.types import RolloutResult
 from .teacher import TeacherTargets, microbatch_rows
 
@@ -103,7 +104,7 @@ class StudentStepPlan:
 
     def __init__(self, model, config: ModelConfig, batch: SupervisedBatch, targets: Optional[TeacherTargets],
                  divergence_cfg: Optional[DivergenceConfig], micro_batch_size: int, normalization: str = "token",
-                 num_rows: Optional[float] = None) -> None:
+                 num_rows: Optional[float] = None, pad_multiple: Optional[int] = None) -> None:
         from megatron.core import parallel_state
 
         if normalization not in NORMALIZATIONS:
@@ -129,6 +130,13 @@ class StudentStepPlan:
         self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
 
         input_ids, layout, prediction_columns = model_input(config, batch)
+        # FP8 GEMMs need whole multiples of 16 columns (precision.py); the padding is never attended to
+        multiple = pad_multiple if pad_multiple is not None else fp8_sequence_multiple(model)
+        layout = layout.pad_columns(multiple)
+        if layout.seq_len > input_ids.shape[1]:
+            pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+            input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], layout.seq_len - input_ids.shape[1]),
+                                                                 pad_id)], 1)
         self.seq_length = input_ids.shape[1]
         plan = microbatch_rows(batch.batch_size, micro_batch_size)
         self.num_microbatches = len(plan)

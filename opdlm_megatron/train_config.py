@@ -24,6 +24,8 @@ from typing import Any, List, Optional, Sequence
 
 import yaml
 
+from .precision import PrecisionConfig
+
 logger = logging.getLogger(__name__)
 
 NAN_POLICIES = ("skip", "stop")
@@ -47,6 +49,10 @@ class ModelPaths:
     student_dtype: Optional[str] = None  # e.g. "bfloat16" / "float16"; None: the student checkpoint's dtype
     teacher_dtype: Optional[str] = None  # e.g. "bfloat16"; None: the teacher checkpoint's dtype
     tokenizer: Optional[str] = None  # HF tokenizer dir; None: <student_checkpoint>/tokenizer
+    # FP8 through Transformer Engine (precision.py): e.g. {fp8: hybrid} for the student and
+    # {fp8: e4m3, fp8_param: true} for the frozen teacher; empty: no FP8
+    student_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    teacher_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     random_init: bool = False  # tests/benchmarks: ignore checkpoints, build both from model_config
     model_config: Optional[dict] = None  # ModelConfig fields for random_init
 
@@ -280,6 +286,8 @@ class TrainConfig:
             raise ValueError("model.student_checkpoint is required (or model.random_init with model.model_config)")
         if self.model.random_init and not self.model.model_config:
             raise ValueError("model.random_init needs model.model_config (ModelConfig fields)")
+        self.model.student_precision.validate("model.student_precision")
+        self.model.teacher_precision.validate("model.teacher_precision")
         get_objective(self.objective).validate_config(self)
 
     @property

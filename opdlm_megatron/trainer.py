@@ -41,6 +41,7 @@ from .data import Sample, load_samples, load_tokenizer
 from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .objectives import get_objective
+from .precision import check_fp8_runtime
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
@@ -188,7 +189,9 @@ class Trainer:
             config = config.replace(block_size=cfg.block_size)
         if paths.student_dtype:
             config = config.replace(params_dtype=canonical_dtype(paths.student_dtype))
-        student = build_model(config, "student")
+        device = self.runtime.device
+        check_fp8_runtime(paths.student_precision, config.transformer_impl, config.params_dtype, device, "student")
+        student = build_model(config, "student", **paths.student_precision.transformer_overrides(config.num_layers))
         if not paths.random_init:
             load_model_checkpoint(student, paths.student_checkpoint)
         if not self.objective.needs_teacher:
@@ -198,12 +201,12 @@ class Trainer:
             teacher_config = load_model_config(paths.teacher_checkpoint)
             teacher_config = teacher_config.replace(
                 params_dtype=teacher_dtype or teacher_config.params_dtype)
-            teacher = build_model(teacher_config, "teacher")
+            teacher = self._build_teacher(teacher_config)
             load_model_checkpoint(teacher, paths.teacher_checkpoint)
         else:
             # self-distillation: the teacher is the student's initial weights (same architecture)
             teacher_config = config.replace(params_dtype=teacher_dtype or config.params_dtype)
-            teacher = build_model(teacher_config, "teacher")
+            teacher = self._build_teacher(teacher_config)
             weights = student.state_dict()
             missing = sorted(set(teacher.state_dict()) - set(weights))
             unexpected = sorted(set(weights) - set(teacher.state_dict()))
@@ -213,6 +216,11 @@ class Trainer:
             teacher.load_state_dict(weights, strict=True)
             teacher.to(dtype=teacher_config.torch_dtype)
         return student, config, teacher, teacher_config
+
+    def _build_teacher(self, config: ModelConfig):
+        precision = self.cfg.model.teacher_precision
+        check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, self.runtime.device, "teacher")
+        return build_model(config, "teacher", **precision.transformer_overrides(config.num_layers))
 
     # ------------------------------------------------------------------------------- a step
     def train_step(self) -> Dict[str, float]:

@@ -80,3 +80,59 @@ def test_bad_parallel_sizes():
     with pytest.raises(ValueError, match="world size 1"):
         initialize_runtime(tensor_model_parallel_size=2, device="cpu")
     assert not torch.distributed.is_initialized()  # nothing left behind
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node07", "node07"), ("gpu-[001-004,010],login1", "gpu-001"), ("a[3,5-6]", "a3"),
+    ("rack1-[12-13]-ib", "rack1-12-ib"), ("x1,x2", "x1"),
+])
+def test_first_slurm_host(nodelist, first):
+    from opdlm_megatron.platform import first_slurm_host
+
+    assert first_slurm_host(nodelist) == first
+
+
+def test_launch_environment_from_slurm_variables():
+    from opdlm_megatron.platform import launch_environment
+
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "h100-[017-018]"}
+    assert launch_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1",
+                                         "MASTER_ADDR": "h100-017", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    # torchrun's variables win; explicit MASTER_* win; nothing set -> single process
+    assert launch_environment({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == {}
+    assert launch_environment({**slurm, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"})["MASTER_ADDR"] == "10.0.0.1"
+    assert launch_environment({}) == {}
+    with pytest.raises(ValueError, match="rendezvous host"):
+        launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.distributed
+def test_two_tasks_started_with_slurm_variables_only(tmp_path):
+    """Two processes launched as srun would (no torchrun, no RANK/WORLD_SIZE) form the TP=2 job."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    procs = []
+    for rank in range(2):
+        env = dict(base, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="4242",
+                   SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "distributed" / "slurm_task.py"),
+                                       "--out", str(tmp_path / "view")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    views = [json.loads((tmp_path / f"view.{r}").read_text()) for r in range(2)]
+    assert [v["rank"] for v in views] == [0, 1] and {v["world"] for v in views} == {2}
+    assert [v["local_rank"] for v in views] == [0, 1] and {v["master"] for v in views} == {"127.0.0.1"}
+    assert views[0]["logits_sum"] == views[1]["logits_sum"]

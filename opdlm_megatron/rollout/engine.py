@@ -37,6 +37,7 @@ from torch import Tensor
 from .. import masks
 from ..config import ModelConfig
 from ..model import attention_mask, mask_unused_vocab
+from ..precision import fp8_disabled
 from .config import DecodeConfig
 from .fused_forward import FusedDecodeForward, unsupported_reason
 from .kv_cache import BlockKVCache
@@ -134,7 +135,8 @@ class DiffusionRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, decode)
+            with fp8_disabled(self.model):  # rounds of a few tokens are not FP8 GEMM shapes (precision.py)
+                return self._generate(prompts, decode)
         finally:
             self.model.train(was_training)
 

@@ -1,0 +1,87 @@
+"""GPU checks (marker ``gpu``): they skip without CUDA (and, for FP8, without Transformer Engine and an
+FP8-capable GPU), so CI on CPU reports them as skipped. On a GPU machine:
+
+    pytest -m gpu tests/test_gpu.py
+
+None of this project's CPU tests depend on them. No GPU has been lent to this project so far, so they
+have not been run yet (BENCHMARKS.md records GPU numbers when one is).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opdlm_megatron.masks import opd_training_batch
+from opdlm_megatron.model import attention_mask, build_model
+from tests.distributed.student_data import synthetic_rollout
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _fp8_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE) and torch.cuda.get_device_capability() >= (8, 9)
+
+
+needs_fp8 = pytest.mark.skipif(not _fp8_ready(), reason="needs Transformer Engine and a GPU with FP8 (sm_89+)")
+
+
+@pytest.fixture
+def cuda_runtime():
+    from opdlm_megatron.platform import initialize_runtime
+
+    with initialize_runtime(device="cuda", seed=3) as rt:
+        yield rt
+
+
+def _opd_inputs(config, device):
+    r = synthetic_rollout(config.vocab_size, config.block_size, batch_size=2, seed=4)
+    xt = torch.where(torch.rand(r.answer_ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5,
+                     torch.full_like(r.answer_ids, config.mask_token_id), r.answer_ids)
+    opd = opd_training_batch(r.prompt_ids, r.prompt_valid, r.answer_ids, xt, r.answer_valid, config.block_size)
+    return opd.input_ids.to(device), opd.layout.to(device)
+
+
+@needs_cuda
+def test_flex_attention_equals_dense_on_the_opd_layout(cuda_runtime):
+    dense_cfg = tiny_config(params_dtype="bfloat16")
+    flex_cfg = dense_cfg.replace(attention_backend="flex")
+    torch.manual_seed(0)
+    dense = build_model(dense_cfg, "student").eval()
+    flex = build_model(flex_cfg, "student").eval()
+    flex.load_state_dict(dense.state_dict(), strict=False)
+    ids, layout = _opd_inputs(dense_cfg, cuda_runtime.device)
+    with torch.no_grad():
+        a = dense(ids, layout.position_ids, attention_mask(dense_cfg, layout))
+        b = flex(ids, layout.position_ids, attention_mask(flex_cfg, layout))
+    valid = layout.valid
+    torch.testing.assert_close(b[valid].float(), a[valid].float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_fp8
+def test_fp8_teacher_stays_close_to_bf16(cuda_runtime):
+    """The same TE teacher with FP8 GEMMs (first/last layer BF16) against BF16: mean KL per token."""
+    from opdlm_megatron.precision import PrecisionConfig
+
+    cfg = tiny_config(params_dtype="bfloat16", transformer_impl="transformer_engine", hidden_size=128,
+                      ffn_hidden_size=256, num_layers=4)
+    torch.manual_seed(0)
+    bf16 = build_model(cfg, "teacher")
+    fp8 = build_model(cfg, "teacher", **PrecisionConfig(fp8="e4m3").transformer_overrides(cfg.num_layers))
+    fp8.load_state_dict(bf16.state_dict(), strict=False)
+    ids = torch.randint(3, cfg.vocab_size, (16, 64), device=cuda_runtime.device)
+    pos = torch.arange(64, device=ids.device)[None].expand(16, -1)
+    mask = ~torch.ones(64, 64, dtype=torch.bool, device=ids.device).tril()[None, None]
+    with torch.no_grad():
+        p = torch.log_softmax(bf16(ids, pos, mask).float(), -1)
+        q = torch.log_softmax(fp8(ids, pos, mask).float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    assert float(kl) < 0.05, f"FP8 teacher KL to BF16: {float(kl):.4f} nats/token"
