@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .cli import refuse_bad_input
+
     args = build_parser().parse_args(argv)
+    refuse_bad_input("opdlm-generate", lambda: _generate(args))
+
+
+def _generate(args) -> None:
     from transformers import AutoTokenizer
 
     from .checkpointing import build_from_checkpoint
@@ -90,11 +96,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    from .checkpointing import is_checkpoint
+
+    if not is_checkpoint(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a model checkpoint "
+                                "(needs opdlm_model_config.json and the dist-checkpoint files)")
     tokenizer_dir = args.tokenizer or os.path.join(args.checkpoint, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     records = read_prompts(args.prompts)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     encoded = [encode_prompt(tokenizer, r, args.chat_template, args.enable_thinking) for r in records]
 
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=args.seed) as runtime:

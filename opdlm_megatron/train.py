@@ -26,7 +26,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .cli import refuse_bad_input
+
     args = parse_args(argv)
+    return refuse_bad_input("opdlm-train", lambda: _train(args))
+
+
+def _train(args) -> int:
     cfg = load_train_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .trainer import Trainer

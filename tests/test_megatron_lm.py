@@ -182,7 +182,7 @@ def test_bad_flags_fail_with_one_line(assets, extra, message):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "megatron_lm" / "pretrain_opd.py"),
                            *_megatron_flags(assets, 1, *extra)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("opdlm-pretrain-megatron-lm: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 

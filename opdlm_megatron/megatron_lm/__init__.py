@@ -105,9 +105,7 @@ def run(argv: List[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from ..cli import refuse_bad_input
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+    refuse_bad_input("opdlm-pretrain-megatron-lm", lambda: run(sys.argv[1:] if argv is None else argv))
