@@ -22,18 +22,15 @@ from .rollout.config import CONFIDENCES, DecodeConfig
 
 
 def read_prompts(path: str) -> List[dict]:
-    """Reads a JSONL file of ``{"prompt": str}`` / ``{"messages": list}`` records."""
+    """Reads a JSONL file of ``{"prompt": str}`` / ``{"messages": list}`` records (file and line named
+    on a bad line)."""
+    from .data import read_jsonl
+
     records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
-                raise ValueError(f"{path}:{number}: each line needs a 'prompt' (or 'messages') field")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no prompts")
+    for number, record in read_jsonl(path):
+        if not ("prompt" in record or "messages" in record):
+            raise ValueError(f"{path}:{number}: each line needs a 'prompt' (or 'messages') field")
+        records.append(record)
     return records
 
 
