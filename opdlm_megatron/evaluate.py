@@ -13,7 +13,7 @@ given rule (threshold ``--threshold`` or static ``--tokens-per-step``, block siz
 ``--seeds N`` when sampling); the teacher (default: the student checkpoint itself, i.e. its teacher
 when it is a fresh conversion) greedily and causally, on the same prompts. ``--sweep`` adds the
 accuracy-TPF curve over tau in {0.5, 0.7, 0.9, 0.95}, static k in {1, 2}, Fast-dLLM's factor rule
-(f = 1) and the entropy-bounded rule (budget 0.5), its PNG and the area under it (AUP).
+(f = 1), the entropy-bounded rule (budget 0.5) and dInfer's hierarchical rule (low threshold 0.4), its PNG and the area under it (AUP).
 
 Writes ``samples.jsonl`` (one record per answer) and ``summary.json`` (accuracy +- standard error,
 tokens per forward, forwards per answer, answer tokens/s, mean answer length, share hitting the
@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--tokens-per-step", type=int, default=None, help="static rule: k tokens per step")
     rule.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule with this f")
     rule.add_argument("--entropy-budget", type=float, default=None, help="entropy-bounded rule with this budget")
+    rule.add_argument("--hierarchical", type=float, default=None, metavar="LOW",
+                      help="dInfer's hierarchical rule with this low threshold (high threshold 0.9)")
     p.add_argument("--sweep", action="store_true", help="also tau in {0.5,0.7,0.9,0.95}, k in {1,2}, factor f=1 "
-                                                        "and entropy budget 0.5")
+                                                        "entropy budget 0.5 and hierarchical low 0.4")
     p.add_argument("--block-size", type=int, default=None, help="default: the student's")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -106,6 +108,8 @@ def validate(args) -> TaskSpec:
         raise EvalInputError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.factor is not None and args.factor <= 0:
         raise EvalInputError(f"--factor must be > 0, got {args.factor}")
+    if args.hierarchical is not None and not 0.0 <= args.hierarchical <= 1.0:
+        raise EvalInputError(f"--hierarchical must lie in [0, 1], got {args.hierarchical}")
     if args.entropy_budget is not None and args.entropy_budget < 0:
         raise EvalInputError(f"--entropy-budget must be >= 0, got {args.entropy_budget}")
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
@@ -153,6 +157,8 @@ def settings(args):
         main = DecodeSetting("factor", args.factor)
     elif args.entropy_budget is not None:
         main = DecodeSetting("eb", args.entropy_budget)
+    elif args.hierarchical is not None:
+        main = DecodeSetting("hier", args.hierarchical)
     else:
         main = DecodeSetting("tau", args.threshold if args.threshold is not None else 0.9)
     out = [main]

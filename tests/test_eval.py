@@ -101,7 +101,7 @@ def test_eval_end_to_end_and_tp2(tiny, tmp_path):
     assert summary["results"]["teacher"]["accuracy"] == 0.5
     assert set(summary["results"]) == {"teacher", "student tau=0.9", "student tau=0.5", "student tau=0.7",
                                       "student tau=0.95", "student k=1", "student k=2", "student factor=1",
-                                      "student eb=0.5"}
+                                      "student eb=0.5", "student hier=0.4"}
     for name, result in summary["results"].items():
         rows = [r for r in samples if f"{r['model']} {r['setting']}".replace("teacher ar", "teacher") == name]
         assert len(rows) == 6

@@ -40,7 +40,8 @@ def _full_logits(model, config, tokens, mask):
 
 
 def reference_decode(model, config, prompt, *, block, max_new, threshold=0.9, tokens_per_step=None,
-                     steps_per_block=None, eos=(), commit_rule="auto", factor=1.0, entropy_budget=0.5):
+                     steps_per_block=None, eos=(), commit_rule="auto", factor=1.0, entropy_budget=0.5,
+                     low_threshold=0.4):
     """Greedy block diffusion by full recompute. Returns (answer, commit rounds)."""
     mask_id, L = config.mask_token_id, len(prompt)
     tokens = list(prompt) + [mask_id] * max_new
@@ -74,6 +75,22 @@ def reference_decode(model, config, prompt, *, block, max_new, threshold=0.9, to
                         if chosen and total > entropy_budget:
                             break
                         chosen.append(s)
+                elif commit_rule == "hierarchical":  # per run of masks its best (> low), plus all > threshold
+                    chosen, s = [], 0
+                    while s < block:
+                        if not masked[s]:
+                            s += 1
+                            continue
+                        run = [s]
+                        while s + 1 < block and masked[s + 1]:
+                            s += 1
+                            run.append(s)
+                        s += 1
+                        best = max(run, key=lambda q: (float(conf[q]), -q))
+                        if float(conf[best]) > low_threshold:
+                            chosen.append(best)
+                    chosen = sorted(set(chosen) | {q for q in candidates if float(conf[q]) > threshold})
+                    chosen = chosen or candidates[:1]
                 elif tokens_per_step is not None:
                     chosen = candidates[:tokens_per_step]
                 else:
@@ -135,6 +152,8 @@ def student(runtime):
     (False, dict(commit_rule="factor", factor=1.0)),
     (True, dict(commit_rule="factor", factor=2.5)),
     (False, dict(commit_rule="entropy_bounded", entropy_budget=2.0)),
+    (False, dict(commit_rule="hierarchical", low_threshold=0.0, threshold=0.95)),
+    (True, dict(commit_rule="hierarchical", low_threshold=0.05, threshold=0.5)),
 ])
 def test_greedy_matches_naive_reference(student, shift, rule):
     model, config = student(logit_shift=shift)
@@ -148,7 +167,7 @@ def test_greedy_matches_naive_reference(student, shift, rule):
         assert steps == ref_steps
         multi_commits += sum(steps.count(s) > 1 for s in set(steps))
     if (rule.get("threshold", 1) < 0.5 or "tokens_per_step" in rule or "steps_per_block" in rule
-            or rule.get("factor", 0) > 2 or rule.get("entropy_budget", 0) > 1):
+            or rule.get("factor", 0) > 2 or rule.get("entropy_budget", 0) > 1 or rule.get("commit_rule") == "hierarchical"):
         assert multi_commits > 0, "the rule under test never committed several tokens in one step"
     # state_before_round rebuilds a partially masked answer from commit_step
     xt = result.state_before_round(torch.full((len(PROMPTS),), 2), config.mask_token_id)
@@ -320,6 +339,17 @@ def test_commit_rules():
     eb = DecodeConfig(commit_rule="entropy_bounded", entropy_budget=1.0).resolved(4, [])
     assert sampling.select_commits(conf, masked, step, eb, ent).tolist() == [[True, False, True, False],
                                                                                [False, False, False, True]]
+    # hierarchical, low 0.15, high 0.9: row 0 is one run of 4 masks -> its best (0.95) + all > 0.9 (0.91);
+    # row 1 has runs {0} and {2, 3}: 0.1 is not > 0.15, run {2,3}'s best is 0.2 -> slot 2
+    hier = DecodeConfig(commit_rule="hierarchical", low_threshold=0.15, threshold=0.9).resolved(4, [])
+    assert sampling.select_commits(conf, masked, step, hier).tolist() == [[True, False, True, False],
+                                                                            [False, False, True, False]]
+    # two runs each with a head above the low threshold commit together; nothing above it -> the best one
+    two_runs = torch.tensor([[True, False, True, True]])
+    assert sampling.select_commits(torch.tensor([[0.5, 0.9, 0.3, 0.6]]), two_runs, step[:1], hier).tolist() == \
+        [[True, False, False, True]]
+    assert sampling.select_commits(torch.tensor([[0.1, 0.9, 0.05, 0.12]]), two_runs, step[:1], hier).tolist() == \
+        [[False, False, False, True]]
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -14,13 +14,15 @@ from ..rollout.config import DecodeConfig
 from .tasks import EvalItem
 
 PAPER_SWEEP = (("tau", 0.5), ("tau", 0.7), ("tau", 0.9), ("tau", 0.95), ("k", 1), ("k", 2))
-FAST_RULES = (("factor", 1.0), ("eb", 0.5))  # Fast-dLLM's factor rule, the entropy-bounded sampler
+# Fast-dLLM's factor rule, the entropy-bounded sampler, dInfer's hierarchical rule (low threshold 0.4)
+FAST_RULES = (("factor", 1.0), ("eb", 0.5), ("hier", 0.4))
 
 
 @dataclass(frozen=True)
 class DecodeSetting:
     """A commit rule and its parameter: ``tau`` (confidence threshold), ``k`` (static tokens per
-    step), ``factor`` (Fast-dLLM's factor f) or ``eb`` (entropy budget gamma)."""
+    step), ``factor`` (Fast-dLLM's factor f), ``eb`` (entropy budget gamma) or ``hier`` (dInfer's
+    hierarchical rule with this low threshold; the high threshold is tau = 0.9)."""
 
     rule: str
     value: float
@@ -39,7 +41,10 @@ class DecodeSetting:
         if self.rule == "eb":
             return replace(decode, commit_rule="entropy_bounded", entropy_budget=float(self.value),
                            tokens_per_step=None)
-        raise ValueError(f"unknown decode rule {self.rule!r}; expected tau, k, factor or eb")
+        if self.rule == "hier":
+            return replace(decode, commit_rule="hierarchical", low_threshold=float(self.value), threshold=0.9,
+                           tokens_per_step=None)
+        raise ValueError(f"unknown decode rule {self.rule!r}; expected tau, k, factor, eb or hier")
 
 
 @dataclass

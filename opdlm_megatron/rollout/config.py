@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 CONFIDENCES = ("probability", "margin", "neg_entropy")
-COMMIT_RULES = ("auto", "threshold", "static", "factor", "entropy_bounded")
+COMMIT_RULES = ("auto", "threshold", "static", "factor", "entropy_bounded", "hierarchical")
 
 
 @dataclass
@@ -26,7 +26,11 @@ class DecodeConfig:
     * ``"factor"`` (Fast-dLLM): the n most confident slots for the largest n whose n-th confidence
       c_(n) satisfies ``c_(n) >= 1 - factor / (n + 1)``;
     * ``"entropy_bounded"`` (EB-sampler): slots in order of increasing entropy (nats) while the sum
-      of their entropies stays <= ``entropy_budget``.
+      of their entropies stays <= ``entropy_budget``;
+    * ``"hierarchical"`` (dInfer's hierarchical decoder): the most confident slot of every contiguous
+      run of masked slots if its confidence > ``low_threshold``, plus every masked slot with
+      confidence > ``threshold``; when no masked slot reaches ``low_threshold``, only the most
+      confident one. Runs of masks are decoded from their inside out, in parallel.
 
     Confidence (always on the model's untempered, unfiltered distribution, as LLaDA / Fast-dLLM):
     ``"probability"`` of the chosen token, ``"margin"`` top1 - top2 probability, or
@@ -51,6 +55,7 @@ class DecodeConfig:
     commit_rule: str = "auto"
     factor: float = 1.0
     entropy_budget: float = 0.5
+    low_threshold: float = 0.4
     steps_per_block: Optional[int] = None
     temperature: float = 0.0
     top_k: Optional[int] = None
@@ -93,6 +98,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.entropy_budget must be >= 0, got {self.entropy_budget!r}")
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"unknown confidence {self.confidence!r}; expected one of {CONFIDENCES}")
+        if not isinstance(self.low_threshold, (int, float)) or not 0.0 <= float(self.low_threshold) <= 1.0:
+            raise ValueError(f"DecodeConfig.low_threshold must be in [0, 1], got {self.low_threshold!r}")
         if not isinstance(self.row_offset, int) or self.row_offset < 0:
             raise ValueError(f"DecodeConfig.row_offset must be a non-negative integer, got {self.row_offset!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:

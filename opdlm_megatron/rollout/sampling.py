@@ -161,6 +161,15 @@ def _ranks(score: Tensor, masked: Tensor, descending: bool) -> Tensor:
     return rank
 
 
+def _run_cummax(value: Tensor, inside: Tensor) -> Tensor:
+    """Running max from the left that restarts after every slot outside a run (``inside`` False)."""
+    out = value.clone()
+    for j in range(1, value.shape[-1]):  # blocks are a few slots wide
+        carry = torch.where(inside[:, j - 1] & inside[:, j], out[:, j - 1], torch.full_like(out[:, j], float("-inf")))
+        out[:, j] = torch.maximum(value[:, j], carry)
+    return out
+
+
 def select_commits(conf: Tensor, masked: Tensor, step_in_block: Tensor, decode: DecodeConfig,
                    entropies: Optional[Tensor] = None) -> Tensor:
     """Which slots ``[R, b]`` of the current blocks to commit this step (``DecodeConfig`` rules).
@@ -184,6 +193,21 @@ def select_commits(conf: Tensor, masked: Tensor, step_in_block: Tensor, decode: 
         rank = _ranks(conf, masked, descending=True)
         if rule == "static":
             commit = rank < decode.tokens_per_step
+        elif rule == "hierarchical":
+            c = conf.float()
+            # a slot heads its run's choice if it is the most confident masked slot of its run of
+            # consecutive masked slots (ties: the leftmost): compare it with its run's running max
+            # from the left and from the right
+            neg = torch.full_like(c, float("-inf"))
+            value = torch.where(masked, c, neg)
+            left = _run_cummax(value, masked)
+            right = _run_cummax(value.flip(-1), masked.flip(-1)).flip(-1)
+            before = torch.cat([neg[:, :1], left[:, :-1]], -1)  # max of the run strictly to the left
+            before = torch.where(torch.cat([masked[:, :1] & False, masked[:, :-1]], -1), before, neg)
+            heads = masked & (value > before) & (value >= right)
+            commit = (heads & (c > decode.low_threshold)) | (masked & (c > decode.threshold))
+            # nothing above the low threshold (or above both): the single most confident slot
+            commit = commit | ((rank == 0) & ~(masked & commit).any(-1, keepdim=True))
         elif rule == "factor":
             # n-th most confident slot (rank n - 1) passes if c >= 1 - f / (n + 1); take the largest such n
             passes = masked & (conf.float() >= 1.0 - decode.factor / (rank.float() + 2.0))
