@@ -12,17 +12,18 @@ random model of SmolLM2-135M's shape, the same random weights in megatron and in
 EOS is ignored so that every decoder produces exactly ``--new-tokens`` tokens per prompt.
 
 Measured, in this order:
-1. batch 1: engine (threshold tau) vs naive decoder vs HF generate, for the converted student and,
-   with ``--trained-checkpoint`` (a diffusion-trained student of the same base model, e.g. the long
-   OPD run's), for it too: one line each;
+1. batch 1: engine (threshold tau) vs naive decoder vs HF generate, for the converted student and for
+   a diffusion-trained one: ``--trained-checkpoint`` (e.g. the long OPD run's), else one trained here
+   for ``--train-steps`` OPD steps (self-distillation on the benchmark's prompts, a few minutes);
+   one line each;
 2. the cost of one cached engine forward against one HF decode step, and where it goes (weight
    matmuls, attention, output layer, the CPU shim, everything else) from torch.profiler / cProfile,
    and the same answer through the other decoding forward (megatron's vs the fused one);
 3. batch throughput: ``--batch-prompts`` prompts of mixed lengths, engine at a static 1 and 2 tokens
    per forward vs HF ``generate`` on the same left-padded batch with its KV cache.
 The last line reads ``speedup_vs_naive=X speedup_vs_ar=Y tokens_per_forward=Z forward_over_ar_step=W
-batch32_vs_hf=V`` (X-Z for the trained student when given, else the converted one; V at one token
-per forward). ``--quick`` runs everything on a 2-layer random model with short answers (a smoke test).
+batch32_vs_hf=V`` (X-Z for the trained student; the converted one's with ``--train-steps 0`` and no
+checkpoint; V at one token per forward). ``--quick`` runs everything on a 2-layer random model with short answers (a smoke test).
 """
 
 from __future__ import annotations
@@ -105,6 +106,44 @@ def _load_models(args):
         print("weights: random, SmolLM2-135M shape")
     prompts = (prompts * args.num_prompts)[: args.num_prompts]
     return model, config.replace(block_size=args.block_size), hf, prompts
+
+
+def _train_student(model, config, prompts, runtime, steps: int, root: str) -> str:
+    """A diffusion-trained student when none is given: ``steps`` OPD steps (the project's trainer,
+    self-distillation) from the benchmark's own starting weights on its prompts; returns its
+    checkpoint. A few minutes on SmolLM2 at the default 12 steps."""
+    import json
+
+    from opdlm_megatron.checkpointing import save_model_checkpoint
+    from opdlm_megatron.train_checkpoint import latest_checkpoint
+    from opdlm_megatron.train_config import train_config_from_dict
+    from opdlm_megatron.trainer import Trainer
+
+    start = os.path.join(root, "start")
+    save_model_checkpoint(model, start, config)
+    data = os.path.join(root, "prompts.jsonl")
+    with open(data, "w") as f:
+        for prompt in prompts:
+            f.write(json.dumps({"prompt_ids": list(prompt)}) + "\n")
+    batch = max(1, min(4, len(prompts)))
+    cfg = train_config_from_dict({
+        "objective": "opd", "seed": 1234, "run_dir": os.path.join(root, "run"),
+        "train": {"steps": steps, "global_batch_size": batch, "micro_batch_size": 1},
+        "model": {"student_checkpoint": start},
+        "parallel": {"device": "cpu"},
+        "data": {"source": "token_ids", "path": data, "max_prompt_tokens": config.max_sequence_length // 2},
+        "rollout": {"tasks_per_rollout": batch, "threshold": 0.9, "temperature": 1.0},
+        "curriculum": {"min_length": 16, "max_length": 32, "warmup_rollouts": max(1, steps // 2)},
+        "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1},
+        "checkpoint": {"save_every": 0, "resume": False},
+        "logging": {"progress_bar": False, "teacher_nll": False},
+    })
+    trainer = Trainer(cfg, runtime)
+    history = trainer.fit()
+    trainer.close()
+    print(f"  trained a student for the last line: {steps} OPD steps, KL {history[0]['loss']:.3f} -> "
+          f"{history[-1]['loss']:.3f}, {history[-1]['committed_per_forward']:.2f} tokens/forward in its rollouts")
+    return latest_checkpoint(cfg.checkpoint_dir)
 
 
 def _timed(fn):
@@ -219,7 +258,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--hf-dir", default=None)
     parser.add_argument("--trained-checkpoint", default=None,
-                        help="a diffusion-trained student of the same base model (one more line; the last line's X-Z)")
+                        help="a diffusion-trained student of the same base model (one more line; the last line's X-Z); "
+                             "default: one trained here for --train-steps OPD steps")
+    parser.add_argument("--train-steps", type=int, default=12,
+                        help="OPD steps of the student trained here when no --trained-checkpoint is given (0: none)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.9)
@@ -233,6 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.random_weights, args.new_tokens, args.batch_prompts = True, 16, min(args.batch_prompts, 4)
+        args.train_steps = min(args.train_steps, 2)
         SMOLLM2_135M["num_layers"] = 2
     batch_tokens = args.batch_new_tokens or args.new_tokens
 
@@ -240,7 +283,7 @@ def main() -> None:
     from opdlm_megatron.platform import initialize_runtime
     from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 
-    with initialize_runtime(device="cpu", seed=0):
+    with initialize_runtime(device="cpu", seed=0) as runtime:
         model, config, hf, prompts = _load_models(args)
         model.eval()
         engine = DiffusionRolloutEngine(model, config, forward_impl=args.forward_impl)
@@ -255,8 +298,12 @@ def main() -> None:
         print(f"  HF AR generate (KV cache): {hf_rate:8.1f} tok/s  {1000 * t_ar / ar_steps:.1f} ms/step")
         line, s_per_forward = _student_line("converted", engine, prompts, decode, args.new_tokens, hf_rate,
                                             args.skip_naive)
-        if args.trained_checkpoint:
-            trained, trained_config = build_from_checkpoint(args.trained_checkpoint, "student")
+        trained_checkpoint = args.trained_checkpoint
+        if trained_checkpoint is None and args.train_steps > 0:
+            trained_checkpoint = _train_student(model, config, prompts, runtime, args.train_steps,
+                                                tempfile.mkdtemp(prefix="opdlm-bench-train-"))
+        if trained_checkpoint:
+            trained, trained_config = build_from_checkpoint(trained_checkpoint, "student")
             trained.eval()
             trained_engine = DiffusionRolloutEngine(trained, trained_config.replace(block_size=args.block_size),
                                                     forward_impl=args.forward_impl)
