@@ -47,6 +47,7 @@ setup(
             "opdlm-eval=opdlm_megatron.evaluate:main",
             "opdlm-lm-eval=opdlm_megatron.eval.lm_eval_model:main",
             "opdlm-convert-layout=opdlm_megatron.tools.convert_layout:main",
+            "opdlm-plan=opdlm_megatron.plan:main",
             "opdlm-pretrain-megatron-lm=opdlm_megatron.megatron_lm:main",
         ]
     },
