@@ -114,11 +114,8 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-class CpuShims:
-    """Context manager that lets megatron-core's CUDA-assuming code paths run on CPU.
-
-    Re-entrant use is not supported; ``Runtime`` owns a single instance.
-    """
+class _ScopedPatches:
+    """Attributes replaced while the context is entered and restored, in reverse order, on exit."""
 
     def __init__(self) -> None:
         self._stack: Optional[contextlib.ExitStack] = None
@@ -127,17 +124,36 @@ class CpuShims:
     def active(self) -> bool:
         return self._stack is not None
 
+    @staticmethod
+    def _patcher(stack: contextlib.ExitStack) -> Callable[[Any, str, Any], None]:
+        def patch(owner: Any, name: str, value: Any) -> None:
+            if not hasattr(owner, name):  # an attribute this torch/megatron does not have: nothing to redirect
+                return
+            original = getattr(owner, name)
+            setattr(owner, name, value)
+            stack.callback(setattr, owner, name, original)
+
+        return patch
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+class CpuShims(_ScopedPatches):
+    """Context manager that lets megatron-core's CUDA-assuming code paths run on CPU.
+
+    Re-entrant use is not supported; ``Runtime`` owns a single instance.
+    """
+
     def __enter__(self) -> "CpuShims":
         if self._stack is not None:
             raise RuntimeError("CpuShims is already active")
         from megatron.core.tensor_parallel import random as mcore_random
 
         stack = contextlib.ExitStack()
-
-        def patch(owner: Any, name: str, value: Callable) -> None:
-            original = getattr(owner, name)
-            setattr(owner, name, value)
-            stack.callback(setattr, owner, name, original)
+        patch = self._patcher(stack)
 
         def get_rng_state(*_args, **_kwargs):
             return torch.get_rng_state()
@@ -166,13 +182,7 @@ class CpuShims:
         self._stack = stack
         return self
 
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-
-class MegatronLMCpuShims:
+class MegatronLMCpuShims(_ScopedPatches):
     """What Megatron-LM's ``pretrain()`` (``megatron/training``) needs on top of ``CpuShims`` to run on
     CPU over gloo, entered only around a ``pretrain()`` call on a machine without CUDA:
 
@@ -192,7 +202,7 @@ class MegatronLMCpuShims:
     """
 
     def __init__(self) -> None:
-        self._stack: Optional[contextlib.ExitStack] = None
+        super().__init__()
         self._base = CpuShims()
 
     def __enter__(self) -> "MegatronLMCpuShims":
@@ -200,13 +210,7 @@ class MegatronLMCpuShims:
         import megatron.training.training as mlm_training
 
         stack = contextlib.ExitStack()
-
-        def patch(owner: Any, name: str, value: Any) -> None:
-            if not hasattr(owner, name):
-                return
-            original = getattr(owner, name)
-            setattr(owner, name, value)
-            stack.callback(setattr, owner, name, original)
+        patch = self._patcher(stack)
 
         zero = lambda *a, **k: 0  # noqa: E731
         patch(torch.cuda, "is_available", lambda: True)
@@ -238,11 +242,6 @@ class MegatronLMCpuShims:
             stack.enter_context(self._base)
         self._stack = stack
         return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
 
 
 @dataclass(frozen=True)

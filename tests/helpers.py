@@ -186,3 +186,16 @@ def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128) -> str:
         save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
     save_word_tokenizer(os.path.join(str(ckpt), "tokenizer"))
     return str(ckpt)
+
+
+def save_trainer_student(ckpt, seed: int = 7) -> str:
+    """The training tests' tiny student (``train_common.TINY_MODEL``) saved at ``ckpt``; returns the path."""
+    from opdlm_megatron.checkpointing import save_model_checkpoint
+    from opdlm_megatron.model import build_model
+    from opdlm_megatron.platform import initialize_runtime
+    from tests.distributed.train_common import TINY_MODEL
+
+    with initialize_runtime(device="cpu", seed=seed):
+        config = ModelConfig(**TINY_MODEL)
+        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
+    return str(ckpt)

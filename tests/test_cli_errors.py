@@ -10,21 +10,15 @@ import sys
 
 import pytest
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
 from tests.conftest import REPO_ROOT
-from tests.distributed.train_common import TINY_MODEL, write_token_prompts
+from tests.helpers import save_trainer_student
+from tests.distributed.train_common import write_token_prompts
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_errors")
-    ckpt = root / "ckpt"
-    with initialize_runtime(device="cpu", seed=7):
-        config = ModelConfig(**TINY_MODEL)
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
+    ckpt = save_trainer_student(root / "ckpt")
     good = write_token_prompts(str(root / "prompts.jsonl"), num=4)
     (root / "broken.jsonl").write_text('{"prompt_ids": [5, 6]}\n{"prompt_ids": [7, \n')
     (root / "empty.jsonl").write_text("\n")

@@ -19,13 +19,14 @@ import pytest
 import torch
 import yaml
 
-from opdlm_megatron.checkpointing import build_from_checkpoint, save_model_checkpoint
+from opdlm_megatron.checkpointing import build_from_checkpoint
 from opdlm_megatron.config import ModelConfig
 from opdlm_megatron.model import build_model
 from opdlm_megatron.platform import initialize_runtime
 from opdlm_megatron.train_config import train_config_from_dict
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.distributed.train_common import TINY_MODEL, tiny_train_dict, write_token_prompts
+from tests.helpers import save_trainer_student
 
 ENTRY = "../../examples/megatron_lm/pretrain_opd.py"
 LR = 1e-3
@@ -34,10 +35,7 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_lm")
-    ckpt = root / "student"
-    with initialize_runtime(device="cpu", seed=7):
-        config = ModelConfig(**TINY_MODEL)
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
+    ckpt = save_trainer_student(root / "student")
     data = write_token_prompts(str(root / "prompts.jsonl"), num=6)
     opd = tiny_train_dict(str(root / "ref"), data, str(ckpt))
     for owned in ("train", "optim", "parallel", "checkpoint"):

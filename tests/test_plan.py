@@ -11,13 +11,12 @@ import sys
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
 from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.model import build_model
 from opdlm_megatron.plan import plan, stage_parameters
 from opdlm_megatron.platform import initialize_runtime
 from opdlm_megatron.train_config import train_config_from_dict
 from tests.conftest import REPO_ROOT
+from tests.helpers import save_trainer_student
 from tests.distributed.train_common import TINY_MODEL, naive_rollout, tiny_train_dict, write_token_prompts
 
 SMOLLM2 = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
@@ -27,10 +26,7 @@ SMOLLM2 = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attenti
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
-    ckpt = root / "ckpt"
-    with initialize_runtime(device="cpu", seed=7):
-        config = ModelConfig(**TINY_MODEL)
-        save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
+    ckpt = save_trainer_student(root / "ckpt")
     data = write_token_prompts(str(root / "prompts.jsonl"), num=4)
     return dict(root=root, ckpt=str(ckpt), data=data)
 
