@@ -22,6 +22,7 @@ file names the newest complete checkpoint and is rewritten only after the rename
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -43,21 +44,86 @@ STEP_PREFIX = "step_"
 ROLLOUT_BUFFER_FILE = "rollout_buffer.safetensors"
 
 
+MANIFEST_FILE = "manifest.json"
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str, step: int, config_hash: str) -> None:
+    """Writes ``manifest.json`` (step, config hash, every file with its size and SHA-256) last into a
+    complete checkpoint directory, atomically. A directory without it is not a finished save."""
+    files = {}
+    for base, _dirs, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(base, name)
+            rel = os.path.relpath(path, directory)
+            if rel in (MANIFEST_FILE, MANIFEST_FILE + ".tmp"):
+                continue
+            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    tmp = os.path.join(directory, MANIFEST_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "config_hash": config_hash, "files": files}, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, MANIFEST_FILE))
+
+
+def manifest_problem(directory: str, checksums: bool = True) -> Optional[str]:
+    """Why ``directory`` is not a complete, undamaged checkpoint (None when it is). Without a manifest
+    the older rule applies (``is_checkpoint``): a step directory only appears by an atomic rename once
+    every file is written, so one saved before manifests existed, or killed between the rename and the
+    manifest, is complete; the manifest adds the check for damage done afterwards."""
+    if not is_checkpoint(directory):
+        return "not a complete checkpoint (metadata or model config missing)"
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"unreadable manifest ({error})"
+    for rel, entry in files.items():
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file):
+            return f"{rel} is missing"
+        if os.path.getsize(file) != entry["size"]:
+            return f"{rel} has {os.path.getsize(file)} bytes, the manifest says {entry['size']}"
+        if checksums and _sha256(file) != entry["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
 def step_directory(root: str, step: int) -> str:
     return os.path.join(root, f"{STEP_PREFIX}{step:08d}")
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under ``root`` (per the ``latest`` file), or None."""
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
+    """The newest checkpoint under ``root`` whose manifest verifies: the one the ``latest`` file names,
+    else (saying which were skipped and why) the newest ``step_*`` directory that verifies; None when
+    there is none."""
+    if not os.path.isdir(root):
         return None
-    with open(path) as f:
-        name = f.read().strip()
-    directory = os.path.join(root, name)
-    if not is_checkpoint(directory):
-        raise FileNotFoundError(f"{path} names {name!r}, which is not a complete checkpoint")
-    return directory
+    candidates = sorted((d for d in os.listdir(root) if d.startswith(STEP_PREFIX) and "." not in d), reverse=True)
+    path = os.path.join(root, LATEST_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            named = f.read().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for name in candidates:
+        directory = os.path.join(root, name)
+        problem = manifest_problem(directory)
+        if problem is None:
+            return directory
+        logger.warning("skipping checkpoint %s: %s", directory, problem)
+    return None
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -117,6 +183,7 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
     rng = capture_rng_state()
 
     def write_rng(tmp: str) -> None:
+        _fault_drill_pause()
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(rng, _rng_path(tmp, global_rank()))
         if rollout_buffer is not None and global_rank() == 0:
@@ -128,6 +195,8 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
     save_model_checkpoint(model, directory, model_config, {"trainer": trainer_state, "world_size": _world()},
                           optimizer=optimizer, write_extra_files=write_rng)
     if global_rank() == 0:
+        config_hash = _config_hash(trainer_state)
+        write_manifest(directory, step, config_hash)
         tmp_latest = os.path.join(root, LATEST_FILE + ".tmp")
         with open(tmp_latest, "w") as f:
             f.write(os.path.basename(directory) + "\n")
@@ -139,10 +208,47 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
     return directory
 
 
-def _prune(root: str, keep_last: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith(STEP_PREFIX) and "." not in d)
-    for name in steps[:-keep_last]:
+FAULT_DRILL_SAVE_DELAY = "OPDLM_FAULT_DRILL_SAVE_DELAY"
+
+
+def _fault_drill_pause() -> None:
+    """benchmarks/fault_drill.py only: hold every save half-written for this many seconds, so that the
+    drill can kill a run inside a save. Unset in any real run."""
+    delay = os.environ.get(FAULT_DRILL_SAVE_DELAY)
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
+def remove_stale_partials(root: str) -> int:
+    """Deletes what interrupted saves left under ``root`` (``*.partial-*`` temporary directories and
+    ``*.old-*`` replaced ones; never a complete checkpoint); rank 0 only. Returns how many."""
+    if global_rank() != 0 or not os.path.isdir(root):
+        return 0
+    stale = [d for d in os.listdir(root) if d.startswith(STEP_PREFIX) and (".partial-" in d or ".old-" in d)]
+    for name in stale:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if stale:
+        logger.info("removed %d half-written checkpoint directories left by an interrupted save", len(stale))
+    return len(stale)
+
+
+def _config_hash(trainer_state: Dict[str, Any]) -> str:
+    import hashlib
+
+    keys = {k: trainer_state.get(k) for k in ("objective", "seed")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prune(root: str, keep_last: int) -> None:
+    """Keeps the ``keep_last`` newest checkpoints, and never deletes the newest one that verifies."""
+    steps = sorted(d for d in os.listdir(root) if d.startswith(STEP_PREFIX) and "." not in d)
+    newest_valid = next((d for d in reversed(steps) if manifest_problem(os.path.join(root, d), checksums=False) is None),
+                        None)
+    for name in steps[:-keep_last]:
+        if name != newest_valid:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_training_checkpoint(directory: str, model, optimizer) -> Tuple[Dict[str, Any], Optional[RolloutResult]]:
@@ -153,8 +259,9 @@ def load_training_checkpoint(directory: str, model, optimizer) -> Tuple[Dict[str
     """
     from safetensors.torch import load_file
 
-    if not is_checkpoint(directory):
-        raise FileNotFoundError(f"{directory} is not a complete training checkpoint")
+    problem = manifest_problem(directory)
+    if problem is not None:
+        raise ValueError(f"checkpoint {directory} is damaged or incomplete: {problem}")
     extra = load_model_checkpoint(model, directory, optimizer=optimizer)
     if "trainer" not in extra:
         raise ValueError(f"{directory} is a model checkpoint without trainer state; it cannot be resumed "

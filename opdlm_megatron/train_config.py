@@ -177,6 +177,8 @@ class CheckpointConfig:
     save_every: int = 0  # 0: only at the end
     resume: bool = True  # continue from the latest checkpoint in save_dir if there is one
     keep_last: int = 2
+    # on these signals: finish the step, save, exit 0 (SLURM sends SIGTERM before preemption / time limit)
+    exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -286,6 +288,9 @@ class TrainConfig:
             raise ValueError("model.student_checkpoint is required (or model.random_init with model.model_config)")
         if self.model.random_init and not self.model.model_config:
             raise ValueError("model.random_init needs model.model_config (ModelConfig fields)")
+        from .exit_signals import check_signal_names
+
+        check_signal_names(self.checkpoint.exit_signals)
         self.model.student_precision.validate("model.student_precision")
         self.model.teacher_precision.validate("model.teacher_precision")
         get_objective(self.objective).validate_config(self)

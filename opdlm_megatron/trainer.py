@@ -38,6 +38,7 @@ from .answers import RolloutFn, engine_rollout
 from .checkpointing import load_model_checkpoint, load_model_config
 from .config import ModelConfig, canonical_dtype
 from .data import Sample, load_samples, load_tokenizer
+from .exit_signals import ExitSignals
 from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .objectives import get_objective
@@ -46,7 +47,8 @@ from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
 from .teacher import FrozenTeacher
-from .train_checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .train_checkpoint import (latest_checkpoint, load_training_checkpoint, remove_stale_partials,
+                               save_training_checkpoint)
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class Trainer:
         self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "flops_total": 0.0}
         self.metrics = MetricsLogger(cfg.run_dir, cfg.logging, cfg.to_dict(), is_writer=self.rank == 0)
         self.history: List[Dict[str, float]] = []
+        self.stopped_by: Optional[str] = None  # the signal that ended fit() early
         if cfg.checkpoint.resume:
             self.maybe_resume()
 
@@ -284,11 +287,14 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def fit(self, until_step: Optional[int] = None) -> List[Dict[str, float]]:
         """Trains from the current step to ``total_steps`` (or ``until_step``, to simulate an
-        interruption); saves every ``checkpoint.save_every`` steps and at the end."""
+        interruption); saves every ``checkpoint.save_every`` steps and at the end, and after the
+        current step when a ``checkpoint.exit_signals`` signal arrives (then returns early)."""
         cfg = self.cfg
         last = min(self.total_steps, until_step) if until_step is not None else self.total_steps
         bar = progress_bar(self.total_steps, self.step, cfg.logging.progress_bar and self.rank == 0)
+        signals = ExitSignals(cfg.checkpoint.exit_signals)
         try:
+            signals.__enter__()
             while self.step < last:
                 step = self.step
                 metrics = self.train_step()
@@ -299,9 +305,16 @@ class Trainer:
                     bar.set_postfix(compact(metrics), refresh=False)
                     bar.update(1)
                 every = cfg.checkpoint.save_every
-                if (every and self.step % every == 0) or self.step == last:
+                stop = self.step < last and signals.stop_requested()
+                if (every and self.step % every == 0) or self.step == last or stop:
                     self.save()
+                if stop:
+                    self.stopped_by = signals.received or "a signal on another rank"
+                    logger.warning("stopping after step %d on %s: checkpoint saved, resume with the same config",
+                                   self.step, self.stopped_by)
+                    break
         finally:
+            signals.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
         return self.history
@@ -330,8 +343,10 @@ class Trainer:
                                         tokenizer_dir=self.cfg.model.tokenizer_dir)
 
     def maybe_resume(self) -> bool:
+        remove_stale_partials(self.cfg.checkpoint_dir)
         directory = latest_checkpoint(self.cfg.checkpoint_dir)
         if directory is None:
+            self.metrics.drop_from(0)  # a run restarted before its first save redoes what it logged
             return False
         state, buffer_answers = load_training_checkpoint(directory, self.student, self.optimizer)
         if state["objective"] != self.cfg.objective or state["seed"] != self.cfg.seed:

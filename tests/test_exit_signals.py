@@ -1,0 +1,53 @@
+"""A scheduler's SIGTERM (or SIGUSR1) during `opdlm-train`: the step finishes, a checkpoint is saved,
+the process exits 0, and the run resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from opdlm_megatron.train_checkpoint import latest_checkpoint
+from opdlm_megatron.train_config import train_config_from_dict
+from tests.conftest import REPO_ROOT
+from tests.distributed.train_common import tiny_train_dict, write_token_prompts
+from tests.helpers import save_trainer_student
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_and_exits_zero(tmp_path, sig):
+    ckpt = save_trainer_student(tmp_path / "ckpt")
+    data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=6)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opdlm_megatron.train", "--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"),
+           f"model.student_checkpoint={ckpt}", f"data.path={data}", f"run_dir={run}", "train.steps=200",
+           "checkpoint.save_every=0", "logging.progress_bar=false"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"on {sig}: checkpoint saved" in out
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    saved = latest_checkpoint(str(run / "checkpoints"))
+    assert saved is not None and saved.endswith(f"step_{len(steps):08d}"), (saved, steps)
+    assert len(steps) < 200
+
+
+def test_bad_signal_name_is_refused(tmp_path):
+    data = tiny_train_dict(str(tmp_path), "p.jsonl", "ckpt")
+    data["checkpoint"]["exit_signals"] = ["SIGKILL"]
+    with pytest.raises(ValueError, match=r"checkpoint.exit_signals has \['SIGKILL'\]; allowed"):
+        train_config_from_dict(data)
