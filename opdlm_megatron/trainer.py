@@ -243,7 +243,7 @@ class Trainer:
         metrics: Dict[str, float] = {**inputs.metrics, "loss": loss, "token_mean": out["token_mean"]}
 
         with self.timers.phase("optimizer"):
-            finite = self._all_finite(loss)
+            finite = self._all_finite(loss, self._local_grads_finite())
             lr = self.lr_schedule.set_step(step)
             paper_tokens = self.data.paper_tokens(buffer)
             if finite:
@@ -252,7 +252,8 @@ class Trainer:
                 metrics["skipped"] = 0.0 if ok else 1.0
             else:
                 metrics["skipped"] = 1.0
-                message = f"step {step}: non-finite loss {loss!r}"
+                message = (f"step {step}: non-finite loss {loss!r}" if not math.isfinite(loss)
+                           else f"step {step}: non-finite gradients (loss {loss!r})")
                 if cfg.nan_policy == "stop":
                     raise NonFiniteLossError(message + " (nan_policy='stop')")
                 logger.warning("%s; update skipped (nan_policy='skip')", message)
@@ -278,11 +279,20 @@ class Trainer:
         return metrics
 
     @staticmethod
-    def _all_finite(loss: float) -> bool:
+    def _all_finite(loss: float, grads_finite: bool = True) -> bool:
         # every rank must take the same branch: agree over the whole world
-        flag = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
+        flag = torch.tensor([1.0 if math.isfinite(loss) and grads_finite else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
+
+    def _local_grads_finite(self) -> bool:
+        """Whether this rank's reduced gradients are all finite. A finite loss can come with NaN/inf
+        gradients (an overflow in backward); megatron's fp32/bf16 optimizer would apply them, so they
+        are checked here, one pass over the gradient buffers, like the gradient norm."""
+        buffers = [b.grad_data for b in getattr(self.model, "buffers", []) if getattr(b, "grad_data", None) is not None]
+        if not buffers:
+            buffers = [g for g in (getattr(p, "main_grad", None) for p in self.student.parameters()) if g is not None]
+        return all(bool(torch.isfinite(g).all()) for g in buffers)
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, until_step: Optional[int] = None) -> List[Dict[str, float]]:

@@ -324,3 +324,32 @@ def test_dp2_training_matches_dp1(assets, tmp_path):
                 assert res[key] == ref[key], (name, ref["step"], key)
             for key in ("loss", "teacher_nll", "grad_norm"):
                 assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (name, ref["step"], key)
+
+
+def test_nan_gradients_with_a_finite_loss_skip_the_update(assets, tmp_path):
+    """An overflow in backward can leave NaN gradients behind a finite loss; megatron's optimizer would
+    apply them. The step is skipped instead: weights and Adam state untouched, training goes on."""
+    from opdlm_megatron.trainer import Trainer
+
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=3), checkpoint=dict(resume=False)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
+        weight = trainer.student.decoder.layers[0].mlp.linear_fc1.weight
+        poison = {"on": False}
+        weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+        records = []
+        for step in range(3):
+            poison["on"] = step == 1
+            weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
+            adam = {id(p): {k: t.clone() for k, t in s.items() if torch.is_tensor(t)}
+                    for p, s in trainer.optimizer.optimizer.state.items()}
+            records.append(trainer.train_step())
+            if step == 1:
+                assert all(torch.equal(v, dict(trainer.student.named_parameters())[k]) for k, v in weights.items())
+                after = {id(p): s for p, s in trainer.optimizer.optimizer.state.items()}
+                assert all(torch.equal(t, after[i][k]) for i, s in adam.items() for k, t in s.items())
+        trainer.close()
+    assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0]
+    assert math.isfinite(records[1]["loss"]) and math.isfinite(records[2]["loss"])
+    assert all(math.isfinite(r["grad_norm"]) for r in (records[0], records[2]))
