@@ -38,7 +38,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_object(obj: Any) -> Any:
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torch.distributed)."""
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -61,7 +62,7 @@ def atomic_directory_save(directory: str, write) -> None:
     ``write`` must be a collective that fills the (empty, existing) temporary directory.
     """
     directory = os.path.abspath(directory)
-    tag = _broadcast_object(f"{os.getpid()}")
+    tag = broadcast_object(f"{os.getpid()}")
     tmp = f"{directory}.partial-{tag}"
     if global_rank() == 0:
         if os.path.exists(tmp):

@@ -33,6 +33,7 @@ from .attention import FlexCoreAttention
 from .config import ModelConfig
 from .masks import AttentionLayout
 from .platform import compute_device
+from .precision import PrecisionConfig, check_fp8_runtime, fp8_sequence_multiple, pad_batch
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -141,11 +142,14 @@ def build_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+    precision: Optional[PrecisionConfig] = None,
     **transformer_overrides,
 ) -> OPDGPTModel:
     """Builds this rank's part of the student or teacher for the current megatron parallel state.
 
-    The teacher comes back in eval mode with gradients off; it never enters an optimizer.
+    ``precision``: its FP8 settings, checked against this machine (one-line errors) and mapped onto
+    the TransformerConfig (``precision.py``). The teacher comes back in eval mode with gradients off;
+    it never enters an optimizer.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
@@ -157,6 +161,9 @@ def build_model(
     if cp != 1:
         raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
     device = device or compute_device()
+    if precision is not None:
+        check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, device, role)
+        transformer_overrides = {**precision.transformer_overrides(config.num_layers), **transformer_overrides}
     transformer_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -297,16 +304,8 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
 
     from .teacher import microbatch_rows
 
-    from .precision import fp8_sequence_multiple
-
     device = next(model.parameters()).device
-    # FP8 GEMMs need whole multiples of 16 columns (precision.py); the padding is never attended to
-    padded = layout.pad_columns(fp8_sequence_multiple(model))
-    if padded.seq_len > input_ids.shape[1]:
-        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], padded.seq_len - input_ids.shape[1]),
-                                                             pad_id)], 1)
-        layout = padded
+    input_ids, layout = pad_batch(input_ids, layout, fp8_sequence_multiple(model), config.pad_token_id)
     microbatches = []
     for rows, real in microbatch_rows(input_ids.shape[0], micro_batch_size):
         want = needed[rows] & real[:, None]

@@ -116,3 +116,15 @@ def fp8_disabled(model):
 def fp8_sequence_multiple(model) -> int:
     """The column multiple a training batch of ``model`` is padded to (1 without FP8)."""
     return FP8_SEQUENCE_MULTIPLE if getattr(getattr(model, "config", None), "fp8", None) else 1
+
+
+def pad_batch(input_ids: torch.Tensor, layout, multiple: int, pad_token_id: Optional[int]):
+    """``(input_ids, layout)`` with invalid columns appended up to a multiple of ``multiple``
+    (``AttentionLayout.pad_columns``; pad token, default 0): FP8 GEMMs need whole multiples of 16
+    columns, and the padding is never attended to or read."""
+    layout = layout.pad_columns(multiple)
+    extra = layout.seq_len - input_ids.shape[1]
+    if extra:
+        pad = input_ids.new_full((input_ids.shape[0], extra), pad_token_id if pad_token_id is not None else 0)
+        input_ids = torch.cat([input_ids, pad], 1)
+    return input_ids, layout

@@ -41,7 +41,7 @@ from .losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence,
 from .masks import causal_layout, opd_training_batch
 from .model import attention_mask, broadcast_from_last_stage, logits_at_columns
 from .objectives.base import SupervisedBatch
-from .precision import fp8_sequence_multiple
+from .precision import fp8_sequence_multiple, pad_batch
 from .rollout.types import RolloutResult
 from .teacher import TeacherTargets, microbatch_rows
 
@@ -130,13 +130,8 @@ class StudentStepPlan:
         self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
 
         input_ids, layout, prediction_columns = model_input(config, batch)
-        # FP8 GEMMs need whole multiples of 16 columns (precision.py); the padding is never attended to
         multiple = pad_multiple if pad_multiple is not None else fp8_sequence_multiple(model)
-        layout = layout.pad_columns(multiple)
-        if layout.seq_len > input_ids.shape[1]:
-            pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-            input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], layout.seq_len - input_ids.shape[1]),
-                                                                 pad_id)], 1)
+        input_ids, layout = pad_batch(input_ids, layout, multiple, config.pad_token_id)
         self.seq_length = input_ids.shape[1]
         plan = microbatch_rows(batch.batch_size, micro_batch_size)
         self.num_microbatches = len(plan)

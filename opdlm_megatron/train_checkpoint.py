@@ -251,15 +251,17 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_training_checkpoint(directory: str, model, optimizer) -> Tuple[Dict[str, Any], Optional[RolloutResult]]:
+def load_training_checkpoint(directory: str, model, optimizer,
+                             verified: bool = False) -> Tuple[Dict[str, Any], Optional[RolloutResult]]:
     """Loads weights, optimizer state and this rank's RNG states; returns the trainer state and the
     saved rollout buffer (None when the checkpoint was taken between rollouts).
 
-    ``model`` is the bare student, as for ``save_training_checkpoint``.
+    ``model`` is the bare student, as for ``save_training_checkpoint``. ``verified``: the caller has
+    just checked the manifest (``latest_checkpoint``), so the files are not hashed a second time.
     """
     from safetensors.torch import load_file
 
-    problem = manifest_problem(directory)
+    problem = None if verified else manifest_problem(directory)
     if problem is not None:
         raise ValueError(f"checkpoint {directory} is damaged or incomplete: {problem}")
     extra = load_model_checkpoint(model, directory, optimizer=optimizer)

@@ -35,14 +35,13 @@ import torch.distributed as dist
 
 from . import losses
 from .answers import RolloutFn, engine_rollout
-from .checkpointing import load_model_checkpoint, load_model_config
+from .checkpointing import broadcast_object, load_model_checkpoint, load_model_config
 from .config import ModelConfig, canonical_dtype
 from .data import Sample, load_samples, load_tokenizer
 from .exit_signals import ExitSignals
 from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .objectives import get_objective
-from .precision import check_fp8_runtime
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
@@ -192,9 +191,7 @@ class Trainer:
             config = config.replace(block_size=cfg.block_size)
         if paths.student_dtype:
             config = config.replace(params_dtype=canonical_dtype(paths.student_dtype))
-        device = self.runtime.device
-        check_fp8_runtime(paths.student_precision, config.transformer_impl, config.params_dtype, device, "student")
-        student = build_model(config, "student", **paths.student_precision.transformer_overrides(config.num_layers))
+        student = build_model(config, "student", precision=paths.student_precision)
         if not paths.random_init:
             load_model_checkpoint(student, paths.student_checkpoint)
         if not self.objective.needs_teacher:
@@ -204,12 +201,12 @@ class Trainer:
             teacher_config = load_model_config(paths.teacher_checkpoint)
             teacher_config = teacher_config.replace(
                 params_dtype=teacher_dtype or teacher_config.params_dtype)
-            teacher = self._build_teacher(teacher_config)
+            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision)
             load_model_checkpoint(teacher, paths.teacher_checkpoint)
         else:
             # self-distillation: the teacher is the student's initial weights (same architecture)
             teacher_config = config.replace(params_dtype=teacher_dtype or config.params_dtype)
-            teacher = self._build_teacher(teacher_config)
+            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision)
             weights = student.state_dict()
             missing = sorted(set(teacher.state_dict()) - set(weights))
             unexpected = sorted(set(weights) - set(teacher.state_dict()))
@@ -219,11 +216,6 @@ class Trainer:
             teacher.load_state_dict(weights, strict=True)
             teacher.to(dtype=teacher_config.torch_dtype)
         return student, config, teacher, teacher_config
-
-    def _build_teacher(self, config: ModelConfig):
-        precision = self.cfg.model.teacher_precision
-        check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, self.runtime.device, "teacher")
-        return build_model(config, "teacher", **precision.transformer_overrides(config.num_layers))
 
     # ------------------------------------------------------------------------------- a step
     def train_step(self) -> Dict[str, float]:
@@ -302,32 +294,35 @@ class Trainer:
         cfg = self.cfg
         last = min(self.total_steps, until_step) if until_step is not None else self.total_steps
         bar = progress_bar(self.total_steps, self.step, cfg.logging.progress_bar and self.rank == 0)
-        signals = ExitSignals(cfg.checkpoint.exit_signals)
         try:
-            signals.__enter__()
-            while self.step < last:
-                step = self.step
-                metrics = self.train_step()
-                self.history.append({"step": step, **metrics})
-                if step % cfg.logging.log_every == 0 or self.step == self.total_steps:
-                    self.metrics.log(metrics, step)
-                if bar is not None:
-                    bar.set_postfix(compact(metrics), refresh=False)
-                    bar.update(1)
-                every = cfg.checkpoint.save_every
-                stop = self.step < last and signals.stop_requested()
-                if (every and self.step % every == 0) or self.step == last or stop:
-                    self.save()
-                if stop:
-                    self.stopped_by = signals.received or "a signal on another rank"
-                    logger.warning("stopping after step %d on %s: checkpoint saved, resume with the same config",
-                                   self.step, self.stopped_by)
-                    break
+            with ExitSignals(cfg.checkpoint.exit_signals) as signals:
+                self._fit_loop(last, bar, signals)
         finally:
-            signals.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
         return self.history
+
+    def _fit_loop(self, last: int, bar, signals: ExitSignals) -> None:
+        """``fit``'s steps: log, save when due, stop after the step a signal arrived in."""
+        cfg = self.cfg
+        while self.step < last:
+            step = self.step
+            metrics = self.train_step()
+            self.history.append({"step": step, **metrics})
+            if step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                self.metrics.log(metrics, step)
+            if bar is not None:
+                bar.set_postfix(compact(metrics), refresh=False)
+                bar.update(1)
+            every = cfg.checkpoint.save_every
+            stop = self.step < last and signals.stop_requested()
+            if (every and self.step % every == 0) or self.step == last or stop:
+                self.save()
+            if stop:
+                self.stopped_by = signals.received or "a signal on another rank"
+                logger.warning("stopping after step %d on %s: checkpoint saved, resume with the same config",
+                               self.step, self.stopped_by)
+                break
 
     # ------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> Dict:
@@ -354,11 +349,12 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         remove_stale_partials(self.cfg.checkpoint_dir)
-        directory = latest_checkpoint(self.cfg.checkpoint_dir)
+        # rank 0 verifies the manifests (hashing every file once) and tells the others which to load
+        directory = broadcast_object(latest_checkpoint(self.cfg.checkpoint_dir) if self.rank == 0 else None)
         if directory is None:
             self.metrics.drop_from(0)  # a run restarted before its first save redoes what it logged
             return False
-        state, buffer_answers = load_training_checkpoint(directory, self.student, self.optimizer)
+        state, buffer_answers = load_training_checkpoint(directory, self.student, self.optimizer, verified=True)
         if state["objective"] != self.cfg.objective or state["seed"] != self.cfg.seed:
             raise ValueError(
                 f"{directory} was written by a run with objective={state['objective']!r} seed={state['seed']}, "

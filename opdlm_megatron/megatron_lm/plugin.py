@@ -47,8 +47,6 @@ from ..losses import DivergenceConfig
 from ..metrics import MetricsLogger
 from ..model import build_model
 from ..objectives import get_objective
-from ..platform import compute_device
-from ..precision import check_fp8_runtime
 from ..step_data import StepData
 from ..student import StudentStepPlan, forward_step
 from ..teacher import FrozenTeacher
@@ -114,12 +112,10 @@ class OPDPlugin:
 
         if vp_stage not in (None, 0):
             raise ValueError("virtual pipeline stages are not supported by OPD")
-        precision = self.cfg.model.student_precision
-        check_fp8_runtime(precision, self.config.transformer_impl, self.config.params_dtype, compute_device(), "student")
         # (megatron's config check ties variable lengths to the all-to-all MoE dispatcher, MoE or not)
         model = build_model(self.config, "student", pre_process=pre_process, post_process=post_process,
-                            variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
-                            **precision.transformer_overrides(self.config.num_layers))
+                            precision=self.cfg.model.student_precision, variable_seq_lengths=True,
+                            moe_token_dispatcher_type="alltoall")
         if not get_args().pretrained_checkpoint:
             # the starting weights are --opd-student's (pretrain() then loads --load over them when
             # resuming); with --pretrained-checkpoint, pretrain() loads that instead, as usual
@@ -173,9 +169,7 @@ class OPDPlugin:
         source = paths.teacher_checkpoint or args.pretrained_checkpoint or paths.student_checkpoint
         config = load_model_config(source) if paths.teacher_checkpoint and has_model_config(source) else self.config
         config = config.replace(params_dtype=dtype or config.params_dtype)
-        precision = paths.teacher_precision
-        check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, compute_device(), "teacher")
-        teacher = build_model(config, "teacher", **precision.transformer_overrides(config.num_layers))
+        teacher = build_model(config, "teacher", precision=paths.teacher_precision)
         self._load_weights(teacher, source)
         return FrozenTeacher(teacher, config, self.config)
 
