@@ -13,7 +13,9 @@ other conversions, at equal budgets of training tokens.
 3. **Students**: the teacher's weights with block-causal attention (block 4), a [MASK] row set to
    the mean token embedding and the Dream-style logit shift; arms ``opd`` (Algorithm 1),
    ``opd_off``, ``kd_off``, ``sft`` (on cached teacher answers) and ``mdlm`` (on the task's data),
-   plus ``opd_noshift`` (the paper's student, without the shift), each trained from the same
+   ``opd_tcs`` / ``tcs`` (TCS-corrected teacher targets on OPD's states / on teacher answers) and
+   ``lift`` (learnability-informed masking of the task's data), plus ``opd_noshift`` (the paper's
+   student, without the shift), each trained from the same
    weights with the same optimizer and batch, and evaluated when its count of the paper's training
    tokens T (samples x generation length; dataset answers: their length) passes each budget.
 4. **Evaluation** on 200 held-out prompts: accuracy at threshold 0.9 and at static 1 token per step
@@ -68,7 +70,8 @@ MAX_ANSWER = 64
 # students convert at all; "opd_noshift" is the paper's student (no shift), which does not learn the
 # task within these budgets (a first full run: every no-shift arm <= 0.13 at 262k tokens, see BENCHMARKS.md).
 ARMS = {"opd": ("opd", True), "opd_noshift": ("opd", False), "opd_off": ("opd_off", True),
-        "kd_off": ("kd_off", True), "sft": ("sft", True), "mdlm": ("mdlm", True)}
+        "kd_off": ("kd_off", True), "sft": ("sft", True), "mdlm": ("mdlm", True),
+        "opd_tcs": ("opd_tcs", True), "tcs": ("tcs", True), "lift": ("lift", True)}
 
 
 # ------------------------------------------------------------------------------------ the task
@@ -201,38 +204,46 @@ def run_arm(name: str, args, student_ckpt: str, teacher_ckpt: str, train: List[S
                      teacher_max_new_tokens=MAX_ANSWER),
         curriculum=dict(min_length=16, max_length=MAX_ANSWER, warmup_rollouts=10),
         optim=dict(lr=args.lr, min_lr=args.lr, warmup_steps=5), checkpoint=dict(resume=False),
+        tcs=dict(weight=args.tcs_weight, route_prob=args.tcs_route_prob, max_weight=args.tcs_max_weight),
         logging=dict(progress_bar=False, teacher_nll=False)))
     rows = []
     with initialize_runtime(device="cpu", seed=3) as rt:
         trainer = Trainer(cfg, rt, samples=train)
         teacher = trainer.teacher or FrozenTeacher.from_checkpoint(teacher_ckpt, trainer.config)
         start, wall = time.time(), 0.0
+        train_s, refine_s = 0.0, 0.0  # time in train_step (no evaluation) and in refine_targets (TCS)
         pending = sorted(budgets)
         if pending and pending[0] == 0:
             pending.pop(0)
             rows.append(record(name, 0, 0, 0, evaluate_student(trainer.student, trainer.config, teacher, held,
                                                                  args.eval_batch), 0.0))
         while pending:
+            step_start = time.time()
             metrics = trainer.train_step()
+            train_s += time.time() - step_start
+            refine_s += metrics.get("time/refine_targets", 0.0)
             tokens = trainer.counters["paper_tokens_total"]
             if tokens >= pending[0]:
                 wall = time.time() - start
                 evaluation = evaluate_student(trainer.student, trainer.config, teacher, held, args.eval_batch)
-                rows.append(record(name, pending[0], tokens, trainer.step, evaluation, wall))
+                rows.append(record(name, pending[0], tokens, trainer.step, evaluation, wall, train_s, refine_s))
                 log(f"{name:9s} T={tokens:>9.0f} step {trainer.step:5d}: acc@0.9 {evaluation.acc_tau:.3f} "
                     f"TPF {evaluation.tpf_tau:.2f} acc@1/step {evaluation.acc_static:.3f} "
                     f"acc@block1 {evaluation.acc_block1:.3f} "
-                    f"teacher NLL {evaluation.teacher_nll:.3f} loss {metrics['loss']:.4f} ({wall:.0f} s)")
+                    f"teacher NLL {evaluation.teacher_nll:.3f} loss {metrics['loss']:.4f} ({wall:.0f} s)"
+                    + (f" routed {metrics['tcs_routed_share']:.2f} disagree {metrics['tcs_disagree_share']:.2f}"
+                       if "tcs_routed_share" in metrics else ""))
                 while pending and tokens >= pending[0]:
                     pending.pop(0)
         trainer.close()
     return rows
 
 
-def record(arm, budget, tokens, step, e: Evaluation, wall) -> dict:
+def record(arm, budget, tokens, step, e: Evaluation, wall, train_s=0.0, refine_s=0.0) -> dict:
     return dict(arm=arm, budget_tokens=budget, trained_tokens=int(tokens), steps=step, acc_tau09=e.acc_tau,
                 tpf_tau09=e.tpf_tau, acc_static1=e.acc_static, tpf_static1=e.tpf_static, acc_block1=e.acc_block1,
-                teacher_nll=e.teacher_nll, answer_tokens=e.answer_tokens, wall_s=round(wall, 1))
+                teacher_nll=e.teacher_nll, answer_tokens=e.answer_tokens, wall_s=round(wall, 1),
+                s_per_step=round(train_s / max(step, 1), 3), refine_s_per_step=round(refine_s / max(step, 1), 3))
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -285,6 +296,9 @@ def parse_args():
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--budgets", default="0,32768,131072,262144,524288", help="token budgets of every arm but mdlm")
     p.add_argument("--mdlm-budgets", default="0,131072,524288,1048576,2621440")
+    p.add_argument("--tcs-weight", type=float, default=1.0, help="lambda of the TCS arms")
+    p.add_argument("--tcs-route-prob", type=float, default=0.1, help="routing probability where argmaxes agree")
+    p.add_argument("--tcs-max-weight", type=float, default=None, help="cap of the TCS arms' lambda / pi weights")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--teacher-steps", type=int, default=3000)

@@ -1,7 +1,7 @@
 """Kill -9 drill: a training run killed at random moments (some inside a checkpoint save) and resumed
 each time ends exactly where an uninterrupted run of the same config ends.
 
-    python benchmarks/fault_drill.py [--kills 20] [--in-save 5] [--steps 60] [--quick]
+    python benchmarks/fault_drill.py [--kills 20] [--in-save 5] [--steps 60] [--layout tp1|tp2|pp2] [--quick]
 
 A tiny student (4 layers) trains with a checkpoint every step (`opdlm-train`, sampled rollouts, one
 thread). The reference run goes through uninterrupted. The drill run is SIGKILLed ``--kills`` times:
@@ -10,6 +10,10 @@ the first ``--in-save`` kills land inside a save (the save is held half-written 
 random moment; after each kill every checkpoint directory is checked (a complete, loadable checkpoint
 or nothing) and the run is restarted with automatic resume. At the end the per-step losses and
 gradient norms and the final weights are compared with the reference, bit for bit.
+
+``--layout tp2`` / ``pp2`` runs both runs under torchrun with two ranks (tensor / pipeline parallel)
+and kills one of the two workers: torchrun then tears the job down (the other worker's collective
+fails or torchrun's SIGTERM stops it) and the drill restarts the whole job.
 
 Reports kills survived, corrupt checkpoints (goal 0), steps lost per kill (steps logged but not yet
 checkpointed), the time from a restart to its first new step, and ends with the line
@@ -55,11 +59,57 @@ def prepare(root: str) -> tuple:
     return ckpt, data
 
 
-def command(ckpt: str, data: str, run_dir: str, steps: int) -> list:
-    return [sys.executable, "-m", "opdlm_megatron.train", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
-            f"model.student_checkpoint={ckpt}", f"data.path={data}", f"run_dir={run_dir}", f"train.steps={steps}",
-            "checkpoint.save_every=1", "checkpoint.keep_last=2", "rollout.temperature=1.0",
-            "logging.progress_bar=false"]
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def command(ckpt: str, data: str, run_dir: str, steps: int, layout: str = "tp1") -> list:
+    tp, pp = LAYOUTS[layout]
+    launcher = [sys.executable] if layout == "tp1" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return launcher + [
+        "-m", "opdlm_megatron.train", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
+        f"model.student_checkpoint={ckpt}", f"data.path={data}", f"run_dir={run_dir}", f"train.steps={steps}",
+        "checkpoint.save_every=1", "checkpoint.keep_last=2", "rollout.temperature=1.0",
+        "logging.progress_bar=false", f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.pipeline_model_parallel_size={pp}"]
+
+
+def workers(pid: int) -> list:
+    """The child processes of ``pid`` (torchrun's workers)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return children
+
+
+def kill(proc: subprocess.Popen, layout: str, rng: random.Random) -> str:
+    """SIGKILL the run: the process itself, or one torchrun worker (torchrun tears the rest down)."""
+    if layout == "tp1":
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return "the process"
+    ranks = workers(proc.pid)
+    victim = rng.choice(ranks) if ranks else proc.pid
+    os.kill(victim, signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # torchrun did not notice: end the job as a scheduler would
+        for pid in workers(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    for pid in ranks:  # no worker outlives the job
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return f"worker {ranks.index(victim) if victim in ranks else '?'} of 2"
 
 
 def environment(save_delay: float = 0.0) -> dict:
@@ -119,6 +169,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60,
                         help="well above --kills: each kill follows a new checkpoint and costs up to two steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tp1",
+                        help="tp2 / pp2: two ranks under torchrun, one of them killed")
     parser.add_argument("--quick", action="store_true", help="4 kills (2 in a save), 14 steps: the CI smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -134,11 +186,11 @@ def main() -> None:
 
     reference = os.path.join(root, "reference")
     started = time.perf_counter()
-    subprocess.run(command(ckpt, data, reference, args.steps), env=environment(), check=True,
+    subprocess.run(command(ckpt, data, reference, args.steps, args.layout), env=environment(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_seconds = time.perf_counter() - started
     step_seconds = run_seconds / (args.steps + 4)  # about four steps' worth is start-up
-    print(f"reference: {args.steps} steps uninterrupted in {run_seconds:.1f} s")
+    print(f"reference ({args.layout}): {args.steps} steps uninterrupted in {run_seconds:.1f} s")
 
     drill = os.path.join(root, "drill")
     kinds = ["save"] * args.in_save + ["random"] * (args.kills - args.in_save)
@@ -148,11 +200,13 @@ def main() -> None:
         kind = kinds[kills] if kills < len(kinds) else None
         resumed_from = saved_step(drill)
         began = time.perf_counter()
-        proc = subprocess.Popen(command(ckpt, data, drill, args.steps), env=environment(1.5 if kind == "save" else 0),
+        proc = subprocess.Popen(command(ckpt, data, drill, args.steps, args.layout),
+                                env=environment(1.5 if kind == "save" else 0),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first_step = None
         checkpoints = os.path.join(drill, "checkpoints")
-        this_save = f".partial-{proc.pid}"  # the temporary directory of a save by this process
+        # the temporary directory of a save by this process (under torchrun: by one of its workers)
+        this_save = f".partial-{proc.pid}" if args.layout == "tp1" else ".partial-"
         # every kill waits until the restarted run has saved once more (so each kill costs progress,
         # not just start-up), then: inside its next save, or a random moment of the next steps
         kill_at = None
@@ -170,8 +224,7 @@ def main() -> None:
             time.sleep(0.05)
         if proc.poll() is None and kind is not None:
             logged = len(logged_steps(drill))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            victim = kill(proc, args.layout, rng)
             kills += 1
             lost.append(max(0, logged - saved_step(drill)))
             problems = checkpoint_problems(drill)
@@ -179,7 +232,7 @@ def main() -> None:
             survived += 0 if problems else 1
             if first_step is not None:
                 restarts.append(first_step)
-            print(f"kill {kills} ({kind}): after {logged} logged steps, checkpoint at step {saved_step(drill)}"
+            print(f"kill {kills} ({kind}, {victim}): after {logged} logged steps, checkpoint at step {saved_step(drill)}"
                   + (f", CORRUPT: {problems}" if problems else ""))
             continue
         proc.wait()

@@ -122,6 +122,19 @@ def load_model_config(directory: str) -> ModelConfig:
     return ModelConfig.load(directory)
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error (torch's CheckpointException wraps one per rank)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = next(iter(failures.values()))
+        if isinstance(error, tuple):  # torch keeps (exception, traceback) per rank
+            error = error[0]
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {text[0]}" if text else "")
+
+
 def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=None) -> Dict:
     """Loads a dist checkpoint into ``model`` (any TP/PP), and into ``optimizer`` when given; returns
     the checkpoint's extra state. Training checkpoints load as model checkpoints (optimizer state ignored)."""
@@ -144,7 +157,12 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
         _allocate_distributed_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
                                                             metadata=OPTIMIZER_SHARDING_METADATA)
-    state = dist_checkpointing.load(sharded, directory)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        state = dist_checkpointing.load(sharded, directory)
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - whatever the reader trips on, name the file
+        raise ValueError(f"checkpoint {directory} is damaged or does not fit this model: {_root_cause(error)}") from error
     extra = state.pop("opdlm_extra_state", {}) if isinstance(state, dict) else {}
     optimizer_state = state.pop("optimizer", None) if isinstance(state, dict) else None
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -15,6 +15,13 @@ Query q may attend key k iff k is valid and
 so an ``xt`` token of block j sees the prompt, x0 of blocks < j, and xt of block j. Padding queries
 attend everywhere: their outputs are finite garbage that no loss reads, and no valid query reads them.
 
+An optional further attribute, ``branch`` (0 = the trunk), appends *branches* to a causal trunk: short
+alternative continuations that fork off it, all scored in the trunk's forward, so the trunk's keys
+and values are computed once for every branch (TCS's candidate branches, ``objectives/tcs.py``). A
+branch token sees the clean trunk tokens with ``block(k) <= block(q)`` (its block id is the last
+trunk position it may see) and the tokens of its own branch up to its position; trunk tokens never
+see branch tokens.
+
 Every mask is available dense (megatron-core convention: a bool tensor ``[B, 1, Sq, Sk]`` in which
 **True means "masked out"**, consumed by ``AttnMaskType.arbitrary``) and, where torch provides it, as
 a FlexAttention ``BlockMask`` built from the same rule (``flex_block_mask``), which skips fully masked
@@ -39,11 +46,21 @@ class AttentionLayout:
     noisy: Tensor
     valid: Tensor
     position_ids: Tensor
+    branch: Optional[Tensor] = None  # [B, S] long, 0 = trunk; None: no branches
 
     def __post_init__(self) -> None:
-        shapes = {t.shape for t in (self.block_ids, self.noisy, self.valid, self.position_ids)}
+        parts = (self.block_ids, self.noisy, self.valid, self.position_ids) + (
+            () if self.branch is None else (self.branch,))
+        shapes = {t.shape for t in parts}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"layout tensors must share one [B, S] shape, got {sorted(map(tuple, shapes))}")
+
+    def _parts(self):
+        return (self.block_ids, self.noisy, self.valid, self.position_ids, self.branch)
+
+    def branch_ids(self) -> Tensor:
+        """``branch``, or zeros (all trunk) when the layout has no branches."""
+        return self.branch if self.branch is not None else torch.zeros_like(self.block_ids)
 
     @property
     def batch_size(self) -> int:
@@ -56,20 +73,22 @@ class AttentionLayout:
     def columns(self, start: int, end: Optional[int] = None) -> "AttentionLayout":
         """The layout of sequence columns ``[start, end)``."""
         sl = slice(start, end)
-        return AttentionLayout(self.block_ids[:, sl], self.noisy[:, sl], self.valid[:, sl], self.position_ids[:, sl])
+        return AttentionLayout(*(None if t is None else t[:, sl] for t in self._parts()))
 
     def rows(self, index: Tensor) -> "AttentionLayout":
         """The layout of the batch rows selected by ``index``."""
-        return AttentionLayout(self.block_ids[index], self.noisy[index], self.valid[index], self.position_ids[index])
+        return AttentionLayout(*(None if t is None else t[index] for t in self._parts()))
 
     @staticmethod
     def cat(layouts: Sequence["AttentionLayout"]) -> "AttentionLayout":
         """Concatenates layouts along the sequence (e.g. cached keys followed by new queries)."""
+        branched = any(x.branch is not None for x in layouts)
         return AttentionLayout(
             torch.cat([x.block_ids for x in layouts], 1),
             torch.cat([x.noisy for x in layouts], 1),
             torch.cat([x.valid for x in layouts], 1),
             torch.cat([x.position_ids for x in layouts], 1),
+            torch.cat([x.branch_ids() for x in layouts], 1) if branched else None,
         )
 
     def pad_columns(self, multiple: int) -> "AttentionLayout":
@@ -81,10 +100,10 @@ class AttentionLayout:
         pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
         last_block = int(self.block_ids.max()) + 1 if self.block_ids.numel() else 0
         return AttentionLayout(pad(self.block_ids, last_block), pad(self.noisy, False), pad(self.valid, False),
-                               pad(self.position_ids, 0))
+                               pad(self.position_ids, 0), None if self.branch is None else pad(self.branch, 0))
 
     def to(self, device) -> "AttentionLayout":
-        return AttentionLayout(*(t.to(device) for t in (self.block_ids, self.noisy, self.valid, self.position_ids)))
+        return AttentionLayout(*(None if t is None else t.to(device) for t in self._parts()))
 
     # ------------------------------------------------------------------------------------ masks
     def allowed(self, keys: Optional["AttentionLayout"] = None) -> Tensor:
@@ -92,10 +111,14 @@ class AttentionLayout:
         keys = self if keys is None else keys
         if keys.batch_size != self.batch_size:
             raise ValueError(f"query batch {self.batch_size} != key batch {keys.batch_size}")
-        return _allowed(
+        allow = _allowed(
             self.block_ids[:, :, None], self.noisy[:, :, None], self.valid[:, :, None],
             keys.block_ids[:, None, :], keys.noisy[:, None, :], keys.valid[:, None, :],
         )
+        if self.branch is None and keys.branch is None:
+            return allow
+        return _branched(allow, self.branch_ids()[:, :, None], self.position_ids[:, :, None], self.valid[:, :, None],
+                         keys.branch_ids()[:, None, :], keys.position_ids[:, None, :], keys.valid[:, None, :])
 
     def dense_mask(self, keys: Optional["AttentionLayout"] = None) -> Tensor:
         """megatron-core attention mask ``[B, 1, Sq, Sk]``: True = masked out."""
@@ -108,9 +131,15 @@ class AttentionLayout:
         keys = self if keys is None else keys
         qb, qn, qv = self.block_ids, self.noisy, self.valid
         kb, kn, kv = keys.block_ids, keys.noisy, keys.valid
+        branched = self.branch is not None or keys.branch is not None
+        qbr, qp, kbr, kp = self.branch_ids(), self.position_ids, keys.branch_ids(), keys.position_ids
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return _allowed(qb[b, q_idx], qn[b, q_idx], qv[b, q_idx], kb[b, kv_idx], kn[b, kv_idx], kv[b, kv_idx])
+            allow = _allowed(qb[b, q_idx], qn[b, q_idx], qv[b, q_idx], kb[b, kv_idx], kn[b, kv_idx], kv[b, kv_idx])
+            if not branched:
+                return allow
+            return _branched(allow, qbr[b, q_idx], qp[b, q_idx], qv[b, q_idx], kbr[b, kv_idx], kp[b, kv_idx],
+                             kv[b, kv_idx])
 
         return create_block_mask(
             mask_mod, B=self.batch_size, H=None, Q_LEN=self.seq_len, KV_LEN=keys.seq_len,
@@ -123,6 +152,27 @@ def _allowed(qb, qn, qv, kb, kn, kv):
     noisy_rule = (~kn & (kb < qb)) | (kn & (kb == qb))
     allow = torch.where(qn, noisy_rule, clean_rule) & kv
     return allow | ~qv
+
+
+def _branched(allow, qbr, qp, qv, kbr, kp, kv):
+    """``allow`` (the rule without branches) restricted by branch ids: trunk queries see trunk keys
+    only; a branch query sees the trunk keys ``allow`` gives it and its own branch causally."""
+    trunk_key = kbr == 0
+    own_branch = (kbr == qbr) & (kp <= qp) & kv
+    rule = torch.where(qbr == 0, allow & trunk_key, (allow & trunk_key) | own_branch)
+    return rule | ~qv
+
+
+def branch_layout(trunk: AttentionLayout, branch_ids: Tensor, fork_blocks: Tensor, position_ids: Tensor,
+                  valid: Tensor) -> AttentionLayout:
+    """``trunk`` (a causal layout) followed by branch tokens ``[B, L]``: ``branch_ids`` (>= 1 for real
+    tokens), ``fork_blocks`` (the last trunk block each token sees), their ``position_ids`` and ``valid``."""
+    if trunk.branch is not None or bool(trunk.noisy.any()):
+        raise ValueError("branches fork off a clean trunk without branches")
+    if bool((branch_ids[valid] < 1).any()):
+        raise ValueError("real branch tokens need branch ids >= 1 (0 is the trunk)")
+    tail = AttentionLayout(fork_blocks, torch.zeros_like(valid), valid, position_ids, branch_ids)
+    return AttentionLayout.cat([trunk, tail])
 
 
 # ------------------------------------------------------------------------------------ builders

@@ -22,6 +22,35 @@ from .train_config import LoggingConfig
 logger = logging.getLogger(__name__)
 
 
+class LossSpikeDetector:
+    """Flags a loss above ``factor`` x the median of the last ``window`` finite losses (once at least
+    ``min_history`` of them are known): the early sign of a diverging run, logged as a warning and
+    the ``loss_spike`` metric. ``factor`` 0 turns it off. Its history is part of the trainer state,
+    so a resumed run flags the same steps."""
+
+    def __init__(self, factor: float = 5.0, window: int = 50, min_history: int = 10) -> None:
+        self.factor, self.window, self.min_history = factor, window, min_history
+        self.history: list = []
+
+    def update(self, loss: float) -> bool:
+        """Whether ``loss`` is a spike; finite losses join the history (spikes included)."""
+        import math
+        import statistics
+
+        if not math.isfinite(loss):
+            return False
+        spike = (self.factor > 0 and len(self.history) >= self.min_history
+                 and loss > self.factor * statistics.median(self.history))
+        self.history = (self.history + [loss])[-self.window:]
+        return spike
+
+    def state_dict(self) -> Dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.history = [float(x) for x in state.get("history", [])][-self.window:]
+
+
 class PhaseTimers:
     """Wall-clock seconds per named phase of one step (synchronising CUDA so GPU work is counted)."""
 

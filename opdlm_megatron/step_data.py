@@ -9,7 +9,8 @@ seed and parallel layout:
    the whole rollout (the *rollout buffer*).
 2. **states** (every step): the step's ``train.global_batch_size`` rows of the buffer become a
    ``SupervisedBatch`` (``Objective.build``); this data-parallel rank keeps its share of the rows.
-3. **teacher** (distillation objectives): the frozen ARLM's targets of the supervised positions.
+3. **teacher** (distillation objectives): the frozen ARLM's targets of the supervised positions,
+   refined by the objective where it says so (TCS's corrected targets on routed positions).
 
 Randomness derives from ``(seed, rollout)`` and ``(seed, step)``, never from the rank.
 """
@@ -28,8 +29,9 @@ from .answers import DatasetAnswers, RolloutFn, StudentRollouts, TeacherAnswers,
 from .config import ModelConfig
 from .data import Sample, SampleStream
 from .metrics import PhaseTimers
-from .objectives import StateContext
+from .objectives import StateContext, TargetTools
 from .objectives.base import Objective, SupervisedBatch
+from .objectives.scoring import StudentScorer
 from .rollout.config import DecodeConfig
 from .rollout.types import RolloutResult
 from .schedules import rollout_length
@@ -95,11 +97,15 @@ class StepData:
         self.timers = timers or PhaseTimers()
         self.end_of_turn_ids = list(cfg.loss.end_of_turn_ids if cfg.loss.end_of_turn_ids is not None
                                     else config.eos_token_ids)
+        # the model being trained, no grad, for objectives that read it (LIFT's scores, TCS's routing)
+        self.score_student = StudentScorer(student, config, cfg.train.micro_batch_size, cfg.loss.chunk_tokens)
         self.state_context = StateContext(
             mask_token_id=config.mask_token_id, block_size=config.block_size,
             end_of_turn_ids=self.end_of_turn_ids, include_end_of_turn=cfg.loss.include_end_of_turn,
             state_selection=cfg.loss.state_selection, t_sampling=cfg.loss.t_sampling, mask_eps=cfg.loss.mask_eps,
+            micro_batch_size=cfg.train.micro_batch_size, score_student=self.score_student,
         )
+        objective.configure(cfg)
         self.stream = SampleStream(samples, cfg.data.seed, cfg.data.shuffle)
         self.answers = self._answer_source()
         self.rollouts_started = 0
@@ -168,6 +174,15 @@ class StepData:
             metrics["teacher_nll"] = float(losses.row_mean(targets.answer_nll, kept)) if kept.any() else 0.0
         return targets, metrics
 
+    def _refined_targets(self, batch: SupervisedBatch, targets):
+        """The objective's refinement of the teacher's targets (TCS), timed apart from the teacher."""
+        if type(self.objective).refine_targets is Objective.refine_targets:
+            return targets, {}
+        tools = TargetTools(self.teacher, self.score_student, self.config.block_size, self.cfg.train.micro_batch_size,
+                            self.cfg.loss.chunk_tokens, self.cfg.loss.top_k, self.cfg.loss.renormalize_top_k)
+        with self.timers.phase("refine_targets"):
+            return self.objective.refine_targets(batch, targets, tools)
+
     def fast_forward(self, steps_done: int) -> None:
         """Continues as a run that has taken ``steps_done`` steps would, from its data and rollout
         counters alone (no saved rollout buffer): inside a rollout, that rollout is produced again
@@ -200,7 +215,8 @@ class StepData:
         if batch.distill:
             with self.timers.phase("teacher"):
                 targets, teacher_metrics = self._teacher_targets(batch)
-            local.update(teacher_metrics)
+            targets, refined = self._refined_targets(batch, targets)
+            local.update(teacher_metrics, **refined)
         return StepInputs(batch, targets, {**buffer.metrics, **data_parallel_mean(local)}, buffer)
 
     def paper_tokens(self, buffer: RolloutBuffer) -> float:

@@ -165,6 +165,7 @@ class StudentStepPlan:
         if batch.distill:
             teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
             per_token = divergence(student_logits, teacher_logits, self.divergence_cfg, self.excluded)
+            per_token = self._corrected(per_token, student_logits, global_rows, answer_idx, output.device)
         else:
             ids = batch.answers.answer_ids.to(output.device)[global_rows, answer_idx]
             per_token = masked_diffusion_nll(student_logits, ids, self.excluded, self.chunk)
@@ -190,6 +191,19 @@ class StudentStepPlan:
             stats.update(loss=total.detach(), token_sum=per_token.detach().sum())
         # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
         return contribution * self.num_microbatches, stats
+
+    def _corrected(self, per_token: Tensor, student_logits: Tensor, rows: Tensor, positions: Tensor, device) -> Tensor:
+        """``D(q) + w (D(q_alt) - D(q))`` where the targets carry a second target (TCS's routed positions)."""
+        found = self.targets.lookup_correction(rows, positions, device)
+        if found is None:
+            return per_token
+        which, weights, alternative = found
+        if not bool(which.any()):
+            return per_token
+        other = divergence(student_logits[which], alternative, self.divergence_cfg, self.excluded)
+        delta = torch.zeros_like(per_token).index_put((which.nonzero().flatten(),),
+                                                      weights.to(per_token.dtype) * (other - per_token[which]))
+        return per_token + delta
 
     def forward_microbatch(self, mb, model):
         """megatron's ``forward_step_func`` body for one of this plan's micro-batches."""

@@ -14,7 +14,6 @@ pipeline schedule in forward-only mode, microbatch by microbatch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from .config import DTYPES, ModelConfig, canonical_dtype
 from .masks import causal_layout
-from .model import attention_mask, broadcast_from_last_stage
+from .model import broadcast_from_last_stage
 
 if TYPE_CHECKING:
     from .losses import TeacherTopK
@@ -265,6 +264,93 @@ class FrozenTeacher:
         return TeacherTargets(index=index, logits=packed, answer_nll=broadcast_from_last_stage(nll))
 
     @torch.no_grad()
+    def branch_log_probs(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
+                         forks: Tensor, candidates: Tensor, ends: Tensor, micro_batch_size: int,
+                         chunk_tokens: int = 1024) -> Tensor:
+        """``sum_{j=i+1}^{e-1} log p(x0_j | prompt, x0_<i, v, x0_{i+1:j})`` ``[F, K]`` (fp64, every rank)
+        for each fork ``(b, i)`` of ``forks`` ``[F, 2]``, each candidate ``v`` of ``candidates``
+        ``[F, K]`` (global token ids) and the exclusive end ``e`` of ``ends`` ``[F]`` (answer
+        coordinates; 0 where ``e <= i + 1``).
+
+        All branches ``[v, x0_{i+1}, ..., x0_{e-2}]`` of a row are appended to its trunk
+        ``[prompt; x0_<I]`` (``masks.branch_layout``) and scored in one forward, so the trunk's keys
+        and values are computed once for all of them; a collective over the model-parallel groups
+        like every teacher forward (the branches are identical on every rank).
+        """
+        from megatron.core import parallel_state
+
+        from . import vocab_parallel as vp
+        from .losses import unused_vocab_columns
+        from .masks import branch_layout
+
+        _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
+        num_forks, num_cands = candidates.shape
+        if forks.shape != (num_forks, 2) or ends.shape != (num_forks,):
+            raise ValueError(f"forks {tuple(forks.shape)} must be [F, 2] and ends {tuple(ends.shape)} [F] with "
+                             f"F = {num_forks} (candidates {tuple(candidates.shape)})")
+        lengths = (ends - 1 - forks[:, 1]).clamp_min(0)  # branch tokens per candidate
+        out = torch.zeros(num_forks, num_cands, dtype=torch.float64)
+        if num_forks == 0 or int(lengths.max()) == 0:
+            return out
+        bsz, plen = prompt_ids.shape
+        trunk_len = int(forks[lengths > 0, 1].max())  # the trunk holds x0_<i of every fork
+        prompt_lengths = prompt_valid.sum(-1)
+        # per row: the branch tokens, their (fork, candidate), target token, position and fork block
+        per_row = [[] for _ in range(bsz)]
+        for f in torch.nonzero(lengths > 0).flatten().tolist():
+            b, i, n = int(forks[f, 0]), int(forks[f, 1]), int(lengths[f])
+            base = int(prompt_lengths[b]) + i
+            for c in range(num_cands):
+                tokens = [int(candidates[f, c])] + answer_ids[b, i + 1:i + n].tolist()
+                targets = answer_ids[b, i + 1:i + 1 + n].tolist()
+                per_row[b].append((f, c, tokens, targets, base))
+        width = max(sum(len(t[2]) for t in row) for row in per_row)
+        ids = torch.full((bsz, width), self.config.pad_token_id or 0, dtype=torch.long)
+        branch = torch.zeros((bsz, width), dtype=torch.long)
+        fork_block = torch.zeros((bsz, width), dtype=torch.long)
+        position = torch.zeros((bsz, width), dtype=torch.long)
+        valid = torch.zeros((bsz, width), dtype=torch.bool)
+        slot_fork = torch.zeros((bsz, width), dtype=torch.long)
+        slot_cand = torch.zeros((bsz, width), dtype=torch.long)
+        slot_target = torch.zeros((bsz, width), dtype=torch.long)
+        for b, row in enumerate(per_row):
+            col = 0
+            for number, (f, c, tokens, targets, base) in enumerate(row, start=1):
+                n = len(tokens)
+                sl = slice(col, col + n)
+                ids[b, sl] = torch.tensor(tokens)
+                branch[b, sl], fork_block[b, sl], valid[b, sl] = number, base - 1, True
+                position[b, sl] = base + torch.arange(n)
+                slot_fork[b, sl], slot_cand[b, sl] = f, c
+                slot_target[b, sl] = torch.tensor(targets)
+                col += n
+        trunk_valid = torch.cat([prompt_valid, answer_valid[:, :trunk_len]], 1)
+        layout = branch_layout(causal_layout(trunk_valid), branch, fork_block, position, valid)
+        input_ids = torch.cat([prompt_ids, answer_ids[:, :trunk_len], ids], 1)
+        columns = plen + trunk_len + torch.arange(width)[None].expand(bsz, -1)
+        last_stage = parallel_state.is_pipeline_last_stage()
+        device = next(self.model.parameters()).device
+        excluded = unused_vocab_columns(self.config).to(device)
+
+        def consume(rows, slot_index, slot_valid, logits):
+            flat_rows = rows[:, None].expand_as(slot_index)[slot_valid]
+            flat_slots = slot_index[slot_valid]
+            chosen = logits[slot_valid.to(logits.device)].float().masked_fill(excluded, float("-inf"))
+            target = slot_target[flat_rows, flat_slots].to(logits.device)
+            logp = vp.gather_global_columns(chosen, target[:, None])[:, 0] - vp.global_logsumexp(chosen)
+            out.index_put_((slot_fork[flat_rows, flat_slots], slot_cand[flat_rows, flat_slots]),
+                           logp.double().cpu(), accumulate=True)
+
+        self.model.eval()
+        from .model import forward_answer_columns
+
+        forward_answer_columns(self.model, self.config, input_ids, layout, columns, valid, micro_batch_size,
+                               consume, chunk_tokens)
+        if not last_stage:
+            out.zero_()
+        return broadcast_from_last_stage(out)
+
+    @torch.no_grad()
     def answer_nll(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
                    micro_batch_size: int, logits=_RUN_FORWARD, chunk_tokens: int = 1024) -> Tensor:
         """Teacher NLL ``[B, A]`` (fp32, 0 on padding) of the answer tokens, on every rank.
@@ -302,11 +388,18 @@ class TeacherTargets:
     position, -1 where none was kept. ``logits`` (last pipeline stage; None elsewhere): packed
     vocab-parallel logits ``[N, V/TP]`` or a ``TeacherTopK`` with ``[N, k]``. ``answer_nll``
     ``[B, A]``: the teacher NLL of the answer tokens where it was asked for (0 elsewhere), on every rank.
+
+    An objective may add a second target for some positions (TCS, ``objectives/tcs.py``): the loss
+    there is ``D(q) + w (D(q_alt) - D(q))`` with ``q_alt`` = ``correction_logits[correction_index]``
+    (same format as ``logits``) and ``w`` = ``correction_weight`` ``[B, A]``.
     """
 
     index: Tensor
     logits: Union[None, Tensor, "TeacherTopK"]
     answer_nll: Optional[Tensor] = None
+    correction_index: Optional[Tensor] = None
+    correction_logits: Union[None, Tensor, "TeacherTopK"] = None
+    correction_weight: Optional[Tensor] = None
 
     @classmethod
     def dense(cls, logits: Union[Tensor, "TeacherTopK"], shape) -> "TeacherTargets":
@@ -331,6 +424,18 @@ class TeacherTargets:
             raise ValueError("teacher targets were not computed for some supervised positions")
         where = self.logits.device if isinstance(self.logits, Tensor) else self.logits.values.device
         return self.logits[slots.to(where)].to(device)
+
+    def lookup_correction(self, rows: Tensor, positions: Tensor, device):
+        """``(which [n] bool, weights [m], targets [m])`` of the corrected positions among ``(rows,
+        positions)``, or None when the targets carry no correction."""
+        if self.correction_index is None:
+            return None
+        slots = self.correction_index[rows.cpu(), positions.cpu()]
+        which = slots >= 0
+        weights = self.correction_weight[rows.cpu(), positions.cpu()][which]
+        logits = self.correction_logits
+        where = logits.device if isinstance(logits, Tensor) else logits.values.device
+        return which.to(device), weights.to(device), logits[slots[which].to(where)].to(device)
 
     @property
     def nbytes(self) -> int:

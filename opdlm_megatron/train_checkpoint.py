@@ -57,9 +57,10 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: str, step: int, config_hash: str) -> None:
-    """Writes ``manifest.json`` (step, config hash, every file with its size and SHA-256) last into a
-    complete checkpoint directory, atomically. A directory without it is not a finished save."""
+def write_manifest(directory: str, step: int, config_hash: str, objective: Optional[str] = None) -> None:
+    """Writes ``manifest.json`` (step, config hash, the objective trained, every file with its size and
+    SHA-256) last into a complete checkpoint directory, atomically. A directory without it is not a
+    finished save."""
     files = {}
     for base, _dirs, names in os.walk(directory):
         for name in sorted(names):
@@ -70,7 +71,8 @@ def write_manifest(directory: str, step: int, config_hash: str) -> None:
             files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     tmp = os.path.join(directory, MANIFEST_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"step": step, "config_hash": config_hash, "files": files}, f, indent=1, sort_keys=True)
+        json.dump({"step": step, "config_hash": config_hash, "objective": objective, "files": files}, f, indent=1,
+                  sort_keys=True)
     os.replace(tmp, os.path.join(directory, MANIFEST_FILE))
 
 
@@ -99,6 +101,34 @@ def manifest_problem(directory: str, checksums: bool = True) -> Optional[str]:
         if checksums and _sha256(file) != entry["sha256"]:
             return f"{rel} does not match its checksum"
     return None
+
+
+def trained_objective(directory: str) -> Optional[str]:
+    """The objective a training checkpoint was trained with (its manifest), None for any other."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("objective")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# objectives whose checkpoints are still autoregressive models (a teacher may come from them)
+AUTOREGRESSIVE_OBJECTIVES = ("ar",)
+
+
+def check_teacher_checkpoint(directory: str, setting: str, hint: str = "") -> None:
+    """Raises a ValueError when ``directory`` (named by config ``setting``) is a block-diffusion
+    student: the teacher must be the AR model (a converted checkpoint or one trained with ``ar``)."""
+    objective = trained_objective(directory)
+    if objective is not None and objective not in AUTOREGRESSIVE_OBJECTIVES:
+        raise ValueError(
+            f"{setting} {directory} is a block-diffusion student (trained with objective {objective!r}); the "
+            f"teacher must be an autoregressive model: a converted checkpoint or one trained with objective 'ar'"
+            + (f" - {hint}" if hint else "")
+        )
 
 
 def step_directory(root: str, step: int) -> str:
@@ -196,7 +226,7 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
                           optimizer=optimizer, write_extra_files=write_rng)
     if global_rank() == 0:
         config_hash = _config_hash(trainer_state)
-        write_manifest(directory, step, config_hash)
+        write_manifest(directory, step, config_hash, trainer_state.get("objective"))
         tmp_latest = os.path.join(root, LATEST_FILE + ".tmp")
         with open(tmp_latest, "w") as f:
             f.write(os.path.basename(directory) + "\n")

@@ -37,6 +37,7 @@ DISTRIBUTED_OPTIMIZER = ("auto", "on", "off")
 LOSS_NORMALIZATIONS = ("token", "row")
 T_SAMPLING = ("sequence", "block")
 LONG_PROMPT_POLICIES = ("skip", "error")
+LIFT_WEIGHTINGS = ("inverse_t", "cart")
 
 
 @dataclass
@@ -143,6 +144,31 @@ class LossConfig:
 
 
 @dataclass
+class TCSConfig:
+    """``opd_tcs`` / ``tcs``: Target Concrete Score targets on routed positions (``objectives/tcs.py``).
+    ``weight`` is lambda, ``candidates`` K (the teacher's top-K scored with branches of the rest of
+    the block), ``route_prob`` the routing probability where teacher and student argmax agree."""
+
+    weight: float = 1.0
+    candidates: int = 8
+    route_prob: float = 0.1
+    # None: the unbiased lambda / pi weights; a number caps them (biased, but with a cap <= 1 every
+    # routed target stays a mixture of q_OPD and q_hat, so no loss term is unbounded below)
+    max_weight: Optional[float] = None
+
+
+@dataclass
+class LIFTConfig:
+    """``lift`` / ``lift2``: learnability-informed masking (``objectives/lift.py``). ``rho_min`` is
+    the lower end of the superset's extra rate rho ~ U(rho_min, 1 - t); ``weighting`` "inverse_t"
+    (LIFT's 1/t) or "cart" (the CART baseline's distance weights with ``cart_p``)."""
+
+    rho_min: float = 0.1
+    weighting: str = "inverse_t"
+    cart_p: float = 0.1
+
+
+@dataclass
 class TrainLoopConfig:
     """Optimizer steps and batch sizes. ``global_batch_size`` samples (all data-parallel ranks
     together) make one optimizer step (paper: 8), split into micro-batches of ``micro_batch_size``
@@ -151,6 +177,9 @@ class TrainLoopConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 1
     steps: Optional[int] = None
+    # a loss above this many times the median of the last loss_spike_window losses logs a warning (0: off)
+    loss_spike_factor: float = 5.0
+    loss_spike_window: int = 50
 
 
 @dataclass
@@ -208,6 +237,8 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    tcs: TCSConfig = field(default_factory=TCSConfig)
+    lift: LIFTConfig = field(default_factory=LIFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -232,6 +263,18 @@ class TrainConfig:
         one_of("loss.divergence", self.loss.divergence, DIVERGENCES)
         one_of("loss.normalization", self.loss.normalization, LOSS_NORMALIZATIONS)
         one_of("loss.t_sampling", self.loss.t_sampling, T_SAMPLING)
+        one_of("lift.weighting", self.lift.weighting, LIFT_WEIGHTINGS)
+        positive("tcs.candidates", self.tcs.candidates)
+        if not 0.0 < self.tcs.route_prob <= 1.0:
+            raise ValueError(f"tcs.route_prob must be in (0, 1], got {self.tcs.route_prob!r}")
+        if self.tcs.max_weight is not None and self.tcs.max_weight <= 0:
+            raise ValueError(f"tcs.max_weight must be > 0 or null, got {self.tcs.max_weight!r}")
+        if self.tcs.weight < 0:
+            raise ValueError(f"tcs.weight must be >= 0, got {self.tcs.weight!r}")
+        if not 0.0 <= self.lift.rho_min < 1.0:
+            raise ValueError(f"lift.rho_min must be in [0, 1), got {self.lift.rho_min!r}")
+        if not 0.0 < self.lift.cart_p < 1.0:
+            raise ValueError(f"lift.cart_p must be in (0, 1), got {self.lift.cart_p!r}")
         one_of("data.source", self.data.source, DATA_SOURCES)
         one_of("data.long_prompts", self.data.long_prompts, LONG_PROMPT_POLICIES)
         one_of("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
@@ -240,6 +283,10 @@ class TrainConfig:
             positive("train.steps", self.train.steps)
         positive("train.global_batch_size", self.train.global_batch_size)
         positive("train.micro_batch_size", self.train.micro_batch_size)
+        positive("train.loss_spike_window", self.train.loss_spike_window)
+        if self.train.loss_spike_factor < 0:
+            raise ValueError(f"train.loss_spike_factor must be >= 0 (0 turns the detector off), got "
+                             f"{self.train.loss_spike_factor!r}")
         positive("rollout.tasks_per_rollout", self.rollout.tasks_per_rollout)
         positive("curriculum.min_length", self.curriculum.min_length)
         positive("curriculum.warmup_rollouts", self.curriculum.warmup_rollouts)
@@ -408,5 +455,12 @@ def load_train_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training config not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ValueError(f"{path} is not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return train_config_from_dict(data, overrides)

@@ -39,15 +39,15 @@ from .checkpointing import broadcast_object, load_model_checkpoint, load_model_c
 from .config import ModelConfig, canonical_dtype
 from .data import Sample, load_samples, load_tokenizer
 from .exit_signals import ExitSignals
-from .metrics import MetricsLogger, PhaseTimers, compact, progress_bar
+from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .objectives import get_objective
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
 from .teacher import FrozenTeacher
-from .train_checkpoint import (latest_checkpoint, load_training_checkpoint, remove_stale_partials,
-                               save_training_checkpoint)
+from .train_checkpoint import (check_teacher_checkpoint, latest_checkpoint, load_training_checkpoint,
+                               remove_stale_partials, save_training_checkpoint)
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class Trainer:
 
         self.step = 0
         self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "flops_total": 0.0}
+        self.spikes = LossSpikeDetector(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.metrics = MetricsLogger(cfg.run_dir, cfg.logging, cfg.to_dict(), is_writer=self.rank == 0)
         self.history: List[Dict[str, float]] = []
         self.stopped_by: Optional[str] = None  # the signal that ended fit() early
@@ -196,6 +197,11 @@ class Trainer:
             load_model_checkpoint(student, paths.student_checkpoint)
         if not self.objective.needs_teacher:
             return student, config, None, None
+        if paths.teacher_checkpoint:
+            check_teacher_checkpoint(paths.teacher_checkpoint, "model.teacher_checkpoint")
+        elif not paths.random_init:
+            check_teacher_checkpoint(paths.student_checkpoint, "model.student_checkpoint (the self-distillation teacher)",
+                                     "set model.teacher_checkpoint to the AR model")
         teacher_dtype = canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else None
         if paths.teacher_checkpoint:
             teacher_config = load_model_config(paths.teacher_checkpoint)
@@ -248,10 +254,15 @@ class Trainer:
                            else f"step {step}: non-finite gradients (loss {loss!r})")
                 if cfg.nan_policy == "stop":
                     raise NonFiniteLossError(message + " (nan_policy='stop')")
-                logger.warning("%s; update skipped (nan_policy='skip')", message)
+                if self.rank == 0:
+                    logger.warning("%s; update skipped (nan_policy='skip')", message)
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
         trained = metrics["skipped"] == 0.0
+        metrics["loss_spike"] = float(self.spikes.update(loss))
+        if metrics["loss_spike"] and self.rank == 0:
+            logger.warning("step %d: loss spike: %.4g is above %g x the median of the last (up to %d) losses", step,
+                           loss, self.spikes.factor, self.spikes.window)
         flops = 2 * self.teacher_parameters * paper_tokens + 6 * self.student_parameters * paper_tokens
         if trained:  # skipped steps count no tokens
             self.counters["tokens_trained"] += out["num_tokens"]
@@ -320,8 +331,9 @@ class Trainer:
                 self.save()
             if stop:
                 self.stopped_by = signals.received or "a signal on another rank"
-                logger.warning("stopping after step %d on %s: checkpoint saved, resume with the same config",
-                               self.step, self.stopped_by)
+                if self.rank == 0:
+                    logger.warning("stopping after step %d on %s: checkpoint saved, resume with the same config",
+                                   self.step, self.stopped_by)
                 break
 
     # ------------------------------------------------------------------------- checkpoints
@@ -334,6 +346,7 @@ class Trainer:
             "data": self.data.stream.state_dict(),
             "scheduler": self.lr_schedule.state_dict(),
             "counters": dict(self.counters),
+            "loss_spikes": self.spikes.state_dict(),
             "buffer": buffer.state() if self.data.mid_rollout else None,
             "objective": self.cfg.objective,
             "seed": self.cfg.seed,
@@ -370,6 +383,7 @@ class Trainer:
         else:
             self.data.rollouts_started = int(state["rollouts_started"])
             self.counters.update({k: float(v) for k, v in state["counters"].items()})
+            self.spikes.load_state_dict(state.get("loss_spikes", {}))
             saved = state.get("buffer")
             if saved is not None:
                 if buffer_answers is None:

@@ -6,7 +6,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from opdlm_megatron.eval import scoring
 from opdlm_megatron.eval.metrics import (accuracy, accuracy_under_parallelism, edit_distance, edit_similarity,

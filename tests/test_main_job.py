@@ -32,7 +32,8 @@ def test_data_efficiency_quick_produces_every_artefact(tmp_path):
     assert re.fullmatch(r"teacher_acc=\S+ opd_acc=\S+ opd_tpf=\S+ mdlm_tokens_over_opd=\S+", last), last
     with open(out / "data_efficiency.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["arm"] for r in rows} == {"opd", "opd_noshift", "opd_off", "kd_off", "sft", "mdlm"}
+    assert {r["arm"] for r in rows} == {"opd", "opd_noshift", "opd_off", "kd_off", "sft", "mdlm", "opd_tcs", "tcs", "lift"}
+    assert {"s_per_step", "refine_s_per_step"} <= set(rows[0])
     assert {"acc_tau09", "tpf_tau09", "acc_static1", "teacher_nll", "trained_tokens"} <= set(rows[0])
     for name in ("data_efficiency_tokens.png", "data_efficiency_tpf.png", "data_efficiency.json"):
         assert os.path.getsize(out / name) > 0, name

@@ -13,7 +13,7 @@ from opdlm_megatron.platform import initialize_runtime
 from opdlm_megatron.student import student_step
 from opdlm_megatron.teacher import FrozenTeacher
 from tests.conftest import run_torchrun
-from tests.distributed.grad_layouts import KINDS, LAYOUTS, global_batch, reference
+from tests.distributed.grad_layouts import KINDS, LAYOUTS, global_batch, reference, refined_targets
 from tests.distributed.student_data import student_config
 
 
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
         teacher_state = {k: v.detach().clone() for k, v in teacher.state_dict().items() if not k.endswith("_extra_state")}
     refs, losses = {}, {}
     for kind in KINDS:
-        losses[kind], refs[kind] = reference(student_state, teacher_state, config, global_batch(config, kind))
+        losses[kind], refs[kind] = reference(student_state, teacher_state, config, global_batch(config, kind), kind)
     torch.save(refs, root / "reference.pt")
     return dict(root=root, config=config, refs=refs, losses=losses)
 
@@ -48,8 +48,10 @@ def test_tp1_loss_and_gradient_match_dense_float64(setup, kind):
         targets = None
         if batch.distill:
             r = batch.answers
-            targets = FrozenTeacher(teacher_model, teacher_config, config).targets(
-                r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, batch.supervised, micro_batch_size=3)
+            teacher = FrozenTeacher(teacher_model, teacher_config, config)
+            targets = teacher.targets(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, batch.supervised,
+                                      micro_batch_size=3)
+            targets = refined_targets(kind, batch, teacher, targets, micro_batch_size=3)
         student.zero_grad(set_to_none=True)
         out = student_step(student, config, batch, targets, DivergenceConfig(chunk_tokens=5), micro_batch_size=3)
         assert out["loss"] == pytest.approx(setup["losses"][kind], rel=1e-5)

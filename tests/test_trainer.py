@@ -247,7 +247,7 @@ def test_nan_loss_is_skipped_or_stops_the_run(assets, tmp_path):
         trainer.close()
 
 
-@pytest.mark.parametrize("objective", ["opd_off", "kd_off", "sft", "mdlm", "ar"])
+@pytest.mark.parametrize("objective", ["opd_off", "kd_off", "sft", "mdlm", "ar", "tcs", "lift2"])
 def test_other_objectives_train(assets, tmp_path, objective):
     cfg = train_config_from_dict(tiny_train_dict(
         str(tmp_path / objective), assets["data2"], assets["ckpt"], objective=objective, train=dict(steps=4),
@@ -257,7 +257,7 @@ def test_other_objectives_train(assets, tmp_path, objective):
     losses = [h["loss"] for h in history]
     assert all(math.isfinite(x) and x > 0 for x in losses), losses
     assert losses[-1] < losses[0], losses
-    if objective in ("mdlm", "ar", "sft", "kd_off"):
+    if objective in ("mdlm", "ar", "sft", "kd_off", "tcs", "lift2"):
         assert math.isnan(history[0]["rollout_len"])
     else:
         assert history[0]["rollout_len"] == 8
@@ -353,3 +353,90 @@ def test_nan_gradients_with_a_finite_loss_skip_the_update(assets, tmp_path):
     assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0]
     assert math.isfinite(records[1]["loss"]) and math.isfinite(records[2]["loss"])
     assert all(math.isfinite(r["grad_norm"]) for r in (records[0], records[2]))
+
+
+def test_tcs_and_lift_tp2_and_pp2_match_tp1(assets, tmp_path):
+    """opd_tcs (student scorer routing, teacher branches) and lift (student scorer selection) train
+    alike at TP=2 and PP=2 (one torchrun launch) as at TP=1: same losses, grad norms and TCS routing."""
+    objectives = ("opd_tcs", "lift")
+    overrides = ["tcs.route_prob=0.5"]  # enough routed positions in two small steps
+    histories, recorded = {}, {}
+    for objective in objectives:
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
+                                                     objective=objective, train=dict(steps=2),
+                                                     checkpoint=dict(resume=False)), overrides)
+        rec = RecordingRollout(naive_rollout)
+        histories[objective] = _train(cfg, rec)
+        recorded[objective] = rec.results
+    torch.save(recorded, tmp_path / "rollouts.pt")
+    out = tmp_path / "parallel.pt"
+    run_torchrun("train_parallel.py", f"--ckpt={assets['ckpt']}", f"--data={assets['data']}",
+                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}",
+                 f"--objectives={','.join(objectives)}", *(f"--override={o}" for o in overrides))
+    got = torch.load(out)
+    assert all(h["tcs_routed_share"] > 0 for h in histories["opd_tcs"])
+    for objective in objectives:
+        keys = ["loss", "grad_norm"] + (["tcs_routed_share", "tcs_disagree_share"] if objective == "opd_tcs" else [])
+        for layout in ("tp2", "pp2"):
+            for ref, res in zip(histories[objective], got[f"{objective}/{layout}"]):
+                for key in keys:
+                    assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)
+
+
+def test_nan_teacher_logits_skip_the_step_and_the_next_checkpoint_resumes_exactly(assets, tmp_path):
+    """NaN in the teacher's targets of step 1 (a test hook on FrozenTeacher.targets): that step is
+    reported skipped with the weights untouched, training goes on, and a run stopped after step 2
+    resumes from its checkpoint to the same losses and grad norms as the uninterrupted run."""
+    common = dict(train=dict(steps=4), checkpoint=dict(save_every=1, resume=True))
+    poisoned_steps = {1}
+
+    def inspect(trainer, when):
+        if when != "before":
+            return
+        original = trainer.teacher.targets
+
+        def targets(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if trainer.step in poisoned_steps and out.logits is not None:
+                out.logits.fill_(float("nan"))
+            return out
+        trainer.teacher.targets = targets
+        weights = {}
+        step = trainer.train_step
+
+        def checked_step():
+            index = trainer.step
+            weights.update({k: v.detach().clone() for k, v in trainer.student.named_parameters()})
+            record = step()
+            same = all(torch.equal(v, dict(trainer.student.named_parameters())[k]) for k, v in weights.items())
+            assert same == (index in poisoned_steps), index
+            return record
+        trainer.train_step = checked_step
+
+    full = _train(train_config_from_dict(tiny_train_dict(str(tmp_path / "a"), assets["data"], assets["ckpt"],
+                                                         **common)), inspect=inspect)
+    assert [h["skipped"] for h in full] == [0.0, 1.0, 0.0, 0.0]
+    assert math.isnan(full[1]["loss"]) and all(math.isfinite(h["loss"]) for h in full[2:])
+    cfg_b = train_config_from_dict(tiny_train_dict(str(tmp_path / "b"), assets["data"], assets["ckpt"], **common))
+    first = _train(cfg_b, until=2, inspect=inspect)
+    rest = _train(cfg_b, inspect=inspect)
+    assert [h["step"] for h in rest] == [2, 3]
+    for a, b in zip(full[2:], rest):
+        for key in ("loss", "grad_norm", "lr", "teacher_nll"):
+            assert a[key] == b[key], (a["step"], key)
+    assert [h["skipped"] for h in first] == [0.0, 1.0]
+
+
+def test_loss_spike_detector():
+    from opdlm_megatron.metrics import LossSpikeDetector
+
+    detector = LossSpikeDetector(factor=3.0, window=5, min_history=3)
+    flags = [detector.update(x) for x in [1.0, 1.2, 9.0, 0.9, 1.1, float("nan"), 3.5, 1.0, 2.0, 7.0]]
+    # 9.0 comes before 3 losses are known; NaN is ignored; 3.5 > 3 x median(1.0, 1.2, 9.0, 0.9, 1.1) = 3.3;
+    # 7.0 > 3 x median(0.9, 1.1, 3.5, 1.0, 2.0) = 3.3
+    assert flags == [False, False, False, False, False, False, True, False, False, True]
+    assert detector.history == [1.1, 3.5, 1.0, 2.0, 7.0]
+    restored = LossSpikeDetector(factor=3.0, window=5, min_history=3)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.update(50.0) and detector.update(50.0)
+    assert not LossSpikeDetector(factor=0.0, min_history=0).update(1e9)

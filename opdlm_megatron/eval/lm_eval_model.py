@@ -24,7 +24,6 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 import torch.distributed as dist
 
 try:

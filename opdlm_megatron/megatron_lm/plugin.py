@@ -48,6 +48,7 @@ from ..metrics import MetricsLogger
 from ..model import build_model
 from ..objectives import get_objective
 from ..step_data import StepData
+from ..train_checkpoint import check_teacher_checkpoint
 from ..student import StudentStepPlan, forward_step
 from ..teacher import FrozenTeacher
 from ..train_config import TrainConfig
@@ -167,6 +168,8 @@ class OPDPlugin:
         paths = self.cfg.model
         dtype = canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else None
         source = paths.teacher_checkpoint or args.pretrained_checkpoint or paths.student_checkpoint
+        check_teacher_checkpoint(source, "--opd-teacher" if paths.teacher_checkpoint else "the self-distillation teacher",
+                                 "" if paths.teacher_checkpoint else "pass the AR model as --opd-teacher")
         config = load_model_config(source) if paths.teacher_checkpoint and has_model_config(source) else self.config
         config = config.replace(params_dtype=dtype or config.params_dtype)
         teacher = build_model(config, "teacher", precision=paths.teacher_precision)

@@ -8,8 +8,11 @@
 | ``sft`` (paper A.5) | cached teacher answers | random masking | answer tokens | 1/t |
 | ``mdlm`` (eq. 2) | the dataset's responses | random masking | answer tokens | 1/t |
 | ``ar`` | the dataset's responses | none: causal next-token prediction | answer tokens | 1 |
+| ``opd_tcs`` (TCS on OPD) | student rollouts | a state of the student's own trajectory | teacher, TCS-corrected on routed positions | 1 |
+| ``tcs`` | cached teacher answers | random masking | teacher, TCS-corrected on routed positions | 1 |
+| ``lift`` / ``lift2`` (LIFT) | the dataset's responses | superset masking, then the k random / easiest / hardest | answer tokens | 1/t (or CART) |
 """
 
-from .base import (ANSWER_SOURCES, Objective, StateContext, SupervisedBatch, get_objective,  # noqa: F401
-                   objective_names, register_objective)
-from . import ar, kd_off, mdlm, opd, opd_off, sft  # noqa: F401,E402  (registers the built-in objectives)
+from .base import (ANSWER_SOURCES, Objective, StateContext, SupervisedBatch, TargetTools,  # noqa: F401
+                   get_objective, objective_names, register_objective)
+from . import ar, kd_off, lift, mdlm, opd, opd_off, sft, tcs  # noqa: F401,E402  (registers the built-in objectives)

@@ -8,14 +8,16 @@ trains small teachers) runs through the same pipeline (``trainer.py``):
          -> targets (the frozen teacher's distributions, or the answer tokens themselves)
          -> student step (``student.student_step``) -> optimizer
 
-An objective only declares the parts that differ (``answers``, ``distill``, ``build``); adding one
-is one module with a subclass registered by name (``register_objective``) and one test.
+An objective only declares the parts that differ (``answers``, ``distill``, ``build``; optionally
+``refine_targets``, which rewrites the teacher's targets, as TCS does); adding one is one module with
+a subclass registered by name (``register_objective``) and one test. Objectives that need the model
+being trained (LIFT's learnability scores, TCS's routing) call ``StateContext.score_student``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Type
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from ..losses import answer_loss_mask
 from ..rollout.types import RolloutResult
 
 if TYPE_CHECKING:
+    from ..teacher import FrozenTeacher, TeacherTargets
     from ..train_config import TrainConfig
 
 ANSWER_SOURCES = ("student", "teacher", "dataset")
@@ -41,6 +44,25 @@ class StateContext:
     state_selection: str = "trajectory"
     t_sampling: str = "sequence"
     mask_eps: float = 1e-3
+    # rows per micro-batch: objectives that draw one noise level per micro-batch (LIFT) group rows by it
+    micro_batch_size: int = 1
+    # ``score_student(answers, xt, positions, split_data_parallel)`` -> ``scoring.StudentScores``: the
+    # model being trained, no grad (``objectives/scoring.py``); None where no model is at hand
+    score_student: Optional[Callable[..., Any]] = field(default=None, compare=False)
+
+
+@dataclass
+class TargetTools:
+    """What ``Objective.refine_targets`` may use: the frozen teacher, the student scorer and the
+    loss settings the targets must agree with."""
+
+    teacher: "FrozenTeacher"
+    score_student: Callable[..., Any]
+    block_size: int
+    micro_batch_size: int
+    chunk_tokens: int = 1024
+    top_k: Optional[int] = None
+    renormalize_top_k: bool = True
 
 
 @dataclass
@@ -57,6 +79,8 @@ class SupervisedBatch:
       or every answer token for the 1/t-weighted ELBO estimators).
     * ``distill``: targets are the teacher's distributions (else the answer tokens, cross entropy).
     * ``t`` ``[B, A]`` or None: the noise level of randomly masked states (for logging).
+    * ``uniform`` ``[B, A]`` or None: per-position U(0, 1) draws an objective takes at build time for
+      decisions made later (TCS's routing), so they depend on the step's seed, never on the rank.
     """
 
     answers: RolloutResult
@@ -67,6 +91,7 @@ class SupervisedBatch:
     xt: Optional[Tensor] = None
     weights: Optional[Tensor] = None
     t: Optional[Tensor] = None
+    uniform: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.answers.answer_ids.shape)
@@ -74,7 +99,7 @@ class SupervisedBatch:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
         if self.layout == "opd" and (self.xt is None or tuple(self.xt.shape) != shape):
             raise ValueError(f"xt {None if self.xt is None else tuple(self.xt.shape)} must have the answers' shape {shape}")
-        for name in ("supervised", "normalizer", "weights", "t"):
+        for name in ("supervised", "normalizer", "weights", "t", "uniform"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} {tuple(value.shape)} must have the answers' shape {shape}")
@@ -94,7 +119,7 @@ class SupervisedBatch:
             return None if x is None else x[index, :width]
 
         return replace(self, answers=answers, supervised=cut(self.supervised), normalizer=cut(self.normalizer),
-                       xt=cut(self.xt), weights=cut(self.weights), t=cut(self.t))
+                       xt=cut(self.xt), weights=cut(self.weights), t=cut(self.t), uniform=cut(self.uniform))
 
 
 def kept_answer_tokens(answers: RolloutResult, ctx: StateContext) -> Tensor:
@@ -137,6 +162,15 @@ class Objective:
     @property
     def uses_curriculum(self) -> bool:
         return self.answers == "student"
+
+    def configure(self, cfg: "TrainConfig") -> None:
+        """Takes the objective's own settings from the run's config (called once, before ``build``)."""
+
+    def refine_targets(self, batch: SupervisedBatch, targets: "TeacherTargets",
+                       tools: TargetTools) -> Tuple["TeacherTargets", Dict[str, float]]:
+        """The targets the loss uses (default: the teacher's as they are) and metrics of refining them.
+        A collective over the model-parallel groups when it runs a model."""
+        return targets, {}
 
     def validate_config(self, cfg: "TrainConfig") -> None:
         """Raises a ValueError naming a config value this objective cannot work with."""

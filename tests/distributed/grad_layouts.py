@@ -13,13 +13,12 @@ with the conversion's own sharding rules) and the largest relative error is repo
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks, states
+from opdlm_megatron import masks
 from opdlm_megatron.losses import DivergenceConfig
 from opdlm_megatron.objectives import StateContext, get_objective
 from opdlm_megatron.objectives.base import SupervisedBatch
@@ -28,19 +27,74 @@ from tests.helpers import reference_forward
 
 ADAM_EPS = 1.0e6
 ADAM_LR = 1.0e10
-KINDS = ("opd", "mdlm", "ar")
+KINDS = ("opd", "mdlm", "ar", "lift", "opd_tcs")
+TCS_CANDIDATES = 4
 LAYOUTS = {"dp2": (1, 1, "off"), "dp2_distopt": (1, 1, "on"), "tp2": (2, 1, "off"), "pp2": (1, 2, "off")}
 
 
 def global_batch(config, kind: str, rows: int = 4) -> SupervisedBatch:
     """A fixed global batch of ``rows`` rows for objective ``kind``."""
     result = synthetic_rollout(config.vocab_size, config.block_size, batch_size=rows, seed=21)
-    ctx = StateContext(mask_token_id=config.mask_token_id, block_size=config.block_size, end_of_turn_ids=[EOS])
-    return get_objective(kind).build(result, torch.Generator().manual_seed(5), ctx)
+    ctx = StateContext(mask_token_id=config.mask_token_id, block_size=config.block_size, end_of_turn_ids=[EOS],
+                       micro_batch_size=2, score_student=fixed_scores)
+    return objective(kind).build(result, torch.Generator().manual_seed(5), ctx)
+
+
+def objective(kind: str):
+    """The objective ``kind``; TCS with K = TCS_CANDIDATES and every position routed (the stand-in
+    student's argmax 0 disagrees with the teacher's), so each weight is 1."""
+    from opdlm_megatron.train_config import TCSConfig
+
+    obj = get_objective(kind)
+    if kind == "opd_tcs":
+        obj.settings = TCSConfig(weight=1.0, candidates=TCS_CANDIDATES, route_prob=0.1)
+    return obj
+
+
+def refined_targets(kind: str, batch: SupervisedBatch, teacher, targets, micro_batch_size: int):
+    from opdlm_megatron.objectives import TargetTools
+
+    tools = TargetTools(teacher, fixed_scores, teacher.config.block_size, micro_batch_size)
+    return objective(kind).refine_targets(batch, targets, tools)[0]
+
+
+def reference_q_hat(teacher, config, ids, plen: int, i: int, end: int, log_p):
+    """TCS's q_hat (log, over the real tokens) of answer position i from float64 forwards, one per
+    candidate; ``ids`` is the row's [prompt; answer] without padding, ``log_p`` the teacher's
+    log-probabilities at i."""
+    candidates = log_p.topk(TCS_CANDIDATES).indices  # indices among the real ids
+    scores = []
+    for v in candidates.tolist():
+        real = ~config.unused_token_mask(0, config.padded_vocab_size(1))
+        token = int(real.nonzero().flatten()[v])
+        seq = torch.tensor([ids[:plen + i] + [token] + ids[plen + i + 1:plen + end]])
+        layout = masks.causal_layout(torch.ones_like(seq, dtype=torch.bool))
+        with torch.no_grad():
+            logits = reference_forward(teacher, config, seq, layout.allowed(), layout.position_ids)[0]
+        lp = F.log_softmax(logits[:, real], -1)
+        real_ids = torch.cumsum(real.long(), 0) - 1  # a token's index among the real ids
+        score = float(log_p[v])
+        for j in range(i + 1, end):
+            score += float(lp[plen + j - 1, real_ids[ids[plen + j]]])
+        scores.append(score)
+    log_mass = torch.logsumexp(log_p[candidates], 0)
+    out = log_p.clone()
+    out[candidates] = log_mass + torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)
+    return out
+
+
+def fixed_scores(answers, xt, positions, split_data_parallel=False):
+    """A stand-in for the student's scores (LIFT): a fixed function of token and position, so the
+    batch is the same at every layout (the real scorer is checked in tests/test_lift.py)."""
+    from opdlm_megatron.objectives.scoring import StudentScores
+
+    index = torch.arange(answers.answer_ids.shape[1])[None]
+    log_prob = -((answers.answer_ids * 13 + index * 7) % 11).float()
+    return StudentScores(torch.where(positions, log_prob, 0.0), torch.zeros_like(answers.answer_ids))
 
 
 def reference(student_state: Dict[str, torch.Tensor], teacher_state: Dict[str, torch.Tensor], config,
-              batch: SupervisedBatch):
+              batch: SupervisedBatch, kind: str = ""):
     """Dense float64 loss (sum over supervised tokens of weight x per-token loss / normalizer tokens)
     and its gradient w.r.t. the student's TP=1 parameters."""
     params = {k: v.double().clone().requires_grad_(True) for k, v in student_state.items()}
@@ -69,6 +123,11 @@ def reference(student_state: Dict[str, torch.Tensor], teacher_state: Dict[str, t
         log_q = F.log_softmax(logits[b, columns[b, i], real], -1)
         if batch.distill:
             log_p = F.log_softmax(teacher_logits[b, plen + i - 1, real], -1)
+            if kind == "opd_tcs":
+                row = torch.cat([r.prompt_ids[b][r.prompt_valid[b]], r.answer_ids[b][r.answer_valid[b]]]).tolist()
+                length = int(r.answer_valid[b].sum())
+                end = min((i // config.block_size + 1) * config.block_size, length)
+                log_p = reference_q_hat(teacher, config, row, int(r.prompt_valid[b].sum()), i, end, log_p)
             term = (log_p.exp() * (log_p - log_q)).sum()
         else:
             target = int(real[: int(r.answer_ids[b, i])].sum())  # the token's index among the real ids
@@ -130,6 +189,7 @@ def run_layout(name: str, args) -> Dict[str, float]:
                 r = batch.answers
                 targets = teacher.targets(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid,
                                           batch.supervised, micro_batch_size=1)
+                targets = refined_targets(kind, batch, teacher, targets, micro_batch_size=1)
             before = {n: p.detach().clone() for n, p in student.named_parameters()}
             ddp.zero_grad_buffer()
             optimizer.zero_grad()

@@ -1,5 +1,5 @@
-"""torchrun script (2 ranks): trains at TP=2 and then at PP=2 on replayed TP=1 rollouts; rank 0
-writes each layout's per-step metrics to --out."""
+"""torchrun script (2 ranks): trains each objective of --objectives at TP=2 and then at PP=2 on
+replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step metrics to --out."""
 
 import argparse
 
@@ -18,21 +18,26 @@ def main() -> None:
     parser.add_argument("--rollouts", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--objectives", default="opd")
+    parser.add_argument("--override", action="append", default=[], help="key=value config overrides")
     args = parser.parse_args()
-    results = torch.load(args.rollouts, weights_only=False)["results"]
+    recorded = torch.load(args.rollouts, weights_only=False)
     # one process group for both layouts (initialize_runtime then leaves it alone on close)
     torch.distributed.init_process_group(backend="gloo")
     out = {}
-    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
-        cfg = train_config_from_dict(tiny_train_dict(
-            f"{args.run_dir}/{name}", args.data, args.ckpt, train=dict(steps=2),
-            parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-            checkpoint=dict(resume=False)))
-        with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:
-            trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
-            out[name] = trainer.fit()
-            trainer.close()
-            rank = rt.rank
+    for objective in args.objectives.split(","):
+        results = recorded.get(objective, recorded.get("results"))
+        for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
+            cfg = train_config_from_dict(tiny_train_dict(
+                f"{args.run_dir}/{objective}_{name}", args.data, args.ckpt, objective=objective, train=dict(steps=2),
+                parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                checkpoint=dict(resume=False)), args.override)
+            with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:
+                trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
+                history = trainer.fit()
+                trainer.close()
+                rank = rt.rank
+            out[name if objective == "opd" else f"{objective}/{name}"] = history
     if rank == 0:
         torch.save(out, args.out)
     torch.distributed.destroy_process_group()
