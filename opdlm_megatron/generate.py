@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import List, Optional, Sequence
 
 from .rollout.config import CONFIDENCES, DecodeConfig
@@ -85,12 +86,15 @@ def _generate(args) -> None:
     from .platform import initialize_runtime
     from .rollout import DiffusionRolloutEngine
 
-    decode = DecodeConfig(
-        max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
-        tokens_per_step=args.tokens_per_step, steps_per_block=args.steps_per_block,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
-        seed=args.seed,
-    )
+    try:
+        decode = DecodeConfig(
+            max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
+            tokens_per_step=args.tokens_per_step, steps_per_block=args.steps_per_block,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
+            seed=args.seed,
+        )
+    except ValueError as error:  # name the flag the user typed, not the dataclass field
+        raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     from .checkpointing import is_checkpoint

@@ -119,7 +119,7 @@ GENERATE_CASES = {
     "threshold out of range": (["--threshold", "0"], "threshold"),
     "bad batch size": (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     "negative temperature": (["--temperature", "-1"], "temperature"),
-    "no new tokens": (["--max-new-tokens", "0"], "max-new-tokens"),
+    "no new tokens": (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
     "malformed prompts": (["--prompts", "{root}/broken.jsonl"], "broken.jsonl:2"),
 }
 
