@@ -80,19 +80,35 @@ def test_layout_errors(tmp_path, world, overrides, message):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("config_name", ["smollm2_opd.yaml", "smollm2_opd_long.yaml", "tiny_cpu.yaml"])
+QWEN3_8B = dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+                kv_channels=128, vocab_size=151936, tokenizer_size=151669, max_sequence_length=40960,
+                qk_layernorm=True, tie_word_embeddings=False, rotary_base=1000000.0, norm_epsilon=1e-6, block_size=4)
+SHIPPED = {"smollm2_opd.yaml": (SMOLLM2, 1), "smollm2_opd_long.yaml": (SMOLLM2, 1), "tiny_cpu.yaml": (TINY_MODEL, 1),
+           "qwen3_8b_opd_fp8.yaml": (QWEN3_8B, 16)}
+
+
+def test_every_shipped_config_is_checked():
+    assert sorted(SHIPPED) == sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_name", sorted(SHIPPED))
 def test_shipped_configs_plan(tmp_path, config_name):
-    """Every shipped config passes the planner (architecture from a config file: the checkpoints
-    they name are not on a CI machine); a too-small GPU is reported with suggestions (exit 1)."""
+    """Every shipped config passes the planner on its intended world size (architecture from a config
+    file: the checkpoints they name are not on a CI machine; the Qwen3-8B example on 2 nodes x 8 80 GB
+    GPUs); a too-small GPU is reported with suggestions (exit 1)."""
+    architecture, world_size = SHIPPED[config_name]
     model_config = tmp_path / "model"
-    ModelConfig(**(TINY_MODEL if config_name == "tiny_cpu.yaml" else SMOLLM2)).save(str(model_config))
+    ModelConfig(**architecture).save(str(model_config))
     base = [sys.executable, "-m", "opdlm_megatron.plan", "--config", str(REPO_ROOT / "configs" / config_name),
-            "--world-size", "1", "--model-config", str(model_config)]
+            "--world-size", str(world_size), "--model-config", str(model_config)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
     fits = subprocess.run(base + ["--json"], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
     assert fits.returncode == 0, fits.stderr[-1500:]
     report = json.loads(fits.stdout)
     assert report["fits"] and report["total_bytes"] == pytest.approx(sum(report["parts_bytes"].values()))
+    if config_name == "qwen3_8b_opd_fp8.yaml":  # model.student_dtype bfloat16: 2 bytes a weight, fp32 gradients
+        parts = report["parts_bytes"]
+        assert parts["student weights"] * 2 == parts["student gradients (fp32)"]
     tight = subprocess.run(base + ["--gpu-memory-gb", "0.0001"], capture_output=True, text=True, cwd=REPO_ROOT,
                            env=env, timeout=300)
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "try:" in tight.stdout
