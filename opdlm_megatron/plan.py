@@ -31,7 +31,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .config import ModelConfig, canonical_dtype
+from .config import ModelConfig
 from .train_config import TrainConfig, load_train_config
 
 GIB = 1024 ** 3
@@ -183,11 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = ModelConfig.from_dict(dict(cfg.model.model_config))
         else:
             config = ModelConfig.load(source)
-        # the trainer's own overrides of the checkpoint's architecture (trainer._build_models)
-        if cfg.block_size is not None:
-            config = config.replace(block_size=cfg.block_size)
-        if cfg.model.student_dtype:
-            config = config.replace(params_dtype=canonical_dtype(cfg.model.student_dtype))
+        config = cfg.student_architecture(config)  # what the trainer builds
         teacher = ModelConfig.load(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else None
         result = plan(cfg, config, args.world_size, teacher)
         budget = args.gpu_memory_gb * GIB

@@ -342,6 +342,17 @@ class TrainConfig:
         self.model.teacher_precision.validate("model.teacher_precision")
         get_objective(self.objective).validate_config(self)
 
+    def student_architecture(self, config):
+        """The student checkpoint's ``ModelConfig`` with this run's overrides (``block_size``,
+        ``model.student_dtype``): what the trainer builds and the planner plans."""
+        from .config import canonical_dtype
+
+        if self.block_size is not None:
+            config = config.replace(block_size=self.block_size)
+        if self.model.student_dtype:
+            config = config.replace(params_dtype=canonical_dtype(self.model.student_dtype))
+        return config
+
     @property
     def updates_per_rollout(self) -> int:
         """Optimizer steps fed by one rollout (paper: 128 / 8 = 16)."""

@@ -188,10 +188,7 @@ class Trainer:
             config = ModelConfig.from_dict(dict(paths.model_config))
         else:
             config = load_model_config(paths.student_checkpoint)
-        if cfg.block_size is not None:
-            config = config.replace(block_size=cfg.block_size)
-        if paths.student_dtype:
-            config = config.replace(params_dtype=canonical_dtype(paths.student_dtype))
+        config = cfg.student_architecture(config)
         student = build_model(config, "student", precision=paths.student_precision)
         if not paths.random_init:
             load_model_checkpoint(student, paths.student_checkpoint)
