@@ -13,9 +13,11 @@ EXTRAS = {
     # opdlm-eval plots and the lm-evaluation-harness model "opdlm" (tested against 0.4.13)
     "eval": ["lm-eval==0.4.13", "matplotlib"],
     "wandb": ["wandb"],
+    # logging.tensorboard (and Megatron-LM's --tensorboard-dir)
+    "tensorboard": ["tensorboard"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"],
 }
-EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "eval", "dev") for d in EXTRAS[k]})
+EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "eval", "tensorboard", "dev") for d in EXTRAS[k]})
 
 setup(
     name="opdlm-megatron",

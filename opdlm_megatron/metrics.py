@@ -1,8 +1,14 @@
-"""Per-phase timers and the metrics sink of a training run (JSONL always, wandb when asked).
+"""Per-phase timers and the metrics sink of a training run (JSONL always; TensorBoard and wandb when asked).
 
-Only the global rank 0 writes; every rank may call ``log`` (others return at once). wandb is
-optional: when ``LoggingConfig.wandb`` is set but the package is missing, the run logs a warning
-and keeps the JSONL file, which holds the same numbers.
+Only the writer rank writes; every rank may call ``log`` (others return at once). TensorBoard and
+wandb are optional: when ``LoggingConfig.tensorboard`` / ``wandb`` is set but the package is missing,
+the run logs a warning and keeps the JSONL file, which holds the same numbers.
+
+TensorBoard gets every numeric metric as a scalar with the optimizer step as its x-axis, under the
+JSONL's names (``loss``, ``kl``, ``grad_norm``, ``time/rollout`` ...), from
+``torch.utils.tensorboard.SummaryWriter`` as Megatron-LM uses it. A resumed run opens its writer with
+``purge_step`` = the resumed step, so TensorBoard drops what a killed run logged after its last
+checkpoint, as ``drop_from`` does for the JSONL file.
 """
 
 from __future__ import annotations
@@ -86,6 +92,10 @@ class MetricsLogger:
         self.is_writer = is_writer
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._wandb = None
+        self._tensorboard = None
+        self._tensorboard_dir = (cfg.tensorboard_dir or os.path.join(run_dir, "tensorboard")) if cfg.tensorboard else None
+        self._purge_step: Optional[int] = None
+        self._run_config = run_config
         if not is_writer:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -106,12 +116,39 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(record, step=step)
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            for key, value in metrics.items():
+                value = value.item() if isinstance(value, torch.Tensor) else value
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(key, value, step)
+            writer.flush()
+
+    def _tensorboard_writer(self):
+        """The SummaryWriter, opened at the first record (after a resume has set the purge step)."""
+        if self._tensorboard is None and self._tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("logging.tensorboard is set but tensorboard is not installed (pip install "
+                               "'opdlm-megatron[tensorboard]'); metrics go to %s only", self.path)
+                self._tensorboard_dir = None
+                return None
+            self._tensorboard = SummaryWriter(log_dir=self._tensorboard_dir, purge_step=self._purge_step)
+            if not self._purge_step:  # the config once per run, as Megatron-LM writes its arguments
+                self._tensorboard.add_text("config", "```\n" + json.dumps(self._run_config, indent=1, default=str)
+                                           + "\n```", 0)
+        return self._tensorboard
 
     def drop_from(self, step: int) -> None:
         """Drops the records of steps ``>= step``: a run resumed from a checkpoint taken after ``step``
         steps redoes the steps a killed run logged after it, and the file must hold each step once. Written to a
         temporary file and renamed, so a kill during the rewrite leaves the old file."""
-        if not self.is_writer or not os.path.isfile(self.path):
+        if not self.is_writer:
+            return
+        if self._tensorboard_dir is not None and os.path.isdir(self._tensorboard_dir):
+            self._purge_step = step  # TensorBoard's own rule: events at steps >= purge_step are dropped
+        if not os.path.isfile(self.path):
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
@@ -126,6 +163,9 @@ class MetricsLogger:
                     len(lines) - len(kept), step)
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -212,6 +212,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    # TensorBoard event files (the `tensorboard` extra) under tensorboard_dir, default <run_dir>/tensorboard
+    tensorboard: bool = False
+    tensorboard_dir: Optional[str] = None
     wandb: bool = False
     wandb_mode: str = "offline"
     wandb_project: str = "opdlm-megatron"

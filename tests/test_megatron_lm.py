@@ -91,7 +91,8 @@ def reference(assets):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, tmp_path):
     stdout = run_torchrun(ENTRY, *_megatron_flags(assets, 2, "--tensor-model-parallel-size", str(tp),
-                                                   "--pipeline-model-parallel-size", str(pp), run_dir=tmp_path))
+                                                   "--pipeline-model-parallel-size", str(pp),
+                                                   "--tensorboard-dir", str(tmp_path / "tb"), run_dir=tmp_path))
     got = _steps(tmp_path)
     assert [g[0] for g in got] == [1, 2], stdout[-3000:]
     for (it, loss, norm), (ref_it, ref_loss, ref_norm) in zip(got, reference):
@@ -107,6 +108,15 @@ def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, tmp_pa
     assert printed[1][2] == pytest.approx(got[1][2], abs=1e-3)
     # the rollout's numbers reach Megatron-LM's log like its own losses
     assert "opd committed per forward" in stdout and "opd rollout len" in stdout
+    # and Megatron-LM's TensorBoard writer, per iteration (not averaged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    written = [(e.step, e.value) for e in events.Scalars("opd loss")]
+    assert [w[0] for w in written] == [1, 2]
+    assert [w[1] for w in written] == pytest.approx([g[1] for g in got], rel=1e-5)
+    assert "opd rollout len" in events.Tags()["scalars"]
 
 
 @pytest.mark.distributed

@@ -187,6 +187,34 @@ def test_interrupt_and_resume_gives_identical_losses(assets, tmp_path, stop_at):
     assert [h["rollout_len"] for h in full] == [4, 4, 12, 12]  # the curriculum advances per rollout
 
 
+def test_tensorboard_holds_the_jsonl_numbers_once_per_step_after_a_resume(assets, tmp_path):
+    """The TensorBoard scalars equal metrics.jsonl; a kill after the step-2 checkpoint left events of
+    steps 2 and 3 behind (written here by hand), and the resumed run's purge step drops them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
+                                                 logging=dict(tensorboard=True)))
+    first = _train(cfg, until=2)
+    leftover = SummaryWriter(log_dir=os.path.join(cfg.run_dir, "tensorboard"))
+    for step in (2, 3):
+        leftover.add_scalar("loss", -1.0, step)
+    leftover.close()
+    rest = _train(cfg)
+    events = EventAccumulator(os.path.join(cfg.run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = read_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in logged] == [0, 1, 2, 3]
+    for key in ("loss", "kl", "grad_norm", "lr", "rollout_len", "tokens_trained", "time/rollout"):
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [0, 1, 2, 3], key
+        # TensorBoard stores float32
+        assert [e.value for e in scalars] == pytest.approx([float(r[key]) for r in logged], rel=1e-6), key
+    assert [h["loss"] for h in first + rest] == [r["loss"] for r in logged]
+    assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
+
+
 def test_first_layout_checkpoint_resumes(assets, tmp_path):
     """A checkpoint whose trainer state has the first layout (one rollout per step, no format key)."""
     from opdlm_megatron.train_checkpoint import save_training_checkpoint

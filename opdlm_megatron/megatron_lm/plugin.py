@@ -31,6 +31,7 @@ weights (warned).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -150,7 +151,14 @@ class OPDPlugin:
 
         writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                   and parallel_state.get_data_parallel_rank() == 0)
-        self.metrics = MetricsLogger(self.cfg.run_dir, self.cfg.logging, self.cfg.to_dict(), is_writer=writer)
+        logging_cfg = self.cfg.logging
+        if logging_cfg.tensorboard:
+            # Megatron-LM's own writer (--tensorboard-dir) already gets the OPD numbers through the loss dict
+            if writer:
+                logger.warning("logging.tensorboard is ignored under Megatron-LM: pass --tensorboard-dir, where "
+                               "the OPD metrics appear as 'opd loss', 'opd rollout len' ...")
+            logging_cfg = dataclasses.replace(logging_cfg, tensorboard=False)
+        self.metrics = MetricsLogger(self.cfg.run_dir, logging_cfg, self.cfg.to_dict(), is_writer=writer)
         self.metrics.drop_from(iteration)
         self.data = StepData(self.cfg, self.objective, student, self.config, teacher, samples, engine_rollout, rank)
         if iteration:
