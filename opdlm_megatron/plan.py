@@ -14,11 +14,14 @@ Memory of the most loaded rank (pipeline stage 0 holds the embedding and the mos
 * the teacher's targets for one step's rows (packed logits of the supervised positions, or top-k);
 * the rollout's KV cache: this rank's share of ``tasks_per_rollout`` rows, prompt + final curriculum
   length, its layers and KV heads;
-* activations of the ``[prompt | x0 | xt]`` layout at the final length, by megatron-LM's own formula
-  (``theoretical_memory_usage.compute_activation_memory_without_sp``) at sequence length P + 2A.
+* activations of the ``[prompt | x0 | xt]`` layout at the final length (P + 2A columns, every answer
+  token supervised): the tensors the student's layers keep for backward (``activations.py``), with
+  megatron-LM's pipeline rule; megatron-LM's own formula
+  (``theoretical_memory_usage.compute_activation_memory_without_sp``) is printed as a note beside it.
 
 The static parts are exact tensor sizes (checked against the tensors a built trainer holds, in
-tests/test_plan.py); activations are megatron's estimate. A layout that does not fit gets suggestions.
+tests/test_plan.py), the activation count is held to the bytes a real student keeps (within 15%,
+on CPU). A layout that does not fit gets suggestions.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from .activations import ActivationShape, activation_bytes
 from .config import ModelConfig
 from .train_config import TrainConfig, load_train_config
 
@@ -46,6 +50,7 @@ class Plan:
     data_parallel: int
     parts: Dict[str, float] = field(default_factory=dict)  # bytes on the most loaded rank
     notes: List[str] = field(default_factory=list)
+    flex_activations: Optional[float] = None  # the activations with FlexAttention, for a dense-attention plan
 
     @property
     def total(self) -> float:
@@ -76,6 +81,12 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     if config.num_layers % pp:
         raise ValueError(f"num_layers {config.num_layers} is not divisible by pipeline parallel size {pp}")
     config.check_parallel(tp, pp)
+    for who, precision in (("model.student_precision", cfg.model.student_precision),
+                           ("model.teacher_precision", cfg.model.teacher_precision)):
+        if precision.enabled and config.transformer_impl != "transformer_engine":
+            raise ValueError(f"{who} asks for FP8, which needs the Transformer Engine layer spec; the checkpoint has "
+                             f"transformer_impl {config.transformer_impl!r} (convert with --transformer-impl "
+                             f"transformer_engine)")
     dp = world_size // (tp * pp)
     micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if batch % (dp * micro):
@@ -122,21 +133,39 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
         out.parts["rollout KV cache"] = (rollout_rows * (prompt + answer) * layers * 2 * kv_heads
                                          * config.head_dim * dtype_bytes)
 
-    # activations of [prompt | x0 | xt] (megatron-LM's formula, no sequence parallelism)
+    # activations of [prompt | x0 | xt]: what the student's layers keep for backward (activations.py),
+    # the worst case of every answer token supervised
+    seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
+    shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if cfg.objective not in
+                            ("mdlm", "ar", "sft", "lift", "lift2") else None)
+    name = f"activations ({seq} columns x {micro} rows, {config.attention_backend} attention)"
+    out.parts[name] = activation_bytes(config, shape, pp, num_microbatches=max(1, rows // micro))
+    if config.attention_backend == "dense":
+        out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp,
+                                                num_microbatches=max(1, rows // micro))
+    megatron = _megatron_activation_estimate(config, seq, micro, tp, pp, max(1, rows // micro))
+    out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
+                     f"column) would say {megatron / GIB:.2f} GiB")
+    return out
+
+
+def _megatron_activation_estimate(config: ModelConfig, seq: int, micro: int, tp: int, pp: int,
+                                  num_microbatches: int) -> float:
     from megatron.training.theoretical_memory_usage import compute_activation_memory_without_sp
 
-    seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
     args = Namespace(hidden_size=config.hidden_size, micro_batch_size=micro, num_layers=config.num_layers,
                      padded_vocab_size=config.padded_vocab_size(tp), pipeline_model_parallel_size=pp,
                      seq_length=seq, tensor_model_parallel_size=tp, virtual_pipeline_model_parallel_size=None,
                      ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads)
-    out.parts[f"activations ({seq} columns x {micro} rows)"] = compute_activation_memory_without_sp(
-        args, num_microbatches=max(1, rows // micro))
-    return out
+    return compute_activation_memory_without_sp(args, num_microbatches=num_microbatches)
 
 
 def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -> List[str]:
     tips = []
+    if p.flex_activations is not None and cfg.parallel.device != "cpu":
+        dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
+        tips.append(f"FlexAttention for the student (model.attention_backend: flex, GPU only) keeps no score "
+                    f"tensor per head: activations {dense / GIB:.1f} -> {p.flex_activations / GIB:.1f} GiB")
     if config.num_attention_heads % (p.tensor_parallel * 2) == 0 and config.query_groups % (p.tensor_parallel * 2) == 0:
         tips.append(f"more tensor parallelism (TP {p.tensor_parallel * 2}) halves weights, caches and activations")
     if config.num_layers % (p.pipeline_parallel * 2) == 0:
@@ -153,9 +182,10 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
 def format_plan(p: Plan, budget: Optional[float]) -> str:
     lines = [f"layout: world {p.world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {p.data_parallel}",
              "memory of the most loaded rank:"]
+    width = max(len(name) for name in [*p.parts, "total"])
     for name, value in p.parts.items():
-        lines.append(f"  {name:<44} {value / GIB:9.3f} GiB")
-    lines.append(f"  {'total':<44} {p.total / GIB:9.3f} GiB" + (f" of {budget / GIB:.0f} GiB" if budget else ""))
+        lines.append(f"  {name:<{width}} {value / GIB:9.3f} GiB")
+    lines.append(f"  {'total':<{width}} {p.total / GIB:9.3f} GiB" + (f" of {budget / GIB:.0f} GiB" if budget else ""))
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 

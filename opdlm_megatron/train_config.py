@@ -54,6 +54,10 @@ class ModelPaths:
     # {fp8: e4m3, fp8_param: true} for the frozen teacher; empty: no FP8
     student_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     teacher_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # the attention kernel of the student (and of a self-distillation teacher); None: the checkpoint's.
+    # "flex" on GPUs: FlexAttention skips masked tiles and keeps no seq x seq score tensor per head, which
+    # the dense kernel needs for the [prompt | x0 | xt] mask (opdlm-plan shows the difference); CPU: dense
+    attention_backend: Optional[str] = None
     random_init: bool = False  # tests/benchmarks: ignore checkpoints, build both from model_config
     model_config: Optional[dict] = None  # ModelConfig fields for random_init
 
@@ -341,19 +345,25 @@ class TrainConfig:
         from .exit_signals import check_signal_names
 
         check_signal_names(self.checkpoint.exit_signals)
+        if self.model.attention_backend is not None:
+            from .config import ATTENTION_BACKENDS
+
+            one_of("model.attention_backend", self.model.attention_backend, ATTENTION_BACKENDS)
         self.model.student_precision.validate("model.student_precision")
         self.model.teacher_precision.validate("model.teacher_precision")
         get_objective(self.objective).validate_config(self)
 
     def student_architecture(self, config):
         """The student checkpoint's ``ModelConfig`` with this run's overrides (``block_size``,
-        ``model.student_dtype``): what the trainer builds and the planner plans."""
+        ``model.student_dtype``, ``model.attention_backend``): what the trainer builds and the planner plans."""
         from .config import canonical_dtype
 
         if self.block_size is not None:
             config = config.replace(block_size=self.block_size)
         if self.model.student_dtype:
             config = config.replace(params_dtype=canonical_dtype(self.model.student_dtype))
+        if self.model.attention_backend:
+            config = config.replace(attention_backend=self.model.attention_backend)
         return config
 
     @property

@@ -41,6 +41,7 @@ from .data import Sample, load_samples, load_tokenizer
 from .exit_signals import ExitSignals
 from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
+from .platform import compute_device
 from .objectives import get_objective
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
@@ -189,6 +190,9 @@ class Trainer:
         else:
             config = load_model_config(paths.student_checkpoint)
         config = cfg.student_architecture(config)
+        if config.attention_backend == "flex" and compute_device().type != "cuda":
+            raise ValueError(f"attention_backend 'flex' trains only on CUDA GPUs (FlexAttention has no backward on "
+                             f"{compute_device().type}); set model.attention_backend=dense")
         student = build_model(config, "student", precision=paths.student_precision)
         if not paths.random_init:
             load_model_checkpoint(student, paths.student_checkpoint)

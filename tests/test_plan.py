@@ -15,7 +15,7 @@ from opdlm_megatron.config import ModelConfig
 from opdlm_megatron.plan import plan, stage_parameters
 from opdlm_megatron.platform import initialize_runtime
 from opdlm_megatron.train_config import train_config_from_dict
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_torchrun
 from tests.helpers import save_trainer_student
 from tests.distributed.train_common import TINY_MODEL, naive_rollout, tiny_train_dict, write_token_prompts
 
@@ -68,6 +68,9 @@ def test_stage_parameters_split_over_tp_and_pp():
     (2, ["parallel.tensor_model_parallel_size=2"], "num_attention_heads 9 is not divisible by tensor parallel size 2"),
     (4, ["parallel.pipeline_model_parallel_size=4"], "num_layers 30 is not divisible by pipeline parallel size 4"),
     (3, ["train.global_batch_size=8", "rollout.tasks_per_rollout=8"], "train.global_batch_size 8 is not a multiple of data-parallel size 3"),
+    (1, ["model.student_precision.fp8=hybrid"], "model.student_precision asks for FP8, which needs the Transformer "
+                                                "Engine layer spec; the checkpoint has transformer_impl 'local'"),
+    (1, ["model.attention_backend=sparse"], "model.attention_backend must be one of"),
 ])
 def test_layout_errors(tmp_path, world, overrides, message):
     model_config = tmp_path / "model"
@@ -82,7 +85,8 @@ def test_layout_errors(tmp_path, world, overrides, message):
 
 QWEN3_8B = dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
                 kv_channels=128, vocab_size=151936, tokenizer_size=151669, max_sequence_length=40960,
-                qk_layernorm=True, tie_word_embeddings=False, rotary_base=1000000.0, norm_epsilon=1e-6, block_size=4)
+                qk_layernorm=True, tie_word_embeddings=False, rotary_base=1000000.0, norm_epsilon=1e-6, block_size=4,
+                transformer_impl="transformer_engine")  # as converted for FP8 (the config's header)
 SHIPPED = {"smollm2_opd.yaml": (SMOLLM2, 1), "smollm2_opd_long.yaml": (SMOLLM2, 1), "tiny_cpu.yaml": (TINY_MODEL, 1),
            "qwen3_8b_opd_fp8.yaml": (QWEN3_8B, 16)}
 
@@ -112,3 +116,112 @@ def test_shipped_configs_plan(tmp_path, config_name):
     tight = subprocess.run(base + ["--gpu-memory-gb", "0.0001"], capture_output=True, text=True, cwd=REPO_ROOT,
                            env=env, timeout=300)
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "try:" in tight.stdout
+
+
+# ----------------------------------------------------------------- activations against a real student
+ACTIVATION_MODELS = {
+    # SmolLM2's layer shape (GQA 9/3, SwiGLU, RMSNorm) in fp32 and bf16; a Qwen3-like layer (QK-norm,
+    # head_dim != hidden / heads); a GPT-2-like one (multi-head, GeLU, LayerNorm)
+    "smollm2_fp32": dict(hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3),
+    "smollm2_bf16": dict(hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+                         params_dtype="bfloat16"),
+    "qwen3_like": dict(hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2, kv_channels=64,
+                       qk_layernorm=True),
+    "gpt2_like": dict(hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4, activation="gelu",
+                      normalization="LayerNorm"),
+}
+
+
+def _saved_for_backward(plan, model):
+    """Bytes autograd keeps for backward over one micro-batch's forward and loss: every saved tensor's
+    storage once, parameters excluded (what the activation estimate counts); and the micro-batch's
+    supervised tokens. On a pipeline stage without the loss, the stage's output tensor stands in."""
+    from megatron.core import parallel_state
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    mb = plan.microbatches[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output, loss_func = plan.forward_microbatch(mb, model)
+        loss = loss_func(output)[0] if parallel_state.is_pipeline_last_stage() else output.float().sum()
+    loss.backward()  # the graph was a real training graph
+    return sum(storages.values()), int(mb["slot_valid"].sum())
+
+
+def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, **overrides):
+    """(measured, estimated) activation bytes of this rank for one micro-batch of ``rows`` OPD rows of
+    the ``ACTIVATION_MODELS[name]`` student (two layers per stage; ``overrides``: other ModelConfig
+    fields, e.g. the GPU's transformer_impl / attention_backend), in the current parallel layout."""
+    from megatron.core import parallel_state
+
+    from opdlm_megatron.activations import ActivationShape, activation_bytes
+    from opdlm_megatron.losses import DivergenceConfig, TeacherTopK
+    from opdlm_megatron.model import build_model
+    from opdlm_megatron.objectives.base import SupervisedBatch
+    from opdlm_megatron.states import select_states
+    from opdlm_megatron.student import StudentStepPlan
+    from opdlm_megatron.teacher import TeacherTargets
+    from tests.distributed.student_data import synthetic_rollout
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = ModelConfig(num_layers=2 * pp, vocab_size=2000, max_sequence_length=1024, block_size=4,
+                         **{**ACTIVATION_MODELS[name], **overrides})
+    model = build_model(config, "student")
+    rollout = synthetic_rollout(config.vocab_size, 4, batch_size=rows, prompt_len=prompt, answer_len=answer, seed=3)
+    xt = select_states(rollout, "block", torch.Generator().manual_seed(0), config.mask_token_id, block_size=4)
+    supervised = (xt == config.mask_token_id) & rollout.answer_valid
+    batch = SupervisedBatch(rollout, supervised, supervised, distill=True, layout="opd", xt=xt)
+    targets = None
+    if parallel_state.is_pipeline_last_stage():
+        logits = torch.randn(rows, answer, config.padded_vocab_size(tp) // tp)
+        if top_k:
+            logits = TeacherTopK.from_logits(logits, top_k)
+        targets = TeacherTargets.dense(logits, (rows, answer))
+    plan = StudentStepPlan(model, config, batch, targets, DivergenceConfig(top_k=top_k), rows)
+    assert plan.seq_length == prompt + 2 * answer
+    if not parallel_state.is_pipeline_first_stage():  # what the schedule hands a later stage
+        model.set_input_tensor(torch.randn(plan.seq_length, rows, config.hidden_size, dtype=config.torch_dtype,
+                                           device=plan.device, requires_grad=True))
+    measured, supervised_tokens = _saved_for_backward(plan, model)
+    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k)
+    # stage 0 of a pipeline holds no loss; the last stage's share is measured with one micro-batch in flight
+    stage_zero = parallel_state.is_pipeline_first_stage()
+    estimate = activation_bytes(config, shape, pp if stage_zero else 1, num_microbatches=1)
+    if not stage_zero:  # the last stage: its layers, the final norm and the loss (as if PP were 1 over its layers)
+        estimate = activation_bytes(config.replace(num_layers=config.num_layers // pp), shape, 1)
+    return measured, estimate
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATION_MODELS))
+@pytest.mark.parametrize("top_k", [None, 16])
+def test_activation_estimate_within_15_percent_of_what_the_student_keeps(name, top_k):
+    """The planner's activation count against the bytes the real megatron-core student (local spec,
+    dense attention, CPU) keeps for backward on the OPD layout, two layers, two shapes (measured:
+    0.98-0.99 of the kept bytes)."""
+    with initialize_runtime(device="cpu", seed=1):
+        for prompt, answer, rows in [(64, 128, 2), (24, 64, 3)]:
+            measured, estimate = measure_activations(name, top_k, prompt, answer, rows)
+            assert estimate == pytest.approx(measured, rel=0.15), (name, prompt, answer, estimate, measured)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path, layout):
+    """The same at TP=2 (each rank's heads, FFN and vocabulary shard) and PP=2 (stage 0: its layers
+    and the embedding; stage 1: its layers, the final norm and the loss), every rank within 15%."""
+    out = tmp_path / "ratios.json"
+    run_torchrun("activation_memory.py", "--layout", layout, "--out", str(out))
+    ratios = json.loads(out.read_text())
+    models = {key.split()[2] for key in ratios}
+    assert models == (set(ACTIVATION_MODELS) if layout == "pp2" else {"gpt2_like", "qwen3_like"})
+    assert len(ratios) == 2 * len(models) * 2  # ranks x models x top-k variants
+    for key, ratio in ratios.items():
+        assert ratio == pytest.approx(1.0, abs=0.15), key

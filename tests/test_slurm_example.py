@@ -51,7 +51,7 @@ def test_sbatch_converts_plans_trains_and_exports(tmp_path):
     env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
                PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2",
-               MASTER_PORT=str(_free_port()), TP="2", PP="1", DTYPE="float32",
+               MASTER_PORT=str(_free_port()), TP="2", PP="1", DTYPE="float32", TRANSFORMER_IMPL="local",
                CONFIG=str(REPO_ROOT / "configs" / "tiny_cpu.yaml"))
     proc = subprocess.run(["bash", str(REPO_ROOT / "examples" / "slurm" / "opd.sbatch"), str(hf_dir), str(run),
                            f"data.path={prompts}", "train.steps=2", "logging.tensorboard=true",

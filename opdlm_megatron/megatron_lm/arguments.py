@@ -129,12 +129,15 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def student_config_from_args(args, cfg: TrainConfig) -> ModelConfig:
-    """The student's ModelConfig with the run's block size / [MASK] / logit-shift overrides."""
+    """The student's ModelConfig with the run's block size / attention kernel / [MASK] / logit-shift
+    overrides (the dtype comes from Megatron-LM's --bf16 / --fp16)."""
     from ..checkpointing import load_model_config
 
     config = load_model_config(cfg.model.student_checkpoint)
     if cfg.block_size is not None:
         config = config.replace(block_size=cfg.block_size)
+    if cfg.model.attention_backend:
+        config = config.replace(attention_backend=cfg.model.attention_backend)
     if args.opd_mask_token_id is not None:
         if not 0 <= args.opd_mask_token_id < config.vocab_size:
             raise ValueError(f"--opd-mask-token-id {args.opd_mask_token_id} is outside the vocabulary [0, {config.vocab_size})")
