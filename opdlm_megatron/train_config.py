@@ -54,7 +54,7 @@ class ModelPaths:
     # {fp8: e4m3, fp8_param: true} for the frozen teacher; empty: no FP8
     student_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     teacher_precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    # the attention kernel of the student (and of a self-distillation teacher); None: the checkpoint's.
+    # the attention kernel of the student and the teacher; None: the checkpoint's.
     # "flex" on GPUs: FlexAttention skips masked tiles and keeps no seq x seq score tensor per head, which
     # the dense kernel needs for the [prompt | x0 | xt] mask (opdlm-plan shows the difference); CPU: dense
     attention_backend: Optional[str] = None

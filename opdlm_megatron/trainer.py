@@ -207,7 +207,8 @@ class Trainer:
         if paths.teacher_checkpoint:
             teacher_config = load_model_config(paths.teacher_checkpoint)
             teacher_config = teacher_config.replace(
-                params_dtype=teacher_dtype or teacher_config.params_dtype)
+                params_dtype=teacher_dtype or teacher_config.params_dtype,
+                attention_backend=paths.attention_backend or teacher_config.attention_backend)
             teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision)
             load_model_checkpoint(teacher, paths.teacher_checkpoint)
         else:

@@ -1,7 +1,8 @@
 """GPU checks (marker ``gpu``): they skip without CUDA (and, for FP8, without Transformer Engine and an
-FP8-capable GPU), so CI on CPU reports them as skipped. On a GPU machine:
+FP8-capable GPU), so CI on CPU reports them as skipped. On a GPU machine, with the throughput
+benchmark, in one command:
 
-    pytest -m gpu tests/test_gpu.py
+    bash scripts/gpu_checks.sh            # = pytest -m gpu tests/test_gpu.py + benchmarks/gpu_student_step.py
 
 None of this project's CPU tests depend on them. No GPU has been lent to this project so far, so they
 have not been run yet (BENCHMARKS.md records GPU numbers when one is).
@@ -85,3 +86,56 @@ def test_fp8_teacher_stays_close_to_bf16(cuda_runtime):
         q = torch.log_softmax(fp8(ids, pos, mask).float(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean()
     assert float(kl) < 0.05, f"FP8 teacher KL to BF16: {float(kl):.4f} nats/token"
+
+
+def _twenty_steps(tmp_path, name: str, precision: dict, transformer_impl: str = "transformer_engine",
+                  device: str = "cuda"):
+    """Losses of 20 masked-diffusion steps of a random TE student on fixed data (no rollouts: the two
+    runs see identical batches, so only the arithmetic differs)."""
+    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.train_config import train_config_from_dict
+    from opdlm_megatron.trainer import Trainer
+    from tests.distributed.train_common import tiny_train_dict, write_token_prompts
+
+    data = write_token_prompts(str(tmp_path / "data.jsonl"), num=16)
+    model_config = dict(num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                        vocab_size=250, max_sequence_length=128, eos_token_ids=[2], block_size=4,
+                        transformer_impl=transformer_impl, params_dtype="bfloat16" if device == "cuda" else "float32")
+    cfg = train_config_from_dict(tiny_train_dict(
+        str(tmp_path / name), data, "", objective="mdlm", train=dict(steps=20, global_batch_size=4, micro_batch_size=2),
+        model=dict(random_init=True, model_config=model_config, student_precision=precision),
+        parallel=dict(device=device), rollout=dict(tasks_per_rollout=4), optim=dict(lr=1e-3, min_lr=1e-4, warmup_steps=2),
+        checkpoint=dict(resume=False, save_every=0)))
+    with initialize_runtime(device=device, seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt)
+        history = trainer.fit()
+        trainer.close()
+    return [h["loss"] for h in history]
+
+
+@needs_fp8
+def test_fp8_student_loss_tracks_bf16_over_20_steps(tmp_path):
+    bf16 = _twenty_steps(tmp_path, "bf16", {})
+    fp8 = _twenty_steps(tmp_path, "fp8", {"fp8": "hybrid", "fp8_recipe": "tensorwise"})
+    relative = [abs(a - b) / abs(a) for a, b in zip(bf16, fp8)]
+    print("bf16", [round(x, 4) for x in bf16], "\nfp8 ", [round(x, 4) for x in fp8])
+    assert len(bf16) == len(fp8) == 20
+    assert bf16[-1] < bf16[0] and fp8[-1] < fp8[0], "neither run learned"
+    assert sum(relative) / len(relative) < 0.02 and max(relative) < 0.05, relative
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl,backend", [("local", "dense"), ("local", "flex"), ("transformer_engine", "dense"),
+                                          ("transformer_engine", "flex")])
+def test_activation_count_on_gpu(cuda_runtime, impl, backend):
+    """The planner's activation count against the bytes the student keeps for backward on the GPU (the
+    CPU test covers the local spec; TE's fused norm + linear and FlexAttention are checked here)."""
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine")
+    from tests.test_plan import measure_activations
+
+    for name in ("smollm2_bf16", "qwen3_like"):
+        measured, estimate = measure_activations(name, None, 64, 128, 2, transformer_impl=impl,
+                                                 attention_backend=backend, params_dtype="bfloat16")
+        print(f"{name} {impl} {backend}: estimate / measured = {estimate / measured:.3f}")
+        assert estimate == pytest.approx(measured, rel=0.15), (name, estimate, measured)

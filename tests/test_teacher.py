@@ -112,3 +112,20 @@ def test_bad_batches_raise_clear_errors(runtime, teacher_ckpt):
         teacher.answer_logits(r.prompt_ids, r.prompt_valid, r.answer_ids, answer_valid, 2)
     with pytest.raises(ValueError, match="micro_batch_size must be a positive integer, got 0"):
         microbatch_rows(2, 0)
+
+
+def test_flex_attention_teacher_matches_the_reference(runtime, teacher_ckpt):
+    """The teacher with FlexAttention (model.attention_backend applies to it) gives the unpadded
+    causal reference's logits, as the dense mask does."""
+    from opdlm_megatron.model import build_model as build
+
+    path, config = teacher_ckpt
+    dense = FrozenTeacher.from_checkpoint(str(path), student_config())
+    flex_model = build(config.replace(attention_backend="flex"), "teacher")
+    flex_model.load_state_dict(dense.model.state_dict(), strict=False)
+    flex = FrozenTeacher(flex_model, config.replace(attention_backend="flex"), student_config())
+    result = synthetic_rollout(vocab_size=250, batch_size=3, seed=1)
+    logits = flex.answer_logits(result.prompt_ids, result.prompt_valid, result.answer_ids, result.answer_valid,
+                                micro_batch_size=2)
+    for (b, i), ref in unpadded_reference(dense.model, result).items():
+        assert (logits[b, i] - ref).abs().max() < 1e-5, (b, i)

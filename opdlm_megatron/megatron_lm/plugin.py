@@ -179,7 +179,8 @@ class OPDPlugin:
         check_teacher_checkpoint(source, "--opd-teacher" if paths.teacher_checkpoint else "the self-distillation teacher",
                                  "" if paths.teacher_checkpoint else "pass the AR model as --opd-teacher")
         config = load_model_config(source) if paths.teacher_checkpoint and has_model_config(source) else self.config
-        config = config.replace(params_dtype=dtype or config.params_dtype)
+        config = config.replace(params_dtype=dtype or config.params_dtype,
+                                attention_backend=paths.attention_backend or config.attention_backend)
         teacher = build_model(config, "teacher", precision=paths.teacher_precision)
         self._load_weights(teacher, source)
         return FrozenTeacher(teacher, config, self.config)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, on a CUDA machine: the gpu-marked tests (FlexAttention == dense, the
+# activation count on the GPU, and with Transformer Engine: FP8 student loss vs BF16 over 20 steps, the
+# FP8 teacher's KL to BF16) and the student-step throughput benchmark (TFLOP/s, MFU, FP8 speed-up).
+#
+#   bash scripts/gpu_checks.sh [OUT_DIR]      # logs in OUT_DIR (default: $OUT, else runs/gpu_checks)
+#
+# Uses the current python (PYTHON=...) as it is: install the project into it first
+# (pip install -e '.[te]'), or, on a machine that cannot reach a package index, put wheels of what its
+# image lacks (megatron-core at least) in .whl/: they are installed into /tmp/site first.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${1:-${OUT:-$ROOT/runs/gpu_checks}}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/environment.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import megatron.core; print("megatron-core", megatron.core.__version__)
+except ImportError as e: print("megatron-core missing:", e)
+try:
+    import transformer_engine; print("transformer-engine", transformer_engine.__version__)
+except ImportError: print("transformer-engine: not installed (TE / FP8 checks skip)")
+PY
+"$PY" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
+tests=${PIPESTATUS[0]}
+"$PY" benchmarks/gpu_student_step.py 2>&1 | tee "$OUT_DIR/gpu_student_step.txt"
+bench=${PIPESTATUS[0]}
+echo "gpu_checks: tests exit $tests, benchmark exit $bench; logs in $OUT_DIR"
+exit $(( tests != 0 || bench != 0 ))
