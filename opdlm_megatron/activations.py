@@ -27,7 +27,7 @@ key/value widths of this rank (heads x head_dim), ``f`` the FFN width of this ra
   FC1's output and the activation output (2 p f);
 * after the last layer (on the last stage): the final norm, the hidden state gathered at the
   supervised columns (p h), the student's logits there (p V/TP) and the micro-batch's copy of the
-  teacher's targets (4 V/TP, or 12 k with top-k targets), per supervised token.
+  teacher's targets (4 V/TP, or 12 k with top-k targets; 8 for a token id), per supervised token.
 
 tests/test_plan.py measures the bytes the real megatron-core student keeps for backward (autograd's
 saved-tensor hooks, parameters excluded, each storage once) on CPU and holds this count to them
@@ -37,6 +37,7 @@ within 15%. The Transformer Engine counts are from TE's modules and wait for a G
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,6 +55,7 @@ class ActivationShape:
     supervised_tokens: int  # per micro-batch (all rows), the positions whose logits enter the loss
     tensor_parallel: int = 1
     target_top_k: Optional[int] = None  # None: full-vocabulary teacher targets
+    distill: bool = True  # False: cross-entropy objectives, whose targets are token ids
 
 
 def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
@@ -98,8 +100,6 @@ def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1) -> 
 def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_parallel: int = 1,
                      num_microbatches: int = 1) -> float:
     """Activation bytes on pipeline stage 0 (the most loaded: it holds the most micro-batches in flight)."""
-    import math
-
     p = DTYPE_BYTES[config.params_dtype]
     tokens = shape.seq_length * shape.micro_batch_size
     layers = math.ceil(config.num_layers / pipeline_parallel)
@@ -109,7 +109,7 @@ def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_paral
         per_microbatch += shape.micro_batch_size * shape.seq_length ** 2  # the bool mask, shared by the layers
     if pipeline_parallel == 1:  # stage 0 is also the last stage: final norm, logits, targets
         vocab = config.padded_vocab_size(shape.tensor_parallel) // shape.tensor_parallel
-        target = 12 * shape.target_top_k if shape.target_top_k else 4 * vocab
+        target = (12 * shape.target_top_k if shape.target_top_k else 4 * vocab) if shape.distill else 8
         per_microbatch += tokens * _norm_bytes(config, p, config.hidden_size)
         per_microbatch += shape.supervised_tokens * (p * config.hidden_size + p * vocab + target)
     in_flight = min(num_microbatches, pipeline_parallel) if pipeline_parallel > 1 else 1

@@ -136,8 +136,10 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # activations of [prompt | x0 | xt]: what the student's layers keep for backward (activations.py),
     # the worst case of every answer token supervised
     seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
-    shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if cfg.objective not in
-                            ("mdlm", "ar", "sft", "lift", "lift2") else None)
+    from .objectives import get_objective
+
+    distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
+    shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if distill else None, distill)
     name = f"activations ({seq} columns x {micro} rows, {config.attention_backend} attention)"
     out.parts[name] = activation_bytes(config, shape, pp, num_microbatches=max(1, rows // micro))
     if config.attention_backend == "dense":

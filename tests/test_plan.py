@@ -3,6 +3,7 @@ built trainer really holds (student weights, fp32 main gradients, Adam state, te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -158,7 +159,8 @@ def _saved_for_backward(plan, model):
 def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, **overrides):
     """(measured, estimated) activation bytes of this rank for one micro-batch of ``rows`` OPD rows of
     the ``ACTIVATION_MODELS[name]`` student (two layers per stage; ``overrides``: other ModelConfig
-    fields, e.g. the GPU's transformer_impl / attention_backend), in the current parallel layout."""
+    fields, e.g. the GPU's transformer_impl / attention_backend), in the current parallel layout.
+    ``top_k``: None (full-vocabulary teacher targets), k, or "ids" (cross entropy on the answer)."""
     from megatron.core import parallel_state
 
     from opdlm_megatron.activations import ActivationShape, activation_bytes
@@ -179,19 +181,22 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
     xt = select_states(rollout, "block", torch.Generator().manual_seed(0), config.mask_token_id, block_size=4)
     supervised = (xt == config.mask_token_id) & rollout.answer_valid
     batch = SupervisedBatch(rollout, supervised, supervised, distill=True, layout="opd", xt=xt)
+    distill = top_k != "ids"  # "ids": a cross-entropy batch (the answer tokens are the targets)
+    top_k = top_k if distill else None
+    batch = dataclasses.replace(batch, distill=distill)
     targets = None
-    if parallel_state.is_pipeline_last_stage():
+    if parallel_state.is_pipeline_last_stage() and distill:
         logits = torch.randn(rows, answer, config.padded_vocab_size(tp) // tp)
         if top_k:
             logits = TeacherTopK.from_logits(logits, top_k)
         targets = TeacherTargets.dense(logits, (rows, answer))
-    plan = StudentStepPlan(model, config, batch, targets, DivergenceConfig(top_k=top_k), rows)
+    plan = StudentStepPlan(model, config, batch, targets, DivergenceConfig(top_k=top_k) if distill else None, rows)
     assert plan.seq_length == prompt + 2 * answer
     if not parallel_state.is_pipeline_first_stage():  # what the schedule hands a later stage
         model.set_input_tensor(torch.randn(plan.seq_length, rows, config.hidden_size, dtype=config.torch_dtype,
                                            device=plan.device, requires_grad=True))
     measured, supervised_tokens = _saved_for_backward(plan, model)
-    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k)
+    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill)
     # stage 0 of a pipeline holds no loss; the last stage's share is measured with one micro-batch in flight
     stage_zero = parallel_state.is_pipeline_first_stage()
     estimate = activation_bytes(config, shape, pp if stage_zero else 1, num_microbatches=1)
@@ -201,7 +206,7 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATION_MODELS))
-@pytest.mark.parametrize("top_k", [None, 16])
+@pytest.mark.parametrize("top_k", [None, 16, "ids"])
 def test_activation_estimate_within_15_percent_of_what_the_student_keeps(name, top_k):
     """The planner's activation count against the bytes the real megatron-core student (local spec,
     dense attention, CPU) keeps for backward on the OPD layout, two layers, two shapes (measured:
