@@ -158,6 +158,10 @@ class TeacherAnswers:
 
     def __init__(self, teacher, max_new_tokens: int, temperature: float, seed: int, end_of_turn_ids: Sequence[int],
                  cache_dir: str, rollout_fn: RolloutFn, is_writer: bool) -> None:
+        from .model import uses_causal_kernel
+
+        if uses_causal_kernel(teacher.model):  # the KV-cached engine hands it masks over the cache
+            raise ValueError("decoding teacher answers needs a teacher built with the arbitrary mask, not the causal kernel")
         self.teacher = teacher
         self.config = teacher.config.replace(block_size=1, logit_shift=True)
         self.max_new_tokens = max_new_tokens

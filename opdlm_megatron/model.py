@@ -161,6 +161,8 @@ def build_model(
     if cp != 1:
         raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
     device = device or compute_device()
+    if attn_mask_type == AttnMaskType.causal and config.attention_backend != "dense":
+        raise ValueError(f"the causal attention kernel needs attention_backend 'dense', got {config.attention_backend!r}")
     if precision is not None:
         check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, device, role)
         transformer_overrides = {**precision.transformer_overrides(config.num_layers), **transformer_overrides}
@@ -189,6 +191,7 @@ def build_model(
     _apply_llama3_rope_scaling(model, config)
     model.to(device=device, dtype=config.torch_dtype)
     model.opd_role = role
+    model.opd_attn_mask_type = attn_mask_type
     model.opd_config = config
     if role == "teacher":
         model.eval()
@@ -202,6 +205,13 @@ def build_student_and_teacher(config: ModelConfig, teacher_config: Optional[Mode
     student = build_model(config, "student", **kwargs)
     teacher = build_model(teacher_config, "teacher", **kwargs)
     return [student, teacher]
+
+
+def uses_causal_kernel(model) -> bool:
+    """Whether ``model`` was built with megatron's causal mask type: its attention makes its own causal
+    mask (Transformer Engine: the fused causal kernels) and takes no mask tensor, so it serves causal
+    rows whose padding comes after their tokens (right-padded) and nothing else."""
+    return getattr(model, "opd_attn_mask_type", AttnMaskType.arbitrary) == AttnMaskType.causal
 
 
 def attention_mask(config: ModelConfig, queries: AttentionLayout, keys: Optional[AttentionLayout] = None):
@@ -305,6 +315,9 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
     from .teacher import microbatch_rows
 
     device = next(model.parameters()).device
+    causal_kernel = uses_causal_kernel(model)
+    if causal_kernel and bool((layout.valid[:, 1:] & ~layout.valid[:, :-1]).any()):
+        raise ValueError("a model built with the causal attention kernel needs right-padded rows")
     input_ids, layout = pad_batch(input_ids, layout, fp8_sequence_multiple(model), config.pad_token_id)
     microbatches = []
     for rows, real in microbatch_rows(input_ids.shape[0], micro_batch_size):
@@ -324,7 +337,8 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
         mb = next(data_iterator)
         lay = mb["layout"].to(device)
         chunks = ColumnChunks(mb["columns"], partial(collect, mb), max(1, chunk_tokens // micro_batch_size))
-        output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, attention_mask(config, lay), chunks)
+        mask = None if causal_kernel else attention_mask(config, lay)
+        output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, mask, chunks)
         return output, lambda out: (out.new_zeros(()), {})
 
     get_forward_backward_func()(

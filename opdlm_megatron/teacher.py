@@ -83,6 +83,18 @@ def _check_answer_batch(prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Te
         raise ValueError("answer_valid must be right-padded (no valid token after a padding token)")
 
 
+def teacher_attention_kernel(objective, config: ModelConfig, allowed: bool = True):
+    """The mask type to build the teacher with: megatron's causal type (Transformer Engine's fused
+    causal attention on GPUs; no mask tensor) when the objective only scores answers with the teacher
+    (one causal forward over ``[prompt; x0]``), else the arbitrary type, which the teacher's decoding of
+    cached answers and TCS's branches need. ``allowed``: ``model.teacher_causal_kernel``."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    if allowed and objective.teacher_scores_only and config.attention_backend == "dense":
+        return AttnMaskType.causal
+    return AttnMaskType.arbitrary
+
+
 class FrozenTeacher:
     """A frozen teacher ``GPTModel`` (this rank's part) and its config.
 
@@ -139,8 +151,14 @@ class FrozenTeacher:
         bsz, plen = prompt_ids.shape
         # the last answer token predicts nothing inside the answer: leave it out of the forward
         input_ids = torch.cat([prompt_ids, answer_ids[:, :-1]], 1)
-        layout = causal_layout(torch.cat([prompt_valid, answer_valid[:, :-1]], 1))
+        valid = torch.cat([prompt_valid, answer_valid[:, :-1]], 1)
         columns = plen - 1 + torch.arange(answer_ids.shape[1])[None].expand(bsz, -1)
+        # each row's tokens first, its padding after (the left-padded prompt moves left): the same
+        # causal attention over the real tokens, in rows a causal kernel serves without a mask
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        moved_to = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+        input_ids, valid, columns = input_ids.gather(1, order), valid.gather(1, order), moved_to.gather(1, columns)
+        layout = causal_layout(valid)
         self.model.eval()
         forward_answer_columns(self.model, self.config, input_ids, layout, columns, needed, micro_batch_size,
                                consume, chunk_tokens)
@@ -282,7 +300,10 @@ class FrozenTeacher:
         from . import vocab_parallel as vp
         from .losses import unused_vocab_columns
         from .masks import branch_layout
+        from .model import uses_causal_kernel
 
+        if uses_causal_kernel(self.model):
+            raise ValueError("TCS's branches need a teacher built with the arbitrary mask, not the causal kernel")
         _check_answer_batch(prompt_ids, prompt_valid, answer_ids, answer_valid)
         num_forks, num_cands = candidates.shape
         if forks.shape != (num_forks, 2) or ends.shape != (num_forks,):

@@ -58,6 +58,9 @@ class ModelPaths:
     # "flex" on GPUs: FlexAttention skips masked tiles and keeps no seq x seq score tensor per head, which
     # the dense kernel needs for the [prompt | x0 | xt] mask (opdlm-plan shows the difference); CPU: dense
     attention_backend: Optional[str] = None
+    # the teacher's forward runs megatron's causal mask type (Transformer Engine: fused causal attention)
+    # when it only scores answers (opd, opd_off) with dense attention; false: the arbitrary mask always
+    teacher_causal_kernel: bool = True
     random_init: bool = False  # tests/benchmarks: ignore checkpoints, build both from model_config
     model_config: Optional[dict] = None  # ModelConfig fields for random_init
 

@@ -46,7 +46,7 @@ from .objectives import get_objective
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
-from .teacher import FrozenTeacher
+from .teacher import FrozenTeacher, teacher_attention_kernel
 from .train_checkpoint import (check_teacher_checkpoint, latest_checkpoint, load_training_checkpoint,
                                remove_stale_partials, save_training_checkpoint)
 from .train_config import TrainConfig
@@ -209,12 +209,16 @@ class Trainer:
             teacher_config = teacher_config.replace(
                 params_dtype=teacher_dtype or teacher_config.params_dtype,
                 attention_backend=paths.attention_backend or teacher_config.attention_backend)
-            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision)
+            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision,
+                                  attn_mask_type=teacher_attention_kernel(self.objective, teacher_config,
+                                                                          paths.teacher_causal_kernel))
             load_model_checkpoint(teacher, paths.teacher_checkpoint)
         else:
             # self-distillation: the teacher is the student's initial weights (same architecture)
             teacher_config = config.replace(params_dtype=teacher_dtype or config.params_dtype)
-            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision)
+            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision,
+                                  attn_mask_type=teacher_attention_kernel(self.objective, teacher_config,
+                                                                          paths.teacher_causal_kernel))
             weights = student.state_dict()
             missing = sorted(set(teacher.state_dict()) - set(weights))
             unexpected = sorted(set(weights) - set(teacher.state_dict()))

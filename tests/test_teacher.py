@@ -129,3 +129,32 @@ def test_flex_attention_teacher_matches_the_reference(runtime, teacher_ckpt):
                                 micro_batch_size=2)
     for (b, i), ref in unpadded_reference(dense.model, result).items():
         assert (logits[b, i] - ref).abs().max() < 1e-5, (b, i)
+
+
+def test_causal_kernel_teacher_matches_the_reference(runtime, teacher_ckpt):
+    """Built with megatron's causal mask type (Transformer Engine's fused causal attention on GPUs), the
+    teacher takes no mask: its rows are repacked with the padding after the tokens, and it gives the
+    unpadded reference's logits, top-k and NLL; TCS's branches, which need the arbitrary mask, refuse it."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from opdlm_megatron.model import uses_causal_kernel
+
+    path, config = teacher_ckpt
+    dense = FrozenTeacher.from_checkpoint(str(path), student_config())
+    causal_model = build_model(config, "teacher", attn_mask_type=AttnMaskType.causal)
+    causal_model.load_state_dict(dense.model.state_dict(), strict=False)
+    assert uses_causal_kernel(causal_model) and not uses_causal_kernel(dense.model)
+    causal = FrozenTeacher(causal_model, config, student_config())
+    result = synthetic_rollout(vocab_size=250, batch_size=3, seed=1)
+    assert not result.prompt_valid.all()  # left padding to move
+    args = (result.prompt_ids, result.prompt_valid, result.answer_ids, result.answer_valid)
+    logits = causal.answer_logits(*args, micro_batch_size=2)
+    for (b, i), ref in unpadded_reference(dense.model, result).items():
+        assert (logits[b, i] - ref).abs().max() < 1e-5, (b, i)
+    top, ref_top = causal.answer_logits(*args, 2, top_k=6), dense.answer_logits(*args, 2, top_k=6)
+    valid = result.answer_valid
+    assert torch.equal(top.indices[valid], ref_top.indices[valid])
+    assert (top.answer_nll - ref_top.answer_nll).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="arbitrary mask, not the causal kernel"):
+        causal.branch_log_probs(*args, forks=torch.tensor([[0, 1]]), candidates=torch.tensor([[5, 6]]),
+                                ends=torch.tensor([3]), micro_batch_size=2)

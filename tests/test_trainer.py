@@ -215,6 +215,35 @@ def test_tensorboard_holds_the_jsonl_numbers_once_per_step_after_a_resume(assets
     assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
 
 
+def test_teacher_kernel_follows_the_objective_and_changes_no_number(assets, tmp_path):
+    """An OPD teacher only scores answers: it runs megatron's causal mask type (TE's fused causal attention
+    on GPUs) and the run's losses and gradient norms equal those with the arbitrary mask; objectives
+    whose teacher decodes answers (kd_off) or scores TCS branches (opd_tcs) keep the arbitrary mask."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    kernels = {}
+
+    def kernel_of(key):
+        def inspect(trainer, when):
+            kernels[key] = trainer.teacher.model.opd_attn_mask_type
+        return inspect
+
+    runs = {}
+    for causal in (True, False):
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / f"opd_{causal}"), assets["data"], assets["ckpt"],
+                                                     train=dict(steps=2), model=dict(teacher_causal_kernel=causal)))
+        runs[causal] = _train(cfg, inspect=kernel_of(("opd", causal)))
+    assert kernels[("opd", True)] == AttnMaskType.causal and kernels[("opd", False)] == AttnMaskType.arbitrary
+    for a, b in zip(runs[True], runs[False]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["teacher_nll"] == pytest.approx(b["teacher_nll"], rel=1e-6)
+    for objective in ("kd_off", "opd_tcs"):
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
+                                                     objective=objective, train=dict(steps=1)))
+        _train(cfg, until=0, inspect=kernel_of(objective))
+        assert kernels[objective] == AttnMaskType.arbitrary, objective
+
+
 def test_first_layout_checkpoint_resumes(assets, tmp_path):
     """A checkpoint whose trainer state has the first layout (one rollout per step, no format key)."""
     from opdlm_megatron.train_checkpoint import save_training_checkpoint

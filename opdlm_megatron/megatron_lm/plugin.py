@@ -51,7 +51,7 @@ from ..objectives import get_objective
 from ..step_data import StepData
 from ..train_checkpoint import check_teacher_checkpoint
 from ..student import StudentStepPlan, forward_step
-from ..teacher import FrozenTeacher
+from ..teacher import FrozenTeacher, teacher_attention_kernel
 from ..train_config import TrainConfig
 from .checkpoint import has_model_config, is_megatron_lm_root, load_megatron_lm_model
 
@@ -181,7 +181,9 @@ class OPDPlugin:
         config = load_model_config(source) if paths.teacher_checkpoint and has_model_config(source) else self.config
         config = config.replace(params_dtype=dtype or config.params_dtype,
                                 attention_backend=paths.attention_backend or config.attention_backend)
-        teacher = build_model(config, "teacher", precision=paths.teacher_precision)
+        teacher = build_model(config, "teacher", precision=paths.teacher_precision,
+                              attn_mask_type=teacher_attention_kernel(self.objective, config,
+                                                                      paths.teacher_causal_kernel))
         self._load_weights(teacher, source)
         return FrozenTeacher(teacher, config, self.config)
 

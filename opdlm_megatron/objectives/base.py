@@ -160,6 +160,12 @@ class Objective:
         return self.distill or self.answers == "teacher"
 
     @property
+    def teacher_scores_only(self) -> bool:
+        """The teacher only scores answers (one causal forward over ``[prompt; x0]``): it decodes no
+        answers and scores no TCS branches, so it may run the causal attention kernel."""
+        return self.distill and self.answers != "teacher" and type(self).refine_targets is Objective.refine_targets
+
+    @property
     def uses_curriculum(self) -> bool:
         return self.answers == "student"
 
