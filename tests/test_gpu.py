@@ -139,3 +139,26 @@ def test_activation_count_on_gpu(cuda_runtime, impl, backend):
                                                  attention_backend=backend, params_dtype="bfloat16")
         print(f"{name} {impl} {backend}: estimate / measured = {estimate / measured:.3f}")
         assert estimate == pytest.approx(measured, rel=0.15), (name, estimate, measured)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_causal_kernel_teacher_equals_the_arbitrary_mask(cuda_runtime, impl):
+    """The scoring teacher on megatron's causal mask type (TE: fused causal attention) gives the logits of
+    the arbitrary-mask teacher on left-padded prompts and right-padded answers."""
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine")
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from opdlm_megatron.teacher import FrozenTeacher
+
+    cfg = tiny_config(params_dtype="bfloat16", transformer_impl=impl, hidden_size=128, ffn_hidden_size=256)
+    torch.manual_seed(0)
+    arbitrary = build_model(cfg, "teacher")
+    causal = build_model(cfg, "teacher", attn_mask_type=AttnMaskType.causal)
+    causal.load_state_dict(arbitrary.state_dict(), strict=False)
+    r = synthetic_rollout(cfg.vocab_size, cfg.block_size, batch_size=4, prompt_len=24, answer_len=40, seed=2)
+    args = (r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, 2)
+    a = FrozenTeacher(arbitrary, cfg, cfg).answer_logits(*args)
+    b = FrozenTeacher(causal, cfg, cfg).answer_logits(*args)
+    torch.testing.assert_close(b[r.answer_valid].float(), a[r.answer_valid].float(), rtol=2e-2, atol=2e-2)
