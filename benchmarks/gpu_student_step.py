@@ -159,7 +159,6 @@ def measure(variant: str, args, device: torch.device):
              + 12 * config.num_layers * config.num_attention_heads * config.head_dim * attended_pairs(config, rollout, xt)
              + 6 * config.hidden_size * config.padded_vocab_size(1) * supervised)
     estimate = activation_bytes(config, ActivationShape(seq, args.rows, supervised))
-    del model
     return dict(seconds=best, tflops=flops / best / 1e12, peak=peak, estimate=estimate)
 
 

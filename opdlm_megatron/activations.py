@@ -43,9 +43,6 @@ from typing import Optional
 
 from .config import ACTIVATIONS, ModelConfig
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 @dataclass(frozen=True)
 class ActivationShape:
     """One micro-batch of the student's training forward on one rank."""
@@ -68,7 +65,7 @@ def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
 
 def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1) -> float:
     """Bytes one transformer layer keeps for backward, per token of the micro-batch."""
-    p = DTYPE_BYTES[config.params_dtype]
+    p = config.torch_dtype.itemsize
     h, d = config.hidden_size, config.head_dim
     heads, groups = config.num_attention_heads // tp, config.query_groups // tp
     q_width, kv_width = heads * d, groups * d
@@ -100,7 +97,7 @@ def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1) -> 
 def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_parallel: int = 1,
                      num_microbatches: int = 1) -> float:
     """Activation bytes on pipeline stage 0 (the most loaded: it holds the most micro-batches in flight)."""
-    p = DTYPE_BYTES[config.params_dtype]
+    p = config.torch_dtype.itemsize
     tokens = shape.seq_length * shape.micro_batch_size
     layers = math.ceil(config.num_layers / pipeline_parallel)
     per_microbatch = layers * tokens * layer_bytes_per_token(config, shape.seq_length, shape.tensor_parallel)

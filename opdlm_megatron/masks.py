@@ -176,6 +176,11 @@ def branch_layout(trunk: AttentionLayout, branch_ids: Tensor, fork_blocks: Tenso
 
 
 # ------------------------------------------------------------------------------------ builders
+def right_padded(valid: Tensor) -> bool:
+    """Whether every row of ``valid`` ``[B, S]`` has its padding after its tokens (no valid after invalid)."""
+    return not bool((valid[:, 1:] & ~valid[:, :-1]).any())
+
+
 def positions_from_valid(valid: Tensor) -> Tensor:
     """Position ids counting valid tokens only (left padding gets position 0)."""
     return (valid.long().cumsum(-1) - 1).clamp_min(0)
@@ -273,7 +278,7 @@ def opd_training_batch(
         raise ValueError(f"prompt {tuple(prompt_ids.shape)} does not match answers {tuple(x0_ids.shape)}")
     if answer_valid.any():
         # right padding: once a row's answer stops, it stays stopped
-        if (answer_valid[:, 1:] & ~answer_valid[:, :-1]).any():
+        if not right_padded(answer_valid):
             raise ValueError("answer_valid must be right-padded (no valid token after a padding token)")
     if (prompt_valid[:, :-1] & ~prompt_valid[:, 1:]).any():
         raise ValueError("prompt_valid must be left-padded (no padding token after a valid token)")

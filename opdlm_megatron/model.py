@@ -31,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .attention import FlexCoreAttention
 from .config import ModelConfig
-from .masks import AttentionLayout
+from .masks import AttentionLayout, right_padded
 from .platform import compute_device
 from .precision import PrecisionConfig, check_fp8_runtime, fp8_sequence_multiple, pad_batch
 
@@ -316,7 +316,7 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
 
     device = next(model.parameters()).device
     causal_kernel = uses_causal_kernel(model)
-    if causal_kernel and bool((layout.valid[:, 1:] & ~layout.valid[:, :-1]).any()):
+    if causal_kernel and not right_padded(layout.valid):
         raise ValueError("a model built with the causal attention kernel needs right-padded rows")
     input_ids, layout = pad_batch(input_ids, layout, fp8_sequence_multiple(model), config.pad_token_id)
     microbatches = []

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .activations import ActivationShape, activation_bytes
 from .config import ModelConfig
+from .objectives import get_objective
 from .train_config import TrainConfig, load_train_config
 
 GIB = 1024 ** 3
@@ -136,16 +137,14 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # activations of [prompt | x0 | xt]: what the student's layers keep for backward (activations.py),
     # the worst case of every answer token supervised
     seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
-    from .objectives import get_objective
-
     distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
     shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if distill else None, distill)
+    microbatches = max(1, rows // micro)
     name = f"activations ({seq} columns x {micro} rows, {config.attention_backend} attention)"
-    out.parts[name] = activation_bytes(config, shape, pp, num_microbatches=max(1, rows // micro))
+    out.parts[name] = activation_bytes(config, shape, pp, microbatches)
     if config.attention_backend == "dense":
-        out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp,
-                                                num_microbatches=max(1, rows // micro))
-    megatron = _megatron_activation_estimate(config, seq, micro, tp, pp, max(1, rows // micro))
+        out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
+    megatron = _megatron_activation_estimate(config, seq, micro, tp, pp, microbatches)
     out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
                      f"column) would say {megatron / GIB:.2f} GiB")
     return out

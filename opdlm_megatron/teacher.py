@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from .config import DTYPES, ModelConfig, canonical_dtype
-from .masks import causal_layout
+from .masks import causal_layout, right_padded
 from .model import broadcast_from_last_stage
 
 if TYPE_CHECKING:
     from .losses import TeacherTopK
+    from .train_config import ModelPaths
 
 
 _RUN_FORWARD = object()  # answer_nll's default: no logits given, run the teacher
@@ -79,20 +80,28 @@ def _check_answer_batch(prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Te
         raise ValueError("prompt_valid and answer_valid must be bool tensors")
     if not prompt_valid[:, -1].all():
         raise ValueError("prompts must be left-padded with at least one token (prompt_valid[:, -1] all True)")
-    if (answer_valid[:, 1:] & ~answer_valid[:, :-1]).any():
+    if not right_padded(answer_valid):
         raise ValueError("answer_valid must be right-padded (no valid token after a padding token)")
 
 
-def teacher_attention_kernel(objective, config: ModelConfig, allowed: bool = True):
-    """The mask type to build the teacher with: megatron's causal type (Transformer Engine's fused
-    causal attention on GPUs; no mask tensor) when the objective only scores answers with the teacher
-    (one causal forward over ``[prompt; x0]``), else the arbitrary type, which the teacher's decoding of
-    cached answers and TCS's branches need. ``allowed``: ``model.teacher_causal_kernel``."""
+def build_teacher_model(config: ModelConfig, objective, paths: "ModelPaths"):
+    """``(model, config)``: the frozen teacher for the architecture ``config`` (its checkpoint's, or the
+    student's for self-distillation) with the run's ``model.teacher_dtype``, ``model.attention_backend``
+    and ``model.teacher_precision``, unloaded. Its mask type: megatron's causal type (Transformer Engine's
+    fused causal attention on GPUs; no mask tensor) when the objective only scores answers with it (one
+    causal forward over ``[prompt; x0]``) and ``model.teacher_causal_kernel`` allows it, else the
+    arbitrary type, which decoding cached answers and TCS's branches need."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    if allowed and objective.teacher_scores_only and config.attention_backend == "dense":
-        return AttnMaskType.causal
-    return AttnMaskType.arbitrary
+    from .model import build_model
+
+    config = config.replace(
+        params_dtype=canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else config.params_dtype,
+        attention_backend=paths.attention_backend or config.attention_backend)
+    causal = paths.teacher_causal_kernel and objective.teacher_scores_only and config.attention_backend == "dense"
+    model = build_model(config, "teacher", precision=paths.teacher_precision,
+                        attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.arbitrary)
+    return model, config
 
 
 class FrozenTeacher:

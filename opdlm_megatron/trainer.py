@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import losses
 from .answers import RolloutFn, engine_rollout
 from .checkpointing import broadcast_object, load_model_checkpoint, load_model_config
-from .config import ModelConfig, canonical_dtype
+from .config import ModelConfig
 from .data import Sample, load_samples, load_tokenizer
 from .exit_signals import ExitSignals
 from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
@@ -46,7 +46,7 @@ from .objectives import get_objective
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
-from .teacher import FrozenTeacher, teacher_attention_kernel
+from .teacher import FrozenTeacher, build_teacher_model
 from .train_checkpoint import (check_teacher_checkpoint, latest_checkpoint, load_training_checkpoint,
                                remove_stale_partials, save_training_checkpoint)
 from .train_config import TrainConfig
@@ -190,9 +190,10 @@ class Trainer:
         else:
             config = load_model_config(paths.student_checkpoint)
         config = cfg.student_architecture(config)
-        if config.attention_backend == "flex" and compute_device().type != "cuda":
+        device = compute_device()
+        if config.attention_backend == "flex" and device.type != "cuda":
             raise ValueError(f"attention_backend 'flex' trains only on CUDA GPUs (FlexAttention has no backward on "
-                             f"{compute_device().type}); set model.attention_backend=dense")
+                             f"{device.type}); set model.attention_backend=dense")
         student = build_model(config, "student", precision=paths.student_precision)
         if not paths.random_init:
             load_model_checkpoint(student, paths.student_checkpoint)
@@ -203,22 +204,13 @@ class Trainer:
         elif not paths.random_init:
             check_teacher_checkpoint(paths.student_checkpoint, "model.student_checkpoint (the self-distillation teacher)",
                                      "set model.teacher_checkpoint to the AR model")
-        teacher_dtype = canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else None
         if paths.teacher_checkpoint:
-            teacher_config = load_model_config(paths.teacher_checkpoint)
-            teacher_config = teacher_config.replace(
-                params_dtype=teacher_dtype or teacher_config.params_dtype,
-                attention_backend=paths.attention_backend or teacher_config.attention_backend)
-            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision,
-                                  attn_mask_type=teacher_attention_kernel(self.objective, teacher_config,
-                                                                          paths.teacher_causal_kernel))
+            teacher, teacher_config = build_teacher_model(load_model_config(paths.teacher_checkpoint), self.objective,
+                                                          paths)
             load_model_checkpoint(teacher, paths.teacher_checkpoint)
         else:
             # self-distillation: the teacher is the student's initial weights (same architecture)
-            teacher_config = config.replace(params_dtype=teacher_dtype or config.params_dtype)
-            teacher = build_model(teacher_config, "teacher", precision=paths.teacher_precision,
-                                  attn_mask_type=teacher_attention_kernel(self.objective, teacher_config,
-                                                                          paths.teacher_causal_kernel))
+            teacher, teacher_config = build_teacher_model(config, self.objective, paths)
             weights = student.state_dict()
             missing = sorted(set(teacher.state_dict()) - set(weights))
             unexpected = sorted(set(weights) - set(teacher.state_dict()))

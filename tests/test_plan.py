@@ -198,9 +198,9 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
     measured, supervised_tokens = _saved_for_backward(plan, model)
     shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill)
     # stage 0 of a pipeline holds no loss; the last stage's share is measured with one micro-batch in flight
-    stage_zero = parallel_state.is_pipeline_first_stage()
-    estimate = activation_bytes(config, shape, pp if stage_zero else 1, num_microbatches=1)
-    if not stage_zero:  # the last stage: its layers, the final norm and the loss (as if PP were 1 over its layers)
+    if parallel_state.is_pipeline_first_stage():
+        estimate = activation_bytes(config, shape, pp, num_microbatches=1)
+    else:  # the last stage: its layers, the final norm and the loss (as if PP were 1 over its layers)
         estimate = activation_bytes(config.replace(num_layers=config.num_layers // pp), shape, 1)
     return measured, estimate
 

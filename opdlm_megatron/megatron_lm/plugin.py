@@ -42,7 +42,7 @@ import torch
 
 from ..answers import engine_rollout
 from ..checkpointing import load_model_checkpoint, load_model_config
-from ..config import ModelConfig, canonical_dtype
+from ..config import ModelConfig
 from ..data import load_samples, load_tokenizer
 from ..losses import DivergenceConfig
 from ..metrics import MetricsLogger
@@ -51,7 +51,7 @@ from ..objectives import get_objective
 from ..step_data import StepData
 from ..train_checkpoint import check_teacher_checkpoint
 from ..student import StudentStepPlan, forward_step
-from ..teacher import FrozenTeacher, teacher_attention_kernel
+from ..teacher import FrozenTeacher, build_teacher_model
 from ..train_config import TrainConfig
 from .checkpoint import has_model_config, is_megatron_lm_root, load_megatron_lm_model
 
@@ -174,16 +174,11 @@ class OPDPlugin:
         where they came from (``--pretrained-checkpoint``, else ``--opd-student``), so a resumed run
         has the same teacher as the run it continues."""
         paths = self.cfg.model
-        dtype = canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else None
         source = paths.teacher_checkpoint or args.pretrained_checkpoint or paths.student_checkpoint
         check_teacher_checkpoint(source, "--opd-teacher" if paths.teacher_checkpoint else "the self-distillation teacher",
                                  "" if paths.teacher_checkpoint else "pass the AR model as --opd-teacher")
         config = load_model_config(source) if paths.teacher_checkpoint and has_model_config(source) else self.config
-        config = config.replace(params_dtype=dtype or config.params_dtype,
-                                attention_backend=paths.attention_backend or config.attention_backend)
-        teacher = build_model(config, "teacher", precision=paths.teacher_precision,
-                              attn_mask_type=teacher_attention_kernel(self.objective, config,
-                                                                      paths.teacher_causal_kernel))
+        teacher, config = build_teacher_model(config, self.objective, paths)
         self._load_weights(teacher, source)
         return FrozenTeacher(teacher, config, self.config)
 
