@@ -167,14 +167,16 @@ def test_fp16_tracks_fp32_and_bf16(assets, tmp_path):
 
 
 def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch):
+    import opdlm_megatron.model as model_module
     import opdlm_megatron.trainer as trainer_module
 
-    real_build = trainer_module.build_model
+    real_build = model_module.build_model
 
     def mismatched(config, role="student", **kwargs):
         return real_build(config.replace(qk_layernorm=True) if role == "teacher" else config, role, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "build_model", mismatched)
+    # the teacher is built by teacher.build_teacher_model, which takes build_model from opdlm_megatron.model
+    monkeypatch.setattr(model_module, "build_model", mismatched)
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"]))
     with initialize_runtime(device="cpu", seed=0) as rt:
         with pytest.raises(ValueError, match="self-distillation teacher could not take the student's weights.*q_layernorm"):
