@@ -1,4 +1,5 @@
-"""Schedules: the learning rate over optimizer steps and the rollout-length curriculum over rollouts.
+"""Schedules: the learning rate over optimizer steps; the rollout-length curriculum and the rollout's
+confidence threshold over rollouts.
 
 The learning rate uses megatron-core's ``OptimizerParamScheduler`` (linear warm-up, then cosine
 from ``lr`` to ``min_lr``). Megatron's loop evaluates the schedule at the number of steps already
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .train_config import CurriculumConfig, OptimConfig
+from .train_config import CurriculumConfig, OptimConfig, RolloutConfig
 
 
 def rollout_length(rollout: int, curriculum: CurriculumConfig) -> int:
@@ -22,6 +23,18 @@ def rollout_length(rollout: int, curriculum: CurriculumConfig) -> int:
     lmin, lmax, warm = curriculum.min_length, curriculum.max_length, curriculum.warmup_rollouts
     # integer arithmetic: floor(r * (Lmax - Lmin) / R_warm) without float rounding surprises
     return min(lmax, lmin + (rollout * (lmax - lmin)) // warm)
+
+
+def rollout_threshold(rollout: int, cfg: RolloutConfig) -> float:
+    """The confidence threshold of rollout ``r``: ``threshold`` while ``r < hold``, then linear to
+    ``final`` over ``ramp`` rollouts (``rollout.threshold_schedule``; fixed when ``final`` is null)."""
+    if rollout < 0:
+        raise ValueError(f"rollout must be >= 0, got {rollout}")
+    schedule = cfg.threshold_schedule
+    if schedule.final is None or rollout < schedule.hold_rollouts:
+        return cfg.threshold
+    progress = min(1.0, (rollout - schedule.hold_rollouts) / schedule.ramp_rollouts)
+    return cfg.threshold + (schedule.final - cfg.threshold) * progress
 
 
 def whole_blocks(length: int, block_size: int) -> int:

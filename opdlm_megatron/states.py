@@ -7,9 +7,18 @@
   - ``mode="trajectory"`` (paper, Algorithm 1): one round ``k ~ U{0, ..., R-1}`` per trajectory
     (``R`` = its number of rounds); the states before rounds ``0..R-1`` are exactly its non-terminal
     states. Blocks finished before round ``k`` are fully revealed (no loss), later blocks fully masked.
-  - ``mode="block"`` (the public code's default): every block independently gets one of its own
+  - ``mode="block"`` (``training.one_state_per_block: True`` in the authors' code, which every
+    published run script of divelab/OPDLM sets): every block independently gets one of its own
     rounds, uniformly, so every block is supervised at one of its intermediate states. The OPD layout
     conditions block ``b``'s xt on the clean x0 of earlier blocks, so blocks are independent.
+
+* ``all_round_states`` (``loss.state_selection="all_rounds"``; ``one_state_per_block: False``, the
+  default of the authors' ``configs/rl_bd3lm.yaml``, their ``one_round_vectorized``): every round of
+  every block. Row ``r`` of an answer stands every block at its own ``r``-th state: the tokens
+  committed before the block's ``r``-th distinct commit round are revealed, the rest masked (a block
+  with ``r`` or fewer distinct rounds is fully revealed). An answer gives as many rows as its block
+  with the most distinct rounds (at most ``block_size``); rows without a masked answer token are
+  dropped. The authors' loss then takes the KL over every masked answer token of the row.
 
 * ``random_mask_states``: OPDLM_off / off-policy KD (paper eq. 6): forward random masking of a
   final answer instead of a trajectory state.
@@ -30,7 +39,7 @@ from torch import Tensor
 
 from .rollout.types import RolloutResult
 
-STATE_MODES = ("trajectory", "block")
+STATE_MODES = ("trajectory", "block")  # one row per answer; "all_rounds": all_round_states
 NOISE_LEVELS = ("sequence", "block")
 
 
@@ -93,6 +102,50 @@ def _block_rounds(result: RolloutResult, generator: torch.Generator, block_size:
     hit = first_of_value & (rank == pick[..., None])
     chosen = torch.where(hit, ordered, torch.zeros_like(ordered)).sum(-1)  # 0 for empty blocks
     return chosen.repeat_interleave(block_size, dim=1)[:, :alen]
+
+
+def commit_ranks(result: RolloutResult, block_size: int) -> Tensor:
+    """``[B, A]``: for every valid answer token, the rank of its commit round among the distinct commit
+    rounds of its block (0 for the block's first round); -1 on padding. Blocks are counted from the
+    first answer token, as in the OPD layout."""
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_result(result)
+    bsz, alen = result.answer_ids.shape
+    pad = (-alen) % block_size
+    valid = torch.nn.functional.pad(result.answer_valid, (0, pad), value=False).view(bsz, -1, block_size)
+    steps = torch.nn.functional.pad(result.commit_step.long(), (0, pad), value=-1).view(bsz, -1, block_size)
+    same = (steps[..., :, None] == steps[..., None, :]) & valid[..., None, :]  # [B, nb, j, k]
+    earlier = torch.ones(block_size, block_size, dtype=torch.bool).tril(-1)  # k < j
+    # a token's round is a block's "first occurrence" unless an earlier valid token has the same round
+    first = valid & ~(same & earlier).any(-1)
+    below = (steps[..., None, :] < steps[..., :, None]) & first[..., None, :]  # distinct rounds below mine
+    rank = below.sum(-1).masked_fill(~valid, -1)
+    return rank.view(bsz, -1)[:, :alen]
+
+
+def all_round_states(result: RolloutResult, block_size: int, mask_token_id: int,
+                     keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Every round of every block (``loss.state_selection="all_rounds"``): ``(source [M], xt [M, A])``.
+
+    Row ``m`` is the state of answer ``source[m]`` in its round ``r``: token ``i`` is revealed iff its
+    commit rank in its block (``commit_ranks``) is below ``r``. Rows come answer by answer, rounds in
+    order. ``keep`` ``[B, A]`` (default: the valid tokens) are the tokens that may carry loss: a round
+    in which none of them is masked is dropped, except that an answer with no such round keeps its
+    first one, so every answer has a row (it then carries no loss).
+    """
+    _check_result(result)
+    keep = result.answer_valid if keep is None else keep & result.answer_valid
+    ranks = commit_ranks(result, block_size)
+    bsz, alen = ranks.shape
+    rounds = torch.arange(block_size)
+    masked = ranks[:, None, :] >= rounds[None, :, None]  # [B, R, A]: masked in round r (never padding)
+    useful = (masked & keep[:, None, :]).any(-1)  # [B, R]
+    useful[:, 0] |= ~useful.any(-1)
+    source, round_index = useful.nonzero(as_tuple=True)
+    revealed = result.answer_valid[source] & ~masked[source, round_index]
+    xt = torch.where(revealed, result.answer_ids[source], torch.full_like(result.answer_ids[source], mask_token_id))
+    return source, xt
 
 
 def forward_mask(x0: Tensor, valid: Tensor, block_size: int, generator: torch.Generator, mask_token_id: int,

@@ -34,7 +34,7 @@ from .objectives.base import Objective, SupervisedBatch
 from .objectives.scoring import StudentScorer
 from .rollout.config import DecodeConfig
 from .rollout.types import RolloutResult
-from .schedules import rollout_length
+from .schedules import rollout_length, rollout_threshold
 from .states import partially_masked_share
 from .teacher import FrozenTeacher, TeacherTargets
 from .train_config import TrainConfig
@@ -126,7 +126,8 @@ class StepData:
 
     def decode_config(self, rollout: int, max_new_tokens: int) -> DecodeConfig:
         r = self.cfg.rollout
-        return DecodeConfig(max_new_tokens=max_new_tokens, threshold=r.threshold, temperature=r.temperature,
+        return DecodeConfig(max_new_tokens=max_new_tokens, threshold=rollout_threshold(rollout, r),
+                            temperature=r.temperature,
                             top_k=r.top_k, top_p=r.top_p, tokens_per_step=r.tokens_per_step,
                             seed=mix_seed(self.cfg.seed, rollout, 0, 2), eos_token_ids=self.end_of_turn_ids or None)
 
@@ -145,6 +146,8 @@ class StepData:
         metrics = {
             "rollout": float(rollout),
             "rollout_len": float(length) if self.objective.uses_curriculum else float("nan"),
+            "rollout_threshold": rollout_threshold(rollout, self.cfg.rollout) if self.objective.uses_curriculum
+            else float("nan"),
             "committed_per_forward": float((lengths / answers.num_rounds.clamp_min(1).double()).mean())
             if self.objective.uses_curriculum else float("nan"),
             "forward_passes": float(answers.num_forward_passes),
@@ -158,20 +161,28 @@ class StepData:
         rows = torch.arange(buffer.next_update * size, (buffer.next_update + 1) * size)
         global_batch = self.objective.build(buffer.answers.rows(rows), self._step_generator(step), self.state_context)
         start, end = data_parallel_share(size)
-        return global_batch.rows(torch.arange(start, end))
+        return global_batch.answer_share(start, end)
 
     def _teacher_targets(self, batch: SupervisedBatch):
-        """The teacher's targets of the supervised positions (and its NLL of the answers, as a metric)."""
-        r = batch.answers
+        """The teacher's targets of the supervised positions (and its NLL of the answers, as a metric).
+
+        The teacher scores each answer once: rows that are states of one answer (``all_rounds``) share
+        its x0, so the targets of the union of their supervised positions serve all of them."""
+        first, inverse = batch.answer_rows()
+        r = batch.answers.rows(first, trim=False)
+        positions = torch.zeros(r.answer_ids.shape, dtype=torch.int32).index_add_(
+            0, inverse, batch.supervised.to(torch.int32)) > 0
         kept = losses.answer_loss_mask(r.answer_ids, r.answer_valid, self.end_of_turn_ids,
                                        self.cfg.loss.include_end_of_turn)
         targets = self.teacher.targets(
-            r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, batch.supervised,
+            r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, positions,
             self.cfg.train.micro_batch_size, top_k=self.cfg.loss.top_k, chunk_tokens=self.cfg.loss.chunk_tokens,
             nll_positions=kept if self.cfg.logging.teacher_nll else None)
         metrics = {}
         if self.cfg.logging.teacher_nll:
             metrics["teacher_nll"] = float(losses.row_mean(targets.answer_nll, kept)) if kept.any() else 0.0
+        if batch.groups is not None:
+            targets = targets.for_rows(inverse)
         return targets, metrics
 
     def _refined_targets(self, batch: SupervisedBatch, targets):
@@ -205,8 +216,10 @@ class StepData:
         with self.timers.phase("states"):
             batch = self._supervised_batch(buffer, step)
         r = batch.answers
+        first = batch.answer_rows()[0]
         local = {
-            "answer_tokens": float(r.answer_valid.sum(-1).double().mean()),
+            "answer_tokens": float(r.answer_valid[first].sum(-1).double().mean()),
+            "rows_per_answer": batch.batch_size / max(1, first.numel()),
             "partially_masked_share": partially_masked_share(batch.xt, batch.supervised, r.answer_valid,
                                                              self.config.block_size, self.config.mask_token_id)
             if batch.xt is not None else float("nan"),
@@ -222,9 +235,13 @@ class StepData:
     def paper_tokens(self, buffer: RolloutBuffer) -> float:
         """The paper's training tokens T of one step (Table 1, eq. 7): samples x generation length;
         for dataset answers (nothing generated) the answers' own lengths."""
-        size = self.cfg.train.global_batch_size
         if buffer.generation_length >= 0:
-            return float(size * buffer.generation_length)
+            return float(self.cfg.train.global_batch_size * buffer.generation_length)
+        return self.answer_tokens(buffer)
+
+    def answer_tokens(self, buffer: RolloutBuffer) -> float:
+        """The answer tokens of the step's samples (all ranks): what was generated, not the length limit."""
+        size = self.cfg.train.global_batch_size
         rows = torch.arange(buffer.next_update * size, (buffer.next_update + 1) * size)
         return float(buffer.answers.answer_valid[rows].sum())
 

@@ -30,7 +30,7 @@ Normalisation (``normalization``):
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,28 @@ def _check_targets(config: ModelConfig, batch: SupervisedBatch, targets, last_st
                              f"student {excluded.shape[0]}: the vocabularies differ")
 
 
+def microbatch_groups(groups: Tensor, answers_per_microbatch: int, equal_rows: bool) -> List[Tuple[Tensor, Tensor]]:
+    """Row indices and a "real row" mask for each micro-batch of rows grouped by answer (``groups``
+    ``[B]``, non-decreasing): micro-batch k holds every row of answers ``k m .. (k + 1) m - 1``, so there
+    are as many micro-batches as ``microbatch_rows`` makes for the answers alone (what Megatron-LM's
+    micro-batch calculator expects). ``equal_rows``: shorter micro-batches are filled up to the
+    longest by repeating their last row, marked False (pipeline communication needs one shape)."""
+    if not isinstance(answers_per_microbatch, int) or answers_per_microbatch < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {answers_per_microbatch!r}")
+    if groups.numel() < 1:
+        raise ValueError("a grouped batch needs at least one row")
+    _, answer = torch.unique_consecutive(groups, return_inverse=True)
+    step = answers_per_microbatch
+    chunks = [((answer >= k) & (answer < k + step)).nonzero().flatten() for k in range(0, int(answer[-1]) + 1, step)]
+    width = max(len(rows) for rows in chunks) if equal_rows else 0
+    out = []
+    for rows in chunks:
+        real = torch.ones(max(width, len(rows)), dtype=torch.bool)
+        real[len(rows):] = False
+        out.append((torch.cat([rows, rows[-1:].expand(len(real) - len(rows))]), real))
+    return out
+
+
 class StudentStepPlan:
     """One student step on ``batch`` cut into micro-batches, for any caller of megatron's pipeline
     schedules: ``student_step`` here, and Megatron-LM's ``train_step`` (``megatron_lm/``), whose
@@ -133,8 +155,13 @@ class StudentStepPlan:
         multiple = pad_multiple if pad_multiple is not None else fp8_sequence_multiple(model)
         input_ids, layout = pad_batch(input_ids, layout, multiple, config.pad_token_id)
         self.seq_length = input_ids.shape[1]
-        plan = microbatch_rows(batch.batch_size, micro_batch_size)
+        if batch.groups is None:
+            plan = microbatch_rows(batch.batch_size, micro_batch_size)
+        else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
+            plan = microbatch_groups(batch.groups, micro_batch_size,
+                                     equal_rows=parallel_state.get_pipeline_model_parallel_world_size() > 1)
         self.num_microbatches = len(plan)
+        self.rows_per_microbatch = max(len(rows) for rows, _ in plan)
         self.device = next(model.parameters()).device
         self.excluded = unused_vocab_columns(config).to(self.device)
         self.chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
@@ -262,7 +289,7 @@ def student_step(
     results = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(plan.microbatches), model=[model],
         num_microbatches=plan.num_microbatches, seq_length=plan.seq_length,
-        micro_batch_size=micro_batch_size, forward_only=forward_only,
+        micro_batch_size=plan.rows_per_microbatch, forward_only=forward_only,
     )
     return plan.summarize(results)
 

@@ -447,6 +447,14 @@ class TeacherTargets:
                              f"{tuple(logits.shape)}")
         return cls(index, logits.reshape(bsz * alen, logits.shape[-1]))
 
+    def for_rows(self, source: Tensor) -> "TeacherTargets":
+        """The targets of rows that are copies of these rows: row ``b`` reads row ``source[b]``'s
+        targets (the packed logits are shared, not copied)."""
+        if self.correction_index is not None:
+            raise ValueError("targets with a correction cannot be shared between rows")
+        nll = None if self.answer_nll is None else self.answer_nll[source]
+        return TeacherTargets(self.index[source], self.logits, nll)
+
     def lookup(self, rows: Tensor, positions: Tensor, device) -> Union[Tensor, "TeacherTopK"]:
         """The targets of answer positions ``(rows, positions)`` (both ``[n]``), on ``device``."""
         slots = self.index[rows.cpu(), positions.cpu()]

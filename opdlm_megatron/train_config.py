@@ -29,7 +29,7 @@ from .precision import PrecisionConfig
 logger = logging.getLogger(__name__)
 
 NAN_POLICIES = ("skip", "stop")
-STATE_SELECTIONS = ("trajectory", "block")
+STATE_SELECTIONS = ("trajectory", "block", "all_rounds")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DATA_SOURCES = ("jsonl_chat", "reasoning_gym", "text", "token_ids")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -104,6 +104,19 @@ class DataConfig:
 
 
 @dataclass
+class ThresholdScheduleConfig:
+    """Lowers the rollout's confidence threshold over training: ``rollout.threshold`` for the first
+    ``hold_rollouts`` rollouts, then linearly to ``final`` over ``ramp_rollouts`` rollouts, then
+    ``final``. ``final: null`` (default) keeps the threshold fixed. The authors' config has this
+    (``dynamic_threshold_schedule``: 0.9 held 150 rollouts, then toward 0.7), disabled in every
+    published run script."""
+
+    final: Optional[float] = None
+    hold_rollouts: int = 0
+    ramp_rollouts: int = 1
+
+
+@dataclass
 class RolloutConfig:
     """Student decoding for on-policy rollouts (the engine's DecodeConfig is built from this).
 
@@ -113,6 +126,7 @@ class RolloutConfig:
 
     tasks_per_rollout: int = 128
     threshold: float = 0.9  # dynamic remasking: commit every token above this confidence
+    threshold_schedule: ThresholdScheduleConfig = field(default_factory=ThresholdScheduleConfig)
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
@@ -139,7 +153,11 @@ class LossConfig:
     top_k: Optional[int] = None
     renormalize_top_k: bool = True
     chunk_tokens: int = 1024
-    state_selection: str = "trajectory"  # paper Alg. 1; "block": one round per block (public code)
+    # which states of the student's trajectories opd / opd_tcs supervise (states.py): "trajectory" (paper,
+    # Algorithm 1: one round per trajectory), "block" (one round per block: every run script the authors
+    # published), "all_rounds" (every round of every block, up to block_size rows per answer: their config's
+    # default). A rollout feeds tasks_per_rollout / global_batch_size steps in every mode.
+    state_selection: str = "trajectory"
     # "token": one weight per supervised token over the global batch (Algorithm 1 sums the KL over
     # masked positions, w(t) = 1); "row": mean over each row's tokens, then over rows (first layout)
     normalization: str = "token"
@@ -147,6 +165,8 @@ class LossConfig:
     t_sampling: str = "sequence"
     mask_eps: float = 1e-3  # t = eps + (1 - eps) u keeps the 1/t weights finite (LLaDA)
     end_of_turn_ids: Optional[List[int]] = None  # None: the model config's eos_token_ids
+    # the end-of-turn token itself carries loss (the authors exclude it: exclude_im_end: True); tokens after
+    # it never do
     include_end_of_turn: bool = True
 
 
@@ -324,6 +344,14 @@ class TrainConfig:
             )
         if not 0.0 < self.rollout.threshold <= 1.0:
             raise ValueError(f"rollout.threshold must be in (0, 1], got {self.rollout.threshold!r}")
+        schedule = self.rollout.threshold_schedule
+        if schedule.final is not None and not 0.0 < schedule.final <= 1.0:
+            raise ValueError(f"rollout.threshold_schedule.final must be in (0, 1] or null, got {schedule.final!r}")
+        if not isinstance(schedule.hold_rollouts, int) or isinstance(schedule.hold_rollouts, bool) \
+                or schedule.hold_rollouts < 0:
+            raise ValueError(f"rollout.threshold_schedule.hold_rollouts must be an integer >= 0, got "
+                             f"{schedule.hold_rollouts!r}")
+        positive("rollout.threshold_schedule.ramp_rollouts", schedule.ramp_rollouts)
         if self.rollout.temperature < 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.rollout.temperature!r}")
         if self.rollout.teacher_temperature < 0:

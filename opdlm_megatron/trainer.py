@@ -168,7 +168,8 @@ class Trainer:
         self.teacher_parameters = self.teacher.config.num_parameters() if self.objective.distill else 0
 
         self.step = 0
-        self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "flops_total": 0.0}
+        self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "answer_tokens_total": 0.0,
+                         "flops_total": 0.0}
         self.spikes = LossSpikeDetector(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.metrics = MetricsLogger(cfg.run_dir, cfg.logging, cfg.to_dict(), is_writer=self.rank == 0)
         self.history: List[Dict[str, float]] = []
@@ -242,6 +243,7 @@ class Trainer:
             finite = self._all_finite(loss, self._local_grads_finite())
             lr = self.lr_schedule.set_step(step)
             paper_tokens = self.data.paper_tokens(buffer)
+            answer_tokens = self.data.answer_tokens(buffer)
             if finite:
                 ok, grad_norm, _ = self.optimizer.step()
                 metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
@@ -265,6 +267,7 @@ class Trainer:
         if trained:  # skipped steps count no tokens
             self.counters["tokens_trained"] += out["num_tokens"]
             self.counters["paper_tokens_total"] += paper_tokens
+            self.counters["answer_tokens_total"] += answer_tokens
             self.counters["flops_total"] += flops
         self.data.done_step()
         self.step = step + 1

@@ -25,18 +25,32 @@ def _python(*args, timeout=900):
     return proc.stdout
 
 
-def test_data_efficiency_quick_produces_every_artefact(tmp_path):
+def test_data_efficiency_quick_produces_every_artefact_and_resumes(tmp_path):
     out = tmp_path / "results"
-    stdout = _python(str(REPO_ROOT / "benchmarks" / "data_efficiency.py"), "--quick", "--out", str(out))
+    work = tmp_path / "work"
+    script = str(REPO_ROOT / "benchmarks" / "data_efficiency.py")
+    arms = "opd_all_rounds,mdlm,sft,opd_block@from=kd_off:1024"
+    stdout = _python(script, "--quick", "--out", str(out), "--work", str(work), "--arms", arms)
     last = stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"teacher_acc=\S+ opd_acc=\S+ opd_tpf=\S+ mdlm_tokens_over_opd=\S+", last), last
+    assert re.fullmatch(r"teacher_acc=\S+ opd_acc=\S+ opd_tpf=\S+ opd_static_drop=\S+ sft_static_drop=\S+ "
+                        r"mdlm_tokens_over_opd=\S+", last), last
     with open(out / "data_efficiency.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["arm"] for r in rows} == {"opd", "opd_noshift", "opd_off", "kd_off", "sft", "mdlm", "opd_tcs", "tcs", "lift"}
-    assert {"s_per_step", "refine_s_per_step"} <= set(rows[0])
-    assert {"acc_tau09", "tpf_tau09", "acc_static1", "teacher_nll", "trained_tokens"} <= set(rows[0])
-    for name in ("data_efficiency_tokens.png", "data_efficiency_tpf.png", "data_efficiency.json"):
+    assert {r["arm"] for r in rows} == set(arms.split(","))
+    assert {"paper_tokens", "supervised_tokens", "answer_tokens", "steps", "acc_tau09", "se_tau09", "tpf_tau09",
+            "acc_static1", "acc_block1", "nll_ar_teacher_answers", "nll_block_teacher_answers"} <= set(rows[0])
+    # the OPD arm has its extra budget; the warm start counts the source's tokens
+    assert sorted(float(r["budget_tokens"]) for r in rows if r["arm"] == "opd_all_rounds") == [0, 1024, 2048]
+    assert min(float(r["paper_tokens"]) for r in rows if r["arm"].startswith("opd_block@")) == 1024
+    for name in ("data_efficiency_tokens.png", "data_efficiency_tpf.png", "data_efficiency_static.png",
+                 "data_efficiency.json"):
         assert os.path.getsize(out / name) > 0, name
+    # resumable: a rerun with one more arm trains only that arm and appends its rows
+    stdout = _python(script, "--quick", "--out", str(out), "--work", str(work), "--arms", arms + ",kd_off")
+    assert "opd_all_rounds: every budget is in" in stdout and "mdlm: every budget is in" in stdout
+    with open(out / "data_efficiency.csv") as f:
+        again = list(csv.DictReader(f))
+    assert again[:len(rows)] == rows and {r["arm"] for r in again[len(rows):]} == {"kd_off"}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opdlm_megatron.states import forward_mask, partially_masked_share, random_mask_states, select_states
-from tests.distributed.student_data import synthetic_rollout
+from tests.distributed.student_data import authors_rounds as _authors_rounds, synthetic_rollout
 
 MASK = 999
 BLOCK = 4
@@ -150,3 +150,75 @@ def test_bad_inputs_raise_clear_errors(result):
         select_states(broken, "trajectory", g, MASK)
     with pytest.raises(ValueError, match="eps"):
         forward_mask(result.answer_ids, result.answer_valid, BLOCK, g, MASK, eps=1.5)
+
+
+# ----------------------------------------------------------------------------- all_rounds
+def authors_rounds(x0, valid, commit, block, keep):
+    return _authors_rounds(x0, valid, commit, block, keep, MASK)
+
+
+def handmade_rollout():
+    """Ties inside blocks, a short last block, an EOS inside a block followed by more tokens, a one-token
+    answer and an answer that is one round per block."""
+    from opdlm_megatron.rollout.types import RolloutResult
+
+    eos = 2
+    answers = [
+        # block 0: rounds 0,0,1,2 (a tie); block 1: 3,3,3,3 (one round); block 2 (short): 4,5
+        ([10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [1, 0, 0, 2, 3, 3, 3, 3, 5, 4]),
+        # EOS at position 5 inside block 1, more tokens after it
+        ([20, 21, 22, 23, 24, eos, 26, 27], [0, 0, 1, 1, 3, 2, 2, 4]),
+        ([30], [0]),
+        ([40, 41, 42, 43, 44, 45, 46, 47], [0, 0, 0, 0, 1, 1, 1, 1]),
+    ]
+    width = max(len(a) for a, _ in answers)
+    ids = torch.zeros(len(answers), width, dtype=torch.long)
+    commit = torch.full((len(answers), width), -1, dtype=torch.long)
+    valid = torch.zeros(len(answers), width, dtype=torch.bool)
+    for b, (a, c) in enumerate(answers):
+        ids[b, :len(a)], commit[b, :len(a)], valid[b, :len(a)] = torch.tensor(a), torch.tensor(c), True
+    prompts = torch.full((len(answers), 2), 5, dtype=torch.long)
+    rounds = (commit.amax(-1) + 1)
+    return RolloutResult(prompts, torch.ones_like(prompts, dtype=torch.bool), ids, valid, commit, rounds,
+                         torch.ones(len(answers), dtype=torch.bool), int(rounds.sum())), eos
+
+
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_all_rounds_equal_the_authors_rounds_on_handmade_trajectories(include_eos):
+    from opdlm_megatron.losses import answer_loss_mask
+    from opdlm_megatron.states import all_round_states, commit_ranks
+
+    rollout, eos = handmade_rollout()
+    keep = answer_loss_mask(rollout.answer_ids, rollout.answer_valid, [eos], include_eos)
+    source, xt = all_round_states(rollout, BLOCK, MASK, keep=keep)
+    assert torch.equal(source, source.sort().values), "rows come answer by answer"
+    for b in range(rollout.batch_size):
+        expected = authors_rounds(rollout.answer_ids[b], rollout.answer_valid[b], rollout.commit_step[b], BLOCK, keep[b])
+        got = xt[source == b].tolist()
+        assert got == expected, (b, got, expected)
+    # the hand-made rows, spelled out: answer 0 has 3 rounds (block 0's three distinct rounds)
+    assert xt[source == 0].tolist()[1] == [MASK, 11, 12, MASK, 14, 15, 16, 17, MASK, 19]
+    assert (source == 3).sum() == 1 and (source == 2).sum() == 1
+    ranks = commit_ranks(rollout, BLOCK)
+    assert ranks[0].tolist() == [1, 0, 0, 2, 0, 0, 0, 0, 1, 0]
+    # the EOS answer: block 0 has two rounds, block 1 holds 24, EOS, 26, 27 with rounds 3, 2, 2, 4 (ranks 1,
+    # 0, 0, 2); round 2 masks only 27, after the EOS, which carries no loss: that row is dropped
+    assert (source == 1).sum() == 2
+
+
+def test_all_rounds_equal_the_authors_rounds_on_random_trajectories(result):
+    from opdlm_megatron.states import all_round_states
+
+    for seed in range(5):
+        rollout = synthetic_rollout(vocab_size=200, block_size=BLOCK, batch_size=6, answer_len=13, seed=seed)
+        source, xt = all_round_states(rollout, BLOCK, MASK)
+        for b in range(rollout.batch_size):
+            expected = authors_rounds(rollout.answer_ids[b], rollout.answer_valid[b], rollout.commit_step[b], BLOCK,
+                                      rollout.answer_valid[b])
+            assert xt[source == b].tolist() == expected
+            # every state of every block appears exactly once: block states over the rows = its distinct rounds
+            length = int(rollout.answer_valid[b].sum())
+            for start in range(0, length, BLOCK):
+                sl = slice(start, min(start + BLOCK, length))
+                partial = {tuple(row[sl].tolist()) for row in xt[source == b] if (row[sl] == MASK).any()}
+                assert len(partial) == len(set(rollout.commit_step[b, sl].tolist()))

@@ -156,6 +156,59 @@ def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
     assert metrics["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("normalization", ["token", "row"])
+def test_all_rounds_loss_matches_dense_reference_of_each_state_alone(assets, tmp_path, normalization):
+    """loss.state_selection=all_rounds: every round of every block is a row (built here by the authors'
+    round loop, token by token), each scored alone by the dense float64 reference; the step's loss is
+    theirs, with the teacher run once per answer and 2 answers per step cut into micro-batches of one."""
+    from opdlm_megatron.trainer import Trainer
+    from tests.distributed.student_data import authors_rounds
+
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
+                                                 train=dict(steps=1), checkpoint=dict(resume=False),
+                                                 rollout=dict(threshold=0.2),
+                                                 loss=dict(normalization=normalization, state_selection="all_rounds")))
+    rec = RecordingRollout(naive_rollout)
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=rec)
+        student0 = build_model(trainer.config, "student")
+        student0.load_state_dict(trainer.student.state_dict(), strict=False)
+        metrics = trainer.train_step()
+        result = rec.results[0]
+        mask_id, eos = trainer.config.mask_token_id, trainer.config.eos_token_ids
+        source, states = [], []
+        for b in range(result.batch_size):
+            keep = torch.ones_like(result.answer_valid[b])  # the reference drops after-EOS tokens itself
+            rows = authors_rounds(result.answer_ids[b], result.answer_valid[b], result.commit_step[b],
+                                  trainer.config.block_size, keep, mask_id)
+            source += [b] * len(rows)
+            states += rows
+        expanded = result.rows(torch.tensor(source), trim=False)
+        ref = _dense_opd_loss(student0.eval(), trainer.teacher.model, trainer.config, expanded,
+                              torch.tensor(states), eos, normalization)
+        trainer.close()
+    assert len(source) > result.batch_size, "the rollout should give several rounds per answer"
+    assert metrics["rows_per_answer"] == pytest.approx(len(source) / result.batch_size)
+    assert metrics["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_threshold_schedule_reaches_the_rollouts_and_the_log(assets, tmp_path):
+    cfg = train_config_from_dict(tiny_train_dict(
+        str(tmp_path / "run"), assets["data"], assets["ckpt"], train=dict(steps=4), checkpoint=dict(resume=False),
+        rollout=dict(threshold=0.9, threshold_schedule=dict(final=0.5, hold_rollouts=1, ramp_rollouts=2))))
+    seen = []
+
+    def rollout(model, config, prompts, decode):
+        seen.append(decode.threshold)
+        return naive_rollout(model, config, prompts, decode)
+
+    history = _train(cfg, rollout)
+    assert seen == pytest.approx([0.9, 0.9, 0.7, 0.5])  # one rollout per step here (2 tasks, batch 2)
+    assert [h["rollout_threshold"] for h in history] == pytest.approx(seen)
+    logged = read_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    assert [r["rollout_threshold"] for r in logged] == pytest.approx(seen)
+
+
 @pytest.mark.parametrize("stop_at", [1, 2, 3])
 def test_interrupt_and_resume_gives_identical_losses(assets, tmp_path, stop_at):
     """4 tasks per rollout, batch 2: two optimizer steps per rollout. A stop after step 1 or 3 falls
@@ -437,6 +490,34 @@ def test_tcs_and_lift_tp2_and_pp2_match_tp1(assets, tmp_path):
         for layout in ("tp2", "pp2"):
             for ref, res in zip(histories[objective], got[f"{objective}/{layout}"]):
                 for key in keys:
+                    assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)
+
+
+def test_all_rounds_tp2_and_pp2_match_tp1(assets, tmp_path):
+    """loss.state_selection=all_rounds for opd and opd_tcs at TP=2 and PP=2 (one torchrun launch; PP
+    exchanges micro-batches of one answer's rounds, filled up to one row count) as at TP=1."""
+    objectives = ("opd", "opd_tcs")
+    overrides = ["loss.state_selection=all_rounds", "tcs.route_prob=0.5", "rollout.threshold=0.3"]
+    histories, recorded = {}, {}
+    for objective in objectives:
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
+                                                     objective=objective, train=dict(steps=2),
+                                                     checkpoint=dict(resume=False)), overrides)
+        rec = RecordingRollout(naive_rollout)
+        histories[objective] = _train(cfg, rec)
+        recorded[objective] = rec.results
+    assert all(h["rows_per_answer"] > 1 for h in histories["opd"])
+    torch.save(recorded, tmp_path / "rollouts.pt")
+    out = tmp_path / "parallel.pt"
+    run_torchrun("train_parallel.py", f"--ckpt={assets['ckpt']}", f"--data={assets['data']}",
+                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}",
+                 f"--objectives={','.join(objectives)}", *(f"--override={o}" for o in overrides))
+    got = torch.load(out)
+    for objective in objectives:
+        for layout in ("tp2", "pp2"):
+            name = layout if objective == "opd" else f"{objective}/{layout}"
+            for ref, res in zip(histories[objective], got[name], strict=True):
+                for key in ("loss", "grad_norm", "rows_per_answer", "teacher_nll"):
                     assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)
 
 

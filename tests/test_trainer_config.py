@@ -70,6 +70,9 @@ def test_yaml_and_overrides(tmp_path):
     ({"curriculum": {"min_length": 50, "max_length": 10}}, "max_length 10"),
     ({"objective": "mdlm"}, "'jsonl_chat'"),
     ({"loss": {"state_selection": "random"}}, "'random'"),
+    ({"rollout": {"threshold_schedule": {"final": 0.0}}}, "threshold_schedule.final must be in"),
+    ({"rollout": {"threshold_schedule": {"final": 0.7, "hold_rollouts": -1}}}, "hold_rollouts must be"),
+    ({"rollout": {"threshold_schedule": {"final": 0.7, "ramp_rollouts": 0}}}, "ramp_rollouts must be"),
 ])
 def test_bad_config_values_are_named(data, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
@@ -89,6 +92,23 @@ def test_curriculum_matches_paper_formula():
     assert rollout_length(0, cur) == 100 and rollout_length(10, cur) == 4000
     with pytest.raises(ValueError, match="-1"):
         rollout_length(-1, cur)
+
+
+def test_threshold_schedule_holds_then_lowers_linearly():
+    """rollout.threshold_schedule (the authors' dynamic_threshold_schedule, linear): held, then a linear
+    ramp to the floor, then the floor; off by default."""
+    from opdlm_megatron.schedules import rollout_threshold
+
+    off = train_config_from_dict(BASE).rollout
+    assert [rollout_threshold(r, off) for r in (0, 10, 10**6)] == [0.9, 0.9, 0.9]
+    cfg = train_config_from_dict({**BASE, "rollout": {"threshold": 0.9, "threshold_schedule": {
+        "final": 0.7, "hold_rollouts": 150, "ramp_rollouts": 40}}}).rollout
+    for r in range(0, 260, 7):
+        expected = 0.9 if r < 150 else 0.9 - 0.2 * min(1.0, (r - 150) / 40)
+        assert rollout_threshold(r, cfg) == pytest.approx(expected, abs=1e-12), r
+    assert rollout_threshold(170, cfg) == pytest.approx(0.8) and rollout_threshold(190, cfg) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="-1"):
+        rollout_threshold(-1, cfg)
 
 
 def test_rollout_lengths_are_whole_blocks():

@@ -81,6 +81,10 @@ class SupervisedBatch:
     * ``t`` ``[B, A]`` or None: the noise level of randomly masked states (for logging).
     * ``uniform`` ``[B, A]`` or None: per-position U(0, 1) draws an objective takes at build time for
       decisions made later (TCS's routing), so they depend on the step's seed, never on the rank.
+    * ``groups`` ``[B]`` (long) or None: the answer each row is a state of, when an answer gives
+      several rows (``loss.state_selection="all_rounds"``; rows of one answer are adjacent, answers in
+      order). None: row ``b`` is answer ``b``. The teacher scores each answer once, micro-batches and
+      data-parallel shares take whole answers (``answer_share``, ``StudentStepPlan``).
     """
 
     answers: RolloutResult
@@ -92,6 +96,7 @@ class SupervisedBatch:
     weights: Optional[Tensor] = None
     t: Optional[Tensor] = None
     uniform: Optional[Tensor] = None
+    groups: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.answers.answer_ids.shape)
@@ -105,6 +110,12 @@ class SupervisedBatch:
                 raise ValueError(f"{name} {tuple(value.shape)} must have the answers' shape {shape}")
         if self.supervised.dtype != torch.bool or self.normalizer.dtype != torch.bool:
             raise ValueError("supervised and normalizer must be bool tensors")
+        if self.groups is not None:
+            if tuple(self.groups.shape) != shape[:1] or self.groups.dtype != torch.long:
+                raise ValueError(f"groups must be a long [B] = [{shape[0]}] tensor, got {tuple(self.groups.shape)} "
+                                 f"{self.groups.dtype}")
+            if bool((self.groups[1:] < self.groups[:-1]).any()):
+                raise ValueError("the rows of one answer must be adjacent, answers in order (groups non-decreasing)")
 
     @property
     def batch_size(self) -> int:
@@ -119,7 +130,25 @@ class SupervisedBatch:
             return None if x is None else x[index, :width]
 
         return replace(self, answers=answers, supervised=cut(self.supervised), normalizer=cut(self.normalizer),
-                       xt=cut(self.xt), weights=cut(self.weights), t=cut(self.t), uniform=cut(self.uniform))
+                       xt=cut(self.xt), weights=cut(self.weights), t=cut(self.t), uniform=cut(self.uniform),
+                       groups=None if self.groups is None else self.groups[index])
+
+    def answer_share(self, start: int, end: int) -> "SupervisedBatch":
+        """The rows of answers ``[start, end)`` (a data-parallel rank's share of the step's answers)."""
+        if self.groups is None:
+            return self.rows(torch.arange(start, min(end, self.batch_size)))
+        return self.rows(((self.groups >= start) & (self.groups < end)).nonzero().flatten())
+
+    def answer_rows(self) -> Tuple[Tensor, Tensor]:
+        """``(first [U], inverse [B])``: the first row of each of the ``U`` answers the rows are states
+        of, and each row's answer among them (``first[inverse[b]]`` is a row with row ``b``'s x0)."""
+        if self.groups is None:
+            rows = torch.arange(self.batch_size)
+            return rows, rows
+        unique, inverse = torch.unique_consecutive(self.groups, return_inverse=True)
+        first = torch.full((unique.numel(),), self.batch_size, dtype=torch.long)
+        first = first.scatter_reduce(0, inverse, torch.arange(self.batch_size), reduce="amin")
+        return first, inverse
 
 
 def kept_answer_tokens(answers: RolloutResult, ctx: StateContext) -> Tensor:
@@ -128,7 +157,8 @@ def kept_answer_tokens(answers: RolloutResult, ctx: StateContext) -> Tensor:
 
 
 def masked_state_batch(answers: RolloutResult, xt: Tensor, ctx: StateContext, distill: bool,
-                       weights: Optional[Tensor] = None, t: Optional[Tensor] = None) -> SupervisedBatch:
+                       weights: Optional[Tensor] = None, t: Optional[Tensor] = None,
+                       groups: Optional[Tensor] = None) -> SupervisedBatch:
     """The common case: supervise the kept answer tokens that are masked in ``xt``. Without weights
     the loss is normalised by the supervised tokens (paper, Algorithm 1, w(t) = 1); with 1/t weights
     by every kept answer token (the MDLM/BD3LM estimator of eq. 2)."""
@@ -137,7 +167,7 @@ def masked_state_batch(answers: RolloutResult, xt: Tensor, ctx: StateContext, di
     normalizer = supervised if weights is None else kept
     if weights is not None:
         weights = torch.where(kept, weights, torch.zeros_like(weights))
-    return SupervisedBatch(answers, supervised, normalizer, distill, "opd", xt, weights, t)
+    return SupervisedBatch(answers, supervised, normalizer, distill, "opd", xt, weights, t, groups=groups)
 
 
 class Objective:

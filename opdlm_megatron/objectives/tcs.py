@@ -129,7 +129,7 @@ class _TCSBase(Objective):
             raise ValueError(f"objective {self.name!r} scores the rest of each block: block size must be > 1, "
                              f"got {ctx.block_size}")
         batch = self.states_of().build(answers, generator, ctx)
-        batch.uniform = torch.rand(answers.answer_ids.shape, generator=generator)
+        batch.uniform = torch.rand(batch.supervised.shape, generator=generator)
         return batch
 
     def refine_targets(self, batch: SupervisedBatch, targets: TeacherTargets,

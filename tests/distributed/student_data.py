@@ -54,6 +54,40 @@ def synthetic_rollout(vocab_size: int, block_size: int = 4, batch_size: int = 3,
                          torch.ones(batch_size, dtype=torch.bool), int(num_rounds.max()) * batch_size)
 
 
+def authors_rounds(x0, valid, commit, block, keep, mask_id):
+    """Every round of every block as the authors' ``one_round_vectorized`` loop builds them, token by
+    token: each round takes, per block, the smallest commit round not yet taken; the tokens at or after
+    it are masked; the round's values are then removed. Rows without a masked ``keep`` token are dropped
+    (an answer with none keeps its first row)."""
+    length = len(x0)
+    remaining = [int(commit[i]) if bool(valid[i]) else None for i in range(length)]
+    rows = []
+    while True:
+        state, any_taken = [], False
+        minima = {}
+        for start in range(0, length, block):
+            values = [v for v in remaining[start:start + block] if v is not None]
+            if values:
+                minima[start] = min(values)
+        if not minima:
+            break
+        for i in range(length):
+            start = i - i % block
+            masked = remaining[i] is not None and remaining[i] >= minima[start]
+            state.append(mask_id if masked or not bool(valid[i]) else int(x0[i]))  # padding holds the mask id, as elsewhere
+        for i in range(length):
+            start = i - i % block
+            if remaining[i] is not None and remaining[i] == minima[start]:
+                remaining[i] = None
+                any_taken = True
+        assert any_taken
+        rows.append(state)
+    useful = [r for r in rows if any(r[i] == mask_id and bool(keep[i]) for i in range(length))]
+    if not useful:
+        useful = rows[:1]
+    return useful
+
+
 def student_config(**overrides):
     return tiny_config(eos_token_ids=[EOS], **overrides)
 
