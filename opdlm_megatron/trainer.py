@@ -240,7 +240,9 @@ class Trainer:
         metrics: Dict[str, float] = {**inputs.metrics, "loss": loss, "token_mean": out["token_mean"]}
 
         with self.timers.phase("optimizer"):
-            finite = self._all_finite(loss, self._local_grads_finite())
+            # fp16: megatron's loss scaler finds inf/NaN gradients itself, skips the step and lowers the scale;
+            # intercepting them here would keep the scale where it overflows, skipping every later step
+            finite = self._all_finite(loss, self.config.torch_dtype == torch.float16 or self._local_grads_finite())
             lr = self.lr_schedule.set_step(step)
             paper_tokens = self.data.paper_tokens(buffer)
             answer_tokens = self.data.answer_tokens(buffer)

@@ -153,9 +153,10 @@ def test_fp16_tracks_fp32_and_bf16(assets, tmp_path):
     bf16 and fp16 gives the same losses within each precision's tolerance."""
     runs = {}
     for dtype in ("float32", "bfloat16", "float16"):
+        # a loss scale at which no gradient element (< 256 here) can overflow fp16 on any CPU's kernels
         cfg = train_config_from_dict(tiny_train_dict(
             str(tmp_path / dtype), assets["data"], assets["ckpt"], objective="ar", train=dict(steps=6),
-            model=dict(student_dtype=dtype), optim=dict(lr=1e-2, min_lr=1e-2, warmup_steps=0),
+            model=dict(student_dtype=dtype), optim=dict(lr=1e-2, min_lr=1e-2, warmup_steps=0, initial_loss_scale=256.0),
             checkpoint=dict(resume=False)))
         history = _train(cfg)
         assert all(h["skipped"] == 0 for h in history), dtype  # no overflow at the initial loss scale
@@ -164,6 +165,31 @@ def test_fp16_tracks_fp32_and_bf16(assets, tmp_path):
     assert fp32[-1] < 0.9 * fp32[0]  # it trains, so a no-op update would show
     assert runs["float16"] == pytest.approx(fp32, rel=2e-2)
     assert runs["bfloat16"] == pytest.approx(fp32, rel=5e-2)
+
+
+def test_fp16_overflow_lowers_the_loss_scale_instead_of_skipping_every_step(assets, tmp_path):
+    """At a loss scale that overflows fp16 gradients, megatron's scaler skips the step and halves the
+    scale (after its hysteresis); the trainer's own inf/NaN-gradient check must leave those steps to it,
+    or the scale never drops and every later step is skipped too."""
+    cfg = train_config_from_dict(tiny_train_dict(
+        str(tmp_path / "fp16"), assets["data"], assets["ckpt"], objective="ar", train=dict(steps=30),
+        model=dict(student_dtype="float16"), optim=dict(lr=1e-2, min_lr=1e-2, warmup_steps=0,
+                                                        initial_loss_scale=2.0 ** 24),
+        checkpoint=dict(resume=False)))
+    from opdlm_megatron.trainer import Trainer
+
+    scales, history = [], []
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt)
+        for _ in range(30):
+            scales.append(float(trainer.optimizer.get_loss_scale()))
+            history.append(trainer.train_step())
+        trainer.close()
+    skipped = [h["skipped"] for h in history]
+    assert skipped[0] == 1.0, "2**24 overflows fp16 gradients"
+    assert skipped[-4:] == [0.0] * 4, skipped
+    assert scales[-1] < scales[0], scales
+    assert all(math.isfinite(h["loss"]) for h in history)
 
 
 def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch):
