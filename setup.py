@@ -41,16 +41,17 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "opdlm-convert-hf-to-megatron=opdlm_megatron.tools.convert_hf_to_megatron:main",
-            "opdlm-convert-megatron-to-hf=opdlm_megatron.tools.convert_megatron_to_hf:main",
-            "opdlm-prepare-smollm2=opdlm_megatron.tools.prepare_smollm2:main",
-            "opdlm-generate=opdlm_megatron.generate:main",
-            "opdlm-train=opdlm_megatron.train:main",
-            "opdlm-eval=opdlm_megatron.evaluate:main",
-            "opdlm-lm-eval=opdlm_megatron.eval.lm_eval_model:main",
-            "opdlm-convert-layout=opdlm_megatron.tools.convert_layout:main",
-            "opdlm-plan=opdlm_megatron.plan:main",
-            "opdlm-pretrain-megatron-lm=opdlm_megatron.megatron_lm:main",
+            # one light module per command (opdlm_megatron/commands/): --help answers without importing torch
+            "opdlm-convert-hf-to-megatron=opdlm_megatron.commands.convert_hf_to_megatron:main",
+            "opdlm-convert-megatron-to-hf=opdlm_megatron.commands.convert_megatron_to_hf:main",
+            "opdlm-prepare-smollm2=opdlm_megatron.commands.prepare_smollm2:main",
+            "opdlm-generate=opdlm_megatron.commands.generate:main",
+            "opdlm-train=opdlm_megatron.commands.train:main",
+            "opdlm-eval=opdlm_megatron.commands.evaluate:main",
+            "opdlm-lm-eval=opdlm_megatron.commands.lm_eval:main",
+            "opdlm-convert-layout=opdlm_megatron.commands.convert_layout:main",
+            "opdlm-plan=opdlm_megatron.commands.plan:main",
+            "opdlm-pretrain-megatron-lm=opdlm_megatron.commands.pretrain_megatron_lm:main",
         ]
     },
 )

@@ -194,8 +194,8 @@ def main(argv=None) -> None:
     bf16 = results.get(main_variant, {})
     fp8 = results.get("te-flex-fp8", {})
     dense = results.get(f"{impl}-dense", {}) if main_variant.endswith("flex") else {}
-    print(f"variant={main_variant} bf16_tflops={bf16.get('tflops', nan):.2f} "
-          f"bf16_mfu={bf16.get('tflops', nan) / (peak or nan):.3f} fp8_tflops={fp8.get('tflops', nan):.2f} "
+    print(f"variant={main_variant} bf16_tflops={bf16.get('tflops', nan):.3g} "
+          f"bf16_mfu={bf16.get('tflops', nan) / (peak or nan):.3f} fp8_tflops={fp8.get('tflops', nan):.3g} "
           f"fp8_speedup={bf16.get('seconds', nan) / fp8.get('seconds', nan):.2f} "
           f"flex_over_dense={dense.get('seconds', nan) / bf16.get('seconds', nan):.2f} "
           f"activation_estimate_over_peak={bf16.get('estimate', nan) / bf16.get('peak', nan):.2f}")

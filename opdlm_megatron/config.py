@@ -19,12 +19,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .dtypes import DTYPE_ALIASES, DTYPE_NAMES
+
 ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (F.gelu, True), "gelu": (F.gelu, False), "silu": (F.silu, False)}
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("dense", "flex")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 CONFIG_FILE_NAME = "opdlm_model_config.json"
 

@@ -26,14 +26,18 @@ to; the paper's students answer without thinking).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .cli import global_rank
 from .train_config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Sample:
 
     prompt_ids: List[int]
     response_ids: Optional[List[int]] = None
+    where: Optional[str] = field(default=None, compare=False)  # "file:line" / "dataset[i]", for messages
 
 
 class SampleList(list):
@@ -136,7 +141,21 @@ def _keep(samples: SampleList, sample: Sample, cfg: DataConfig, where: str) -> N
                                   f"data.max_prompt_tokens {cfg.max_prompt_tokens} (data.long_prompts=skip drops such prompts)")
         samples.skipped_long_prompts += 1
         return
+    sample.where = where
     samples.append(sample)
+
+
+def check_token_ids(samples: Sequence[Sample], vocab_size: int, mask_token_id: Optional[int]) -> None:
+    """Raises ValueError naming the first sample (by its file line) holding a token id outside
+    ``[0, vocab_size)`` or the ``[MASK]`` id, before any rollout sees it."""
+    for number, sample in enumerate(samples):
+        for part, ids in (("prompt", sample.prompt_ids), ("response", sample.response_ids or [])):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            where = sample.where or f"sample {number}"
+            if bad:
+                raise ValueError(f"{where}: {part} token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+            if mask_token_id is not None and mask_token_id in ids:
+                raise ValueError(f"{where}: {part} contains the [MASK] token id {mask_token_id}")
 
 
 def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> SampleList:
@@ -149,15 +168,16 @@ def jsonl_chat_prompts(cfg: DataConfig, tokenizer) -> SampleList:
 
 
 def reasoning_gym_prompts(cfg: DataConfig, tokenizer) -> SampleList:
-    import reasoning_gym
+    """Prompts of reasoning-gym datasets and of this project's families (``families.py``, ``opdlm/...``)."""
+    from .families import create_dataset
 
     if not cfg.gym_datasets:
         raise ValueError("data.gym_datasets is empty")
     samples = SampleList()
     for offset, name in enumerate(cfg.gym_datasets):
         try:
-            dataset = reasoning_gym.create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset,
-                                                   **(cfg.gym_options or {}).get(name, {}))
+            dataset = create_dataset(name, size=cfg.gym_size, seed=cfg.seed + offset,
+                                     **(cfg.gym_options or {}).get(name, {}))
         except Exception as e:  # reasoning_gym raises a bare error for unknown names
             raise ValueError(f"reasoning_gym dataset {name!r} could not be created: {e}") from e
         for i in range(len(dataset)):
@@ -211,18 +231,24 @@ def token_id_samples(cfg: DataConfig) -> SampleList:
 
 def load_samples(cfg: DataConfig, tokenizer=None, eos_token_id: Optional[int] = None) -> SampleList:
     """All samples of the configured source, tokenised (a ``SampleList``: a list that also counts
-    the prompts skipped for being longer than ``max_prompt_tokens``)."""
+    the prompts skipped for being longer than ``max_prompt_tokens``, said once on the console)."""
     if cfg.source == "token_ids":
-        return token_id_samples(cfg)
-    if tokenizer is None:
+        samples = token_id_samples(cfg)
+    elif tokenizer is None:
         raise ValueError(f"data.source {cfg.source!r} needs a tokenizer (model.tokenizer)")
-    if cfg.source == "jsonl_chat":
-        return jsonl_chat_prompts(cfg, tokenizer)
-    if cfg.source == "reasoning_gym":
-        return reasoning_gym_prompts(cfg, tokenizer)
-    if cfg.source == "text":
-        return text_samples(cfg, tokenizer, eos_token_id)
-    raise ValueError(f"unknown data.source {cfg.source!r}")
+    elif cfg.source == "jsonl_chat":
+        samples = jsonl_chat_prompts(cfg, tokenizer)
+    elif cfg.source == "reasoning_gym":
+        samples = reasoning_gym_prompts(cfg, tokenizer)
+    elif cfg.source == "text":
+        samples = text_samples(cfg, tokenizer, eos_token_id)
+    else:
+        raise ValueError(f"unknown data.source {cfg.source!r}")
+    if samples.skipped_long_prompts and global_rank() == 0:
+        logger.warning("%d of %d prompts are longer than data.max_prompt_tokens=%d and were skipped "
+                       "(data.long_prompts=skip; 'error' stops at the first)", samples.skipped_long_prompts,
+                       samples.skipped_long_prompts + len(samples), cfg.max_prompt_tokens)
+    return samples
 
 
 # --------------------------------------------------------------------------------- ordering

@@ -23,7 +23,6 @@ and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,61 +30,14 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from .eval import scoring
-from .eval.tasks import FILE_TASKS, TaskError, TaskSpec
+from .cli import check_output
+from .eval.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 
 
 class EvalInputError(ValueError):
     """A command-line value that cannot be used; the message names it."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opdlm-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--student", required=True, help="opdlm-megatron checkpoint of the block-diffusion student")
-    p.add_argument("--teacher", default=None, help="AR checkpoint decoded causally (default: --student)")
-    p.add_argument("--no-teacher", action="store_true", help="skip the teacher (no agreement numbers)")
-    p.add_argument("--task", required=True,
-                   help=f"a reasoning-gym dataset (basic_arithmetic, chain_sum, gsm_symbolic, ...) or one of {FILE_TASKS}")
-    p.add_argument("--data", default=None, help="JSONL file for math_jsonl / jsonl")
-    p.add_argument("--task-options", default="{}", help="JSON of reasoning-gym dataset options (difficulty)")
-    p.add_argument("--num-samples", type=int, default=None, help="items (reasoning-gym default 100; files: all)")
-    p.add_argument("--data-seed", type=int, default=0, help="reasoning-gym dataset seed")
-    p.add_argument("--extract", default="auto", choices=scoring.EXTRACTIONS)
-    p.add_argument("--match", default="normalized", choices=scoring.MATCHES)
-    p.add_argument("--question-field", default="question")
-    p.add_argument("--answer-field", default="answer")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--reference-field", default="reference")
-    p.add_argument("--few-shot", type=int, default=0)
-    p.add_argument("--system-prompt", default=None)
-    template = p.add_mutually_exclusive_group()
-    template.add_argument("--chat-template", dest="chat_template", action="store_true", default=True)
-    template.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    p.add_argument("--enable-thinking", action="store_true")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, default=None, help="confidence threshold tau (default 0.9)")
-    rule.add_argument("--tokens-per-step", type=int, default=None, help="static rule: k tokens per step")
-    rule.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule with this f")
-    rule.add_argument("--entropy-budget", type=float, default=None, help="entropy-bounded rule with this budget")
-    rule.add_argument("--hierarchical", type=float, default=None, metavar="LOW",
-                      help="dInfer's hierarchical rule with this low threshold (high threshold 0.9)")
-    p.add_argument("--sweep", action="store_true", help="also tau in {0.5,0.7,0.9,0.95}, k in {1,2}, factor f=1 "
-                                                        "entropy budget 0.5 and hierarchical low 0.4")
-    p.add_argument("--block-size", type=int, default=None, help="default: the student's")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seeds", type=int, default=1, help="sampling seeds (with --temperature > 0)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: STUDENT/tokenizer)")
-    p.add_argument("--out", required=True, help="output directory (samples.jsonl, summary.json)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return p
 
 
 def _checkpoint(path: str, flag: str) -> str:
@@ -132,6 +84,8 @@ def validate(args) -> TaskSpec:
     tokenizer_dir = args.tokenizer or os.path.join(args.student, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise EvalInputError(f"tokenizer directory not found: {tokenizer_dir} (pass --tokenizer DIR)")
+    check_output(args.out, "--out", "dir", [("--student", args.student), ("--teacher", args.teacher),
+                                            ("--data", args.data), ("--tokenizer", tokenizer_dir)])
     return TaskSpec(task=args.task, data=args.data, options=options, num_samples=args.num_samples,
                     seed=args.data_seed, extract=args.extract, match=args.match, few_shot=args.few_shot,
                     question_field=args.question_field, answer_field=args.answer_field,
@@ -302,27 +256,10 @@ def format_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        spec = validate(args)
-        from .eval.tasks import load_task
+    from .commands.evaluate import main as command
 
-        load_task(spec)  # bad task names, files and fields fail here, before any model is built
-        summary = run(args, spec)
-    except (EvalInputError, TaskError, FileNotFoundError) as error:
-        if _rank() == 0:
-            print(f"opdlm-eval: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    if summary is not None:
-        print(format_table(summary))
-        print(f"samples and summary in {args.out}")
-    return 0
+    return command(argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ denoising round of each completion token), ``num_rounds``, ``finished`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 from typing import List, Optional, Sequence
 
-from .rollout.config import CONFIDENCES, DecodeConfig
+from .cli import check_output
+from .rollout.config import DecodeConfig
 
 
 def read_prompts(path: str) -> List[dict]:
@@ -45,41 +45,8 @@ def encode_prompt(tokenizer, record: dict, chat_template: bool, enable_thinking:
     return list(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="opdlm-megatron checkpoint directory")
-    parser.add_argument("--prompts", required=True, help="JSONL input")
-    parser.add_argument("--out", required=True, help="JSONL output")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: CHECKPOINT/tokenizer)")
-    parser.add_argument("--block-size", type=int, default=None)
-    rule = parser.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, default=0.9)
-    rule.add_argument("--tokens-per-step", type=int, default=None)
-    parser.add_argument("--steps-per-block", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--confidence", choices=CONFIDENCES, default="probability")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--chat-template", action="store_true")
-    parser.add_argument("--enable-thinking", action="store_true",
-                        help="let Qwen3-style chat templates open a thinking section (off by default, as in training)")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    from .cli import refuse_bad_input
-
-    args = build_parser().parse_args(argv)
-    refuse_bad_input("opdlm-generate", lambda: _generate(args))
-
-
-def _generate(args) -> None:
+def run(args) -> None:
+    """Decodes the prompts of ``args`` (parsed by ``commands/generate.py``) and writes ``args.out``."""
     from transformers import AutoTokenizer
 
     from .checkpointing import build_from_checkpoint
@@ -105,6 +72,8 @@ def _generate(args) -> None:
     tokenizer_dir = args.tokenizer or os.path.join(args.checkpoint, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
+    check_output(args.out, "--out", "file", [("--checkpoint", args.checkpoint), ("--prompts", args.prompts),
+                                             ("--tokenizer", tokenizer_dir)])
     records = read_prompts(args.prompts)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     encoded = [encode_prompt(tokenizer, r, args.chat_template, args.enable_thinking) for r in records]
@@ -136,6 +105,12 @@ def _generate(args) -> None:
                 for line in lines:
                     f.write(json.dumps(line) + "\n")
             os.replace(tmp, args.out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .commands.generate import main as command
+
+    command(argv)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .activations import ActivationShape, activation_bytes
 from .config import ModelConfig
@@ -191,50 +192,38 @@ def format_plan(p: Plan, budget: Optional[float]) -> str:
     return "\n".join(lines)
 
 
+def load_architecture(path: str, needs_transformer_engine: bool = False) -> Tuple[ModelConfig, Optional[str]]:
+    """The architecture at ``path``: this project's checkpoint or ``opdlm_model_config.json``, or a HF
+    ``config.json`` (or the HF model directory holding it, tokenizer included), mapped as
+    ``opdlm-convert-hf-to-megatron`` would convert it - with the Transformer Engine spec when the run
+    needs it (FP8). Returns ``(config, note)``; the note says how a HF config was read."""
+    from .config import CONFIG_FILE_NAME
+    from .tools.hf_io import read_json_object, read_tokenizer_info
+    from .tools.hf_mapping import model_config_from_hf
+
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE_NAME)) or os.path.basename(path) == CONFIG_FILE_NAME:
+        return ModelConfig.load(path), None
+    hf_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(hf_file):
+        raise FileNotFoundError(f"no model config at {path} (an opdlm checkpoint, its {CONFIG_FILE_NAME}, or a HF "
+                                f"config.json or model directory)")
+    hf = read_json_object(hf_file)
+    generation_file = os.path.join(directory, "generation_config.json")
+    generation = read_json_object(generation_file) if os.path.isfile(generation_file) else None
+    tokenizer_size, tokenizer_mask = read_tokenizer_info(directory) if os.path.isdir(path) else (None, None)
+    overrides = {"transformer_impl": "transformer_engine"} if needs_transformer_engine else {}
+    config = model_config_from_hf(hf, generation, tokenizer_size=tokenizer_size,
+                                  tokenizer_mask_token_id=tokenizer_mask, **overrides)
+    note = (f"architecture from the HF config {hf_file}, as opdlm-convert-hf-to-megatron converts it"
+            + (" with --transformer-impl transformer_engine (FP8 needs it)" if needs_transformer_engine else ""))
+    return config, note
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import refuse_bad_input
+    from .commands.plan import main as command
 
-    parser = argparse.ArgumentParser(prog="opdlm-plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML")
-    parser.add_argument("--world-size", type=int, required=True, help="GPUs of the run")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (H100: 80)")
-    parser.add_argument("--model-config", default=None,
-                        help="architecture (opdlm_model_config.json or its directory) when the config's "
-                             "checkpoint is not on this machine")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-
-    def run() -> int:
-        # --model-config stands in for the checkpoint (the planner reads no weights)
-        extra = [f"model.student_checkpoint={args.model_config}"] if args.model_config else []
-        cfg = load_train_config(args.config, extra + list(args.overrides))
-        source = args.model_config or cfg.model.student_checkpoint
-        if cfg.model.random_init:
-            config = ModelConfig.from_dict(dict(cfg.model.model_config))
-        else:
-            config = ModelConfig.load(source)
-        config = cfg.student_architecture(config)  # what the trainer builds
-        teacher = ModelConfig.load(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else None
-        result = plan(cfg, config, args.world_size, teacher)
-        budget = args.gpu_memory_gb * GIB
-        fits = result.total <= budget
-        if args.json:
-            print(json.dumps({"world_size": result.world_size, "tp": result.tensor_parallel,
-                              "pp": result.pipeline_parallel, "dp": result.data_parallel,
-                              "parts_bytes": result.parts, "total_bytes": result.total, "fits": fits,
-                              "notes": result.notes}, indent=2))
-        else:
-            print(format_plan(result, budget))
-            if fits:
-                print("fits")
-            else:
-                print(f"does NOT fit: {result.total / GIB:.1f} GiB > {args.gpu_memory_gb:g} GiB; try:")
-                for tip in suggestions(result, cfg, config, budget):
-                    print(f"  - {tip}")
-        return 0 if fits else 1
-
-    return refuse_bad_input("opdlm-plan", run)
+    return command(argv)
 
 
 if __name__ == "__main__":

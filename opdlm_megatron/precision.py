@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+if TYPE_CHECKING:  # torch loads with the first model, not with the configs (command lines start fast)
+    import torch
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
@@ -88,6 +89,8 @@ def check_fp8_runtime(precision: PrecisionConfig, transformer_impl: str, params_
     if not te_available:
         raise ValueError(f"{who}: FP8 needs Transformer Engine (pip install 'opdlm-megatron[te]')")
     if capability is None:
+        import torch
+
         capability = torch.cuda.get_device_capability(device)
     needed = MIN_MXFP8_CAPABILITY if precision.fp8_recipe == "mxfp8" else MIN_FP8_CAPABILITY
     if tuple(capability) < needed:
@@ -125,6 +128,8 @@ def pad_batch(input_ids: torch.Tensor, layout, multiple: int, pad_token_id: Opti
     layout = layout.pad_columns(multiple)
     extra = layout.seq_len - input_ids.shape[1]
     if extra:
+        import torch
+
         pad = input_ids.new_full((input_ids.shape[0], extra), pad_token_id if pad_token_id is not None else 0)
         input_ids = torch.cat([input_ids, pad], 1)
     return input_ids, layout

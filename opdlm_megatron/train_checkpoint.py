@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -197,14 +197,15 @@ def _rng_path(directory: str, rank: int) -> str:
 def save_training_checkpoint(root: str, step: int, model, optimizer, model_config: ModelConfig,
                              trainer_state: Dict[str, Any], keep_last: int = 0,
                              rollout_buffer: Optional[RolloutResult] = None,
-                             tokenizer_dir: Optional[str] = None) -> str:
+                             tokenizer_dir: Optional[str] = None, run_config: Optional[Dict[str, Any]] = None) -> str:
     """Saves a resumable checkpoint of ``model`` and ``optimizer`` after ``step`` steps.
 
     ``model`` is the bare student (not its DDP wrapper, whose keys carry a ``module.`` prefix), so
     the weights' keys are those of a plain model checkpoint. ``rollout_buffer`` (identical on every
     rank) is written once, by rank 0; so are the tokenizer files of ``tokenizer_dir`` (into
     ``tokenizer/``, so ``generate``, ``opdlm-eval`` and the HF export work on the checkpoint as they
-    do on a converted one).
+    do on a converted one). ``run_config`` (the run's ``TrainConfig`` as a dict) goes into
+    ``run_config.json``, so a resume can say what changed (``resume_config_changes``).
     """
     from .tools.hf_io import copy_tokenizer_files
     from safetensors.torch import save_file
@@ -220,6 +221,9 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
             save_file(rollout_buffer.tensors(), os.path.join(tmp, ROLLOUT_BUFFER_FILE))
         if tokenizer_dir and os.path.isdir(tokenizer_dir) and global_rank() == 0:
             copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+        if run_config is not None and global_rank() == 0:
+            with open(os.path.join(tmp, RUN_CONFIG_FILE), "w") as f:
+                json.dump(run_config, f, indent=1, sort_keys=True, default=str)
 
     os.makedirs(root, exist_ok=True)
     save_model_checkpoint(model, directory, model_config, {"trainer": trainer_state, "world_size": _world()},
@@ -236,6 +240,46 @@ def save_training_checkpoint(root: str, step: int, model, optimizer, model_confi
     if dist.is_initialized():
         dist.barrier()
     return directory
+
+
+RUN_CONFIG_FILE = "run_config.json"
+# keys a resumed run may change without comment: where and how often it saves and logs, how long it runs,
+# its parallel layout (checkpoints reshard), what it does on NaN
+RESUME_FREE_KEYS = ("checkpoint.", "logging.", "train.steps", "parallel.", "nan_policy", "run_dir")
+# keys the saved optimizer state is keyed by (megatron's parameter groups carry max_lr and min_lr)
+RESUME_FIXED_KEYS = ("optim.lr", "optim.min_lr")
+
+
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_config_changes(directory: str, run_config: Dict[str, Any]) -> List[str]:
+    """What this run's config changes against the one ``directory`` was saved with (``key old -> new``;
+    empty for checkpoints without ``run_config.json``). Raises ValueError for a change the saved
+    optimizer state cannot follow, saying what to do."""
+    path = os.path.join(directory, RUN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    now = _flatten(json.loads(json.dumps(run_config, default=str)))
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+               and not any(k == free or (free.endswith(".") and k.startswith(free)) for free in RESUME_FREE_KEYS)]
+    fixed = [k for k in changed if k in RESUME_FIXED_KEYS]
+    if fixed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in fixed)
+        raise ValueError(f"{directory} was saved with {was}; this run has "
+                         f"{', '.join(f'{k}={now.get(k)!r}' for k in fixed)}: the saved optimizer state is keyed by "
+                         f"the learning rates, so resume with the saved values, or start a new run (another run_dir, "
+                         f"or checkpoint.resume=false)")
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed]
 
 
 FAULT_DRILL_SAVE_DELAY = "OPDLM_FAULT_DRILL_SAVE_DELAY"

@@ -311,6 +311,8 @@ class TrainConfig:
         one_of("parallel.distributed_optimizer", self.parallel.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
         if self.train.steps is not None:
             positive("train.steps", self.train.steps)
+        positive("parallel.tensor_model_parallel_size", self.parallel.tensor_model_parallel_size)
+        positive("parallel.pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size)
         positive("train.global_batch_size", self.train.global_batch_size)
         positive("train.micro_batch_size", self.train.micro_batch_size)
         positive("train.loss_spike_window", self.train.loss_spike_window)
@@ -423,7 +425,11 @@ def _build(cls, data: dict, where: str):
     for name, value in data.items():
         sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub) and isinstance(sub, type):
-            kwargs[name] = _build(sub, value or {}, f"{where}.{name}" if where else name)
+            path = f"{where}.{name}" if where else name
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"config section {path!r} must be a mapping of keys, got {type(value).__name__} "
+                                 f"{value!r}")
+            kwargs[name] = _build(sub, value or {}, path)
         else:
             kwargs[name] = _coerce(value, str(fields[name].type), f"{where}.{name}" if where else name)
     return cls(**kwargs)
@@ -475,6 +481,10 @@ def upgrade_legacy_keys(data: dict) -> dict:
     runs; ``steps`` / ``micro_batch_size`` move under ``train``; ``curriculum.warmup_steps`` (which
     counted steps = rollouts there) becomes ``curriculum.warmup_rollouts``."""
     data = dict(data)
+    for section in ("train", "rollout", "curriculum"):
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping of keys, got "
+                             f"{type(data[section]).__name__} {data[section]!r}")
     found = []
     train = dict(data.get("train") or {})
     rollout = dict(data.get("rollout") or {})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -36,19 +37,21 @@ import torch.distributed as dist
 from . import losses
 from .answers import RolloutFn, engine_rollout
 from .checkpointing import broadcast_object, load_model_checkpoint, load_model_config
+from .cli import attach_log_file, check_output, error_message
 from .config import ModelConfig
-from .data import Sample, load_samples, load_tokenizer
+from .data import Sample, check_token_ids, load_samples, load_tokenizer
 from .exit_signals import ExitSignals
 from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
 from .model import build_model
 from .platform import compute_device
+from .run_lock import RunDirectoryLock
 from .objectives import get_objective
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
 from .teacher import FrozenTeacher, build_teacher_model
 from .train_checkpoint import (check_teacher_checkpoint, latest_checkpoint, load_training_checkpoint,
-                               remove_stale_partials, save_training_checkpoint)
+                               remove_stale_partials, resume_config_changes, save_training_checkpoint)
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,32 @@ def wrap_and_build_optimizer(student, cfg: TrainConfig, data_parallel_size: int,
     return model, optimizer, use_distributed
 
 
+# ------------------------------------------------------------------------------- run directory
+def claim_run_directories(cfg: TrainConfig, is_rank0: bool) -> List[RunDirectoryLock]:
+    """Before anything is built: the run and checkpoint directories must be writable and apart from the
+    model checkpoints the run reads (``keep_last`` would delete a checkpoint inside its save directory),
+    and no other run may be writing them (rank 0 locks them; every rank raises the same error)."""
+    locks: List[RunDirectoryLock] = []
+    problem = None
+    if is_rank0:
+        inputs = [("model.student_checkpoint", cfg.model.student_checkpoint),
+                  ("model.teacher_checkpoint", cfg.model.teacher_checkpoint)]
+        try:
+            check_output(cfg.run_dir, "run_dir", "dir")
+            check_output(cfg.checkpoint_dir, "checkpoint.save_dir", "dir", inputs)
+            locks.append(RunDirectoryLock(cfg.run_dir, "run_dir").acquire())
+            if not os.path.realpath(cfg.checkpoint_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep):
+                locks.append(RunDirectoryLock(cfg.checkpoint_dir, "checkpoint.save_dir").acquire())
+        except (ValueError, OSError) as error:
+            for lock in locks:
+                lock.release(remove_if_unused=True)
+            locks, problem = [], error_message(error)
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise ValueError(problem)
+    return locks
+
+
 # ------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Owns the student (DDP-wrapped), the frozen teacher, optimizer, schedules, data and logging.
@@ -125,13 +154,22 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, runtime, rollout_fn: Optional[RolloutFn] = None,
                  samples: Optional[Sequence[Sample]] = None) -> None:
-        from megatron.core import parallel_state
-
         self.cfg = cfg
         self.runtime = runtime
         self.objective = get_objective(cfg.objective)
         self.rollout_fn = rollout_fn or engine_rollout
         self.rank = dist.get_rank()
+        self.locks = claim_run_directories(cfg, self.rank == 0)
+        try:
+            self._setup(cfg, runtime, samples)
+        except BaseException:
+            self._release_locks(failed=True)  # a refused run leaves nothing behind
+            raise
+        attach_log_file(os.path.join(cfg.run_dir, "logs", f"rank{self.rank}.log"))
+
+    def _setup(self, cfg: TrainConfig, runtime, samples: Optional[Sequence[Sample]]) -> None:
+        from megatron.core import parallel_state
+
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -159,6 +197,7 @@ class Trainer:
             eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
             loaded = load_samples(cfg.data, tokenizer, eos)
             samples, self.skipped_long_prompts = loaded, loaded.skipped_long_prompts
+        check_token_ids(samples, self.config.vocab_size, self.config.mask_token_id)
         self.timers = PhaseTimers()
         self.data = StepData(cfg, self.objective, self.student, self.config, self.teacher, samples,
                              self.rollout_fn, self.rank, self.timers)
@@ -307,6 +346,10 @@ class Trainer:
         current step when a ``checkpoint.exit_signals`` signal arrives (then returns early)."""
         cfg = self.cfg
         last = min(self.total_steps, until_step) if until_step is not None else self.total_steps
+        if self.step >= self.total_steps and self.rank == 0:
+            logger.warning("nothing to train: the run in %s has done %d steps and this config asks for %d "
+                           "(train.steps / data.epochs); raise them to continue", cfg.run_dir, self.step,
+                           self.total_steps)
         bar = progress_bar(self.total_steps, self.step, cfg.logging.progress_bar and self.rank == 0)
         try:
             with ExitSignals(cfg.checkpoint.exit_signals) as signals:
@@ -361,7 +404,7 @@ class Trainer:
         return save_training_checkpoint(self.cfg.checkpoint_dir, self.step, self.student, self.optimizer,
                                         self.config, self.trainer_state(), self.cfg.checkpoint.keep_last,
                                         rollout_buffer=self.data.buffer.answers if self.data.mid_rollout else None,
-                                        tokenizer_dir=self.cfg.model.tokenizer_dir)
+                                        tokenizer_dir=self.cfg.model.tokenizer_dir, run_config=self.cfg.to_dict())
 
     def maybe_resume(self) -> bool:
         remove_stale_partials(self.cfg.checkpoint_dir)
@@ -370,6 +413,9 @@ class Trainer:
         if directory is None:
             self.metrics.drop_from(0)  # a run restarted before its first save redoes what it logged
             return False
+        changes = resume_config_changes(directory, self.cfg.to_dict())
+        if changes and self.rank == 0:
+            logger.warning("resuming %s with changed settings: %s", directory, "; ".join(changes))
         state, buffer_answers = load_training_checkpoint(directory, self.student, self.optimizer, verified=True)
         if state["objective"] != self.cfg.objective or state["seed"] != self.cfg.seed:
             raise ValueError(
@@ -399,3 +445,9 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self._release_locks()
+
+    def _release_locks(self, failed: bool = False) -> None:
+        for lock in self.locks:
+            lock.release(remove_if_unused=failed)
+        self.locks = []

@@ -56,3 +56,17 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 900) ->
 def load_json(path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(autouse=True)
+def _console_handlers_removed():
+    """A command's ``main()`` run in-process installs the console handlers of ``cli.setup_console``
+    (bound to that test's captured stderr); later tests start without them."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_opdlm", None):
+            root.removeHandler(handler)
+            handler.close()

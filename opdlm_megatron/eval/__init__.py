@@ -6,3 +6,6 @@ engine, score) -> ``metrics`` (accuracy +- SE, TPF, NFE, teacher agreement, AUP)
 ``likelihood`` scores continuations (exactly for AR models, by the block-diffusion bound for
 students).
 """
+
+# what a checkpoint is evaluated as: a block-diffusion student, or decoded causally (an AR model)
+KINDS = ("student", "ar")

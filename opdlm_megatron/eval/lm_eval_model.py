@@ -18,7 +18,6 @@ Nothing is read from a hub: tasks over local files use ``dataset_path: json`` wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ try:
 except ImportError as error:  # pragma: no cover - the eval extra is not installed
     raise ImportError("the lm-eval model needs lm-evaluation-harness: pip install 'opdlm-megatron[eval]'") from error
 
-KINDS = ("student", "ar")
+from . import KINDS  # noqa: E402
 
 
 @register_model("opdlm")
@@ -168,29 +167,14 @@ class OPDLMEvalModel(LM):
         return [text for _, text in sorted(out)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opdlm-lm-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--kind", default="student", choices=KINDS)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", default=None, help="directory of local task YAMLs")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None)
-    p.add_argument("--model-args", default="", help="extra OPDLMEvalModel arguments, k=v,k=v")
-    p.add_argument("--output", default=None, help="JSON file for the results")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(args) -> int:
+    """Evaluates ``args`` (parsed by ``commands/lm_eval.py``, already checked) with lm-eval; under
+    torchrun rank 0 talks to lm-eval and the other ranks follow."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from ..platform import initialize_runtime
 
-    args = build_parser().parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.model_args.split(",") if kv)
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=0) as runtime:
         model = OPDLMEvalModel.create_from_arg_string(
@@ -211,6 +195,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f.write(text + "\n")
         print(text)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..commands.lm_eval import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ left out of the evaluated items).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from ..data import read_jsonl
 from . import scoring
 
 FILE_TASKS = ("math_jsonl", "jsonl")
@@ -81,17 +81,19 @@ def load_task(spec: TaskSpec) -> List[EvalItem]:
 
 
 def _reasoning_gym_task(spec: TaskSpec) -> List[EvalItem]:
-    import reasoning_gym
-    from reasoning_gym.factory import DATASETS
+    from ..families import EXTRACTION, create_dataset, dataset_known, family_names, is_family
 
-    if spec.task not in DATASETS:
-        raise TaskError(f"unknown task {spec.task!r}: not a reasoning-gym dataset nor one of {list(FILE_TASKS)} "
+    if not dataset_known(spec.task):
+        raise TaskError(f"unknown task {spec.task!r}: not a reasoning-gym dataset, a family of this project "
+                        f"({', '.join(family_names())}) nor one of {list(FILE_TASKS)} "
                         f"(e.g. basic_arithmetic, chain_sum, gsm_symbolic)")
+    if is_family(spec.task) and spec.extract == "auto":  # the whole completion is a family's answer
+        spec = dataclasses.replace(spec, extract=EXTRACTION)
     size = spec.num_samples or 100
     try:
-        dataset = reasoning_gym.create_dataset(spec.task, size=size, seed=spec.seed, **spec.options)
-        shots_source = (reasoning_gym.create_dataset(spec.task, size=spec.few_shot, seed=spec.seed + 10_007,
-                                                     **spec.options) if spec.few_shot else [])
+        dataset = create_dataset(spec.task, size=size, seed=spec.seed, **spec.options)
+        shots_source = (create_dataset(spec.task, size=spec.few_shot, seed=spec.seed + 10_007, **spec.options)
+                        if spec.few_shot else [])
     except Exception as error:  # reasoning-gym raises assorted errors for bad options
         raise TaskError(f"reasoning-gym dataset {spec.task!r} rejects options {spec.options}: {error}") from None
     shots = [(e["question"], str(e["answer"])) for e in shots_source]
@@ -111,6 +113,8 @@ def _read_jsonl(path: Optional[str]) -> List[tuple]:
         raise TaskError("this task reads a JSONL file: pass --data FILE")
     if not os.path.isfile(path):
         raise TaskError(f"--data file not found: {path}")
+    from ..data import read_jsonl  # (data imports torch; task names must stay cheap for --help)
+
     try:
         return read_jsonl(path)
     except ValueError as error:

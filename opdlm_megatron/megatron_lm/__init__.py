@@ -47,6 +47,28 @@ def _with_cpu_flags(argv: List[str]) -> List[str]:
     return out
 
 
+_SAVE_LOCK = []  # the --save directory's lock, held until the process ends
+
+
+def claim_save_directory(argv: List[str]) -> None:
+    """Global rank 0 (torchrun's ``RANK``; torch.distributed starts inside ``pretrain()``) checks that
+    ``--save`` is writable and apart from the checkpoints the run reads, and locks it for this run:
+    a second run on the same ``--save`` is refused (the other ranks are torn down with it)."""
+    import os
+
+    from ..cli import check_output
+    from ..run_lock import RunDirectoryLock
+    from .arguments import pre_parse
+
+    known = pre_parse(argv)
+    if not known.save or int(os.environ.get("RANK", "0")) != 0:
+        return
+    check_output(known.save, "--save", "dir", [("--opd-student", known.opd_student),
+                                                ("--opd-teacher", known.opd_teacher),
+                                                ("--pretrained-checkpoint", known.pretrained_checkpoint)])
+    _SAVE_LOCK.append(RunDirectoryLock(known.save, "--save directory").acquire())
+
+
 def run(argv: List[str]) -> None:
     """Parses Megatron-LM + OPD flags and runs ``pretrain()`` with OPD. Raises ValueError /
     FileNotFoundError on bad input (``main`` turns them into one line and exit code 2)."""
@@ -61,6 +83,7 @@ def run(argv: List[str]) -> None:
     student_dir = pre_parse_student(argv)
     if not student_dir:
         raise ValueError("--opd-student is required: the student's checkpoint directory (opdlm_model_config.json)")
+    claim_save_directory(argv)
     base_config = load_model_config(student_dir)
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
@@ -105,7 +128,6 @@ def run(argv: List[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from ..cli import refuse_bad_input
+    from ..commands.pretrain_megatron_lm import main as command
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    refuse_bad_input("opdlm-pretrain-megatron-lm", lambda: run(sys.argv[1:] if argv is None else argv))
+    command(argv)

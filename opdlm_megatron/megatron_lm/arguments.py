@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import yaml
 
-from ..config import ModelConfig
 from ..train_config import DIVERGENCES, TrainConfig, apply_overrides, train_config_from_dict
+
+if TYPE_CHECKING:  # the model config (torch) loads when a run starts, not for --help
+    from ..config import ModelConfig
 
 # flag (dest) -> TrainConfig key; None values are "not given" and leave the key alone
 FLAG_KEYS = {
@@ -51,8 +53,6 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: the OPD argument group."""
-    from ..objectives import objective_names
-
     g = parser.add_argument_group("OPD (opdlm-megatron)", "on-policy self-distillation of an ARLM into a block-diffusion LM")
     g.add_argument("--opd-student", required=True,
                    help="the student's opdlm-megatron checkpoint (or a Megatron-LM checkpoint written by "
@@ -63,7 +63,9 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "weights before training (self-distillation; --pretrained-checkpoint when resuming)")
     g.add_argument("--opd-teacher-precision", choices=sorted(PRECISIONS), default=None,
                    help="teacher parameter dtype (default: the teacher checkpoint's)")
-    g.add_argument("--opd-objective", choices=objective_names(), default=None, help="default: opd")
+    g.add_argument("--opd-objective", default=None,
+                   help="default: opd; or a baseline / ablation (opd_off, kd_off, sft, mdlm, opd_tcs, tcs, lift, lift2, "
+                        "ar): the run's objective key, checked with the config")
     g.add_argument("--opd-block-size", type=int, default=None, help="default: the student config's")
     g.add_argument("--opd-mask-token-id", type=int, default=None,
                    help="override the student config's [MASK] id (it must exist in the vocabulary)")
@@ -178,9 +180,16 @@ def check_model_flags(args, config: ModelConfig, source: str = "") -> None:
                          + "; ".join(wrong))
 
 
+def pre_parse(argv: List[str]) -> argparse.Namespace:
+    """``--opd-student``, ``--opd-teacher``, ``--pretrained-checkpoint`` and ``--save`` from the raw
+    command line (before Megatron-LM parses it)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--opd-student", "--opd-teacher", "--pretrained-checkpoint", "--save"):
+        parser.add_argument(flag, default=None)
+    known, _ = parser.parse_known_args(argv)
+    return known
+
+
 def pre_parse_student(argv: List[str]) -> Optional[str]:
     """``--opd-student`` from the raw command line (before Megatron-LM parses it)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--opd-student", default=None)
-    known, _ = parser.parse_known_args(argv)
-    return known.opd_student
+    return pre_parse(argv).opd_student

@@ -43,7 +43,7 @@ import torch
 from ..answers import engine_rollout
 from ..checkpointing import load_model_checkpoint, load_model_config
 from ..config import ModelConfig
-from ..data import load_samples, load_tokenizer
+from ..data import check_token_ids, load_samples, load_tokenizer
 from ..losses import DivergenceConfig
 from ..metrics import MetricsLogger
 from ..model import build_model
@@ -145,6 +145,7 @@ class OPDPlugin:
             tokenizer = load_tokenizer(self.cfg.model.tokenizer_dir)
         eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
         samples = load_samples(self.cfg.data, tokenizer, eos)
+        check_token_ids(samples, self.config.vocab_size, self.config.mask_token_id)
         rank = torch.distributed.get_rank()
         # one writer: the first tensor- and data-parallel rank of the last pipeline stage (it holds the loss)
         from megatron.core import parallel_state

@@ -18,7 +18,6 @@ complete, so a failed conversion leaves nothing at ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -28,7 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import DTYPE_ALIASES, DTYPES, ModelConfig, canonical_dtype
+from ..cli import check_output
+from ..config import ModelConfig, canonical_dtype
 from .hf_io import SafetensorsReader, copy_tokenizer_files, read_hf_config, read_tokenizer_info
 from .hf_mapping import (
     ConversionError,
@@ -178,6 +178,7 @@ def convert(
     from ..checkpointing import atomic_directory_save, save_model_checkpoint
     from ..model import build_model
 
+    check_output(out, "--out", "dir", [("--hf-dir", hf_dir)], replaces=True)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
     plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, mask_token_id, **config_overrides)
@@ -200,44 +201,10 @@ def convert(
     return config
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
-    parser.add_argument("--out", required=True, help="checkpoint directory to create")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_ALIASES) + sorted(DTYPES))
-    parser.add_argument("--mask-token-id", type=int, default=None,
-                        help="row of [MASK]: an unused row or vocab_size (append). Default: the tokenizer's own "
-                             "mask token; else the first unused row when the checkpoint has more rows than the "
-                             "tokenizer has tokens (Qwen3: 151669); else appended at vocab_size. A [MASK] row "
-                             "without a trained embedding is always initialised to the mean token row.")
-    parser.add_argument("--add-mask-token", action="store_true",
-                        help="accepted for compatibility: every conversion places and initialises [MASK]")
-    parser.add_argument("--block-size", type=int, default=None, help="student block size to record")
-    parser.add_argument("--logit-shift", action="store_true", default=None, help="record a Dream-style logit shift")
-    parser.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"])
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry point; exits non-zero with a one-line error for bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    overrides = {
-        key: value
-        for key, value in (("block_size", args.block_size), ("logit_shift", args.logit_shift),
-                           ("transformer_impl", args.transformer_impl))
-        if value is not None
-    }
-    try:
-        convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.add_mask_token, args.overwrite,
-                args.mask_token_id, **overrides)
-    except INPUT_ERRORS as error:
-        print(f"convert_hf_to_megatron: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    return 0
+    from ..commands.convert_hf_to_megatron import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

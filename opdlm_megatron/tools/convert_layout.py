@@ -11,19 +11,18 @@ Runs in one process on CPU; the destination appears whole or not at all.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import shutil
-import sys
 from typing import List, Optional
 
-import torch
+from ..cli import check_output
 
 LAYOUTS = ("megatron-lm", "opdlm")
 
 
 def convert_layout(src: str, dst: str, to: str, overwrite: bool = False) -> str:
+    import torch
+
     from ..checkpointing import build_from_checkpoint, is_checkpoint, save_model_checkpoint
     from ..megatron_lm.checkpoint import is_megatron_lm_root, save_as_megatron_lm
     from .convert_megatron_to_hf import _single_process_runtime
@@ -35,6 +34,7 @@ def convert_layout(src: str, dst: str, to: str, overwrite: bool = False) -> str:
                                 "metadata.json or latest_checkpointed_iteration.txt)")
     if (to == "megatron-lm") == is_megatron_lm_root(src):
         raise ValueError(f"--src {src} is already in the {to} layout")
+    check_output(dst, "--dst", "dir", [("--src", src)], replaces=True)
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"--dst {dst} already exists (pass --overwrite to replace it)")
     tokenizer = os.path.join(src, "tokenizer")
@@ -52,19 +52,9 @@ def convert_layout(src: str, dst: str, to: str, overwrite: bool = False) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="checkpoint to read (either layout)")
-    parser.add_argument("--dst", required=True, help="directory to create")
-    parser.add_argument("--to", required=True, choices=LAYOUTS)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-    args = parser.parse_args(argv)
-    try:
-        convert_layout(args.src, args.dst, args.to, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"convert_layout: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    return 0
+    from ..commands.convert_layout import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

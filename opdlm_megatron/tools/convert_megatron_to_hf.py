@@ -13,7 +13,6 @@ export back gives the same checkpoint bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -23,14 +22,14 @@ from typing import List, Optional, Union
 
 import torch
 
-from ..config import DTYPE_ALIASES, DTYPES, canonical_dtype
-from .convert_hf_to_megatron import INPUT_ERRORS, TOKENIZER_SUBDIR
+from ..cli import check_output
+from ..config import DTYPES, canonical_dtype
+from .convert_hf_to_megatron import TOKENIZER_SUBDIR
 from .hf_io import ShardedSafetensorsWriter, copy_tokenizer_files, write_json
 from .hf_mapping import ConversionError, hf_config_from_model_config, hf_tensors, hf_vocab_rows, model_mappings
 
 logger = logging.getLogger(__name__)
 
-MASK_TOKEN_CHOICES = {"auto": None, "keep": True, "drop": False}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
@@ -81,6 +80,7 @@ def export(
         raise FileNotFoundError(
             f"{megatron_dir} is not an opdlm-megatron checkpoint (needs metadata.json and opdlm_model_config.json)"
         )
+    check_output(out, "--out", "dir", [("--megatron-dir", megatron_dir)], replaces=True)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
     config = load_model_config(megatron_dir)
@@ -110,30 +110,10 @@ def export(
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megatron-dir", required=True, help="opdlm-megatron checkpoint directory")
-    parser.add_argument("--out", required=True, help="HF model directory to create")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_ALIASES) + sorted(DTYPES),
-                        help="export dtype (default: the checkpoint's)")
-    parser.add_argument("--mask-token", default="auto", choices=sorted(MASK_TOKEN_CHOICES),
-                        help="keep the appended [MASK] row: auto = if it was added with --add-mask-token")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry point; exits non-zero with a one-line error for bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        export(args.megatron_dir, args.out, args.dtype, MASK_TOKEN_CHOICES[args.mask_token],
-               args.max_shard_size, args.overwrite)
-    except INPUT_ERRORS as error:
-        print(f"convert_megatron_to_hf: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    return 0
+    from ..commands.convert_megatron_to_hf import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

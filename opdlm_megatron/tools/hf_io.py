@@ -46,6 +46,17 @@ def write_json(path: str, data: Dict) -> None:
         f.write("\n")
 
 
+def read_json_object(path: str) -> Dict:
+    """A JSON file that must hold an object (ValueError naming the file otherwise)."""
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_hf_config(hf_dir: str) -> Tuple[Dict, Optional[Dict]]:
     """(``config.json``, ``generation_config.json`` or None) of a HF model directory."""
     if not os.path.isdir(hf_dir):
@@ -54,7 +65,7 @@ def read_hf_config(hf_dir: str) -> Tuple[Dict, Optional[Dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HF model directory {hf_dir} has no config.json")
     gen_path = os.path.join(hf_dir, "generation_config.json")
-    return read_json(path), read_json(gen_path) if os.path.isfile(gen_path) else None
+    return read_json_object(path), read_json_object(gen_path) if os.path.isfile(gen_path) else None
 
 
 class SafetensorsReader:

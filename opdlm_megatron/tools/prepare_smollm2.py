@@ -12,13 +12,13 @@ or ``~/.cache/opdlm``) for the demo, the slow tests and the benchmarks.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import logging
 import os
 import shutil
-import sys
 from typing import List, Optional
+
+from ..cli import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def _write_hf_directory(directory: str, gguf: str) -> None:
 def prepare_smollm2(out: str, overwrite: bool = False) -> str:
     """Writes the HF directory to ``out`` (atomically: temp dir + rename); returns ``out``."""
     out = os.path.abspath(out)
+    gguf = gguf_path()
+    check_output(out, "--out", "dir", [("the GGUF file", gguf)], replaces=True)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
-    gguf = gguf_path()
     tmp = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -106,19 +107,9 @@ def ensure_smollm2(cache_dir: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help=f"directory to create (default: the cache, {default_cache_dir()})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_smollm2(args.out, args.overwrite) if args.out else ensure_smollm2()
-    except (FileNotFoundError, FileExistsError) as error:
-        print(f"prepare_smollm2: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    print(path)
-    return 0
+    from ..commands.prepare_smollm2 import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

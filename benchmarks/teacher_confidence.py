@@ -1,0 +1,131 @@
+"""Where is SmolLM2-135M-Instruct sure of its own answers? The ceiling of a student's parallel decoding.
+
+    python benchmarks/teacher_confidence.py [--prompts 100] [--families a,b,...] [--quick]
+
+A student trained by forward KL to its teacher commits a slot at threshold tau only where it is tau
+sure, and it cannot be surer than the teacher's distribution it matches; two slots of one block at
+once need two consecutive sure tokens. For each candidate prompt family (reasoning-gym datasets with
+short deterministic answers, and the families of ``opdlm_megatron/families.py``) the teacher answers
+held-out prompts greedily (AR, chat template, one system prompt for all), each family's own scorer
+grades them, and the teacher's probability of each of its greedy tokens (teacher-forced NLL of the
+answer: the same context it decoded with) gives the share of tokens with p >= 0.9 and >= 0.7 and of
+consecutive token pairs both >= 0.9 (end-of-turn token included).
+
+Writes ``benchmarks/results/teacher_confidence.json``; the last line names the families where the
+teacher is accurate (>= 0.6) and confident (>= 0.5 of its tokens at p >= 0.9):
+``families=N accurate_and_confident=F1,F2,...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SYSTEM_PROMPT = "Give only the final answer, with no explanation."
+# reasoning-gym datasets with short deterministic answers (options keep them small for a 135M model)
+GYM = [
+    ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    ("gcd", {}), ("lcm", {}), ("count_bits", {}), ("letter_counting", {}), ("spell_backward", {}),
+    ("number_sorting", {}), ("word_sequence_reversal", {}), ("base_conversion", {}), ("leg_counting", {}),
+    ("products", {}), ("sentence_reordering", {}), ("decimal_chain_sum", {}),
+]
+ACCURATE, CONFIDENT = 0.6, 0.5
+
+
+def confidence(nll, valid):
+    """Shares of answer tokens with p >= 0.9 / >= 0.7 and of consecutive pairs both >= 0.9."""
+    p = (-nll).exp()
+    sure = (p >= 0.9) & valid
+    pairs = sure[:, 1:] & sure[:, :-1]
+    pair_count = (valid[:, 1:] & valid[:, :-1]).sum()
+    tokens = valid.sum()
+    return (float(sure.sum() / tokens), float(((p >= 0.7) & valid).sum() / tokens),
+            float(pairs.sum() / max(1, int(pair_count))), float(p[valid].mean()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--families", default=None, help="comma-separated names (default: every candidate)")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    p.add_argument("--quick", action="store_true", help="two families, 4 prompts, a tiny random model")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "teacher_confidence.json"))
+    args = p.parse_args()
+
+    from opdlm_megatron.answers import results_from_answers
+    from opdlm_megatron.checkpointing import build_from_checkpoint
+    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.eval.metrics import summarize_run
+    from opdlm_megatron.eval.runner import ar_config, generate, score_generations, teacher_decode
+    from opdlm_megatron.eval.tasks import TaskSpec, load_task
+    from opdlm_megatron.evaluate import encode
+    from opdlm_megatron.families import family_names
+    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.rollout.config import DecodeConfig
+    from opdlm_megatron.teacher import FrozenTeacher
+
+    candidates = [(name, options) for name, options in GYM] + [(name, {}) for name in family_names()]
+    if args.families:
+        wanted = args.families.split(",")
+        candidates = [c for c in candidates if c[0] in wanted] + [(n, {}) for n in wanted
+                                                                   if n not in {c[0] for c in candidates}]
+    if args.quick:
+        import tempfile
+
+        from tests.helpers import save_tiny_student
+
+        ckpt = save_tiny_student(os.path.join(tempfile.mkdtemp(prefix="confidence_"), "ckpt"), seed=3,
+                                 max_sequence_length=256)
+        candidates, args.prompts, args.max_new_tokens = candidates[:1] + [("opdlm/copy_sentence", {})], 4, 8
+        args.out = os.path.join(os.path.dirname(ckpt), "teacher_confidence.json")
+    else:
+        from opdlm_megatron.tools.convert_hf_to_megatron import convert
+        from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2
+
+        ckpt = os.path.join(default_cache_dir(), "smollm2-135m-instruct-opd-b4")
+        if not os.path.isdir(ckpt):
+            convert(ensure_smollm2(), ckpt, block_size=4)
+    tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
+    rows = []
+    with initialize_runtime(device="cpu", seed=0):
+        model, config = build_from_checkpoint(ckpt, "teacher")
+        teacher = FrozenTeacher(model, config, config)
+        decode = teacher_decode(DecodeConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=config.eos_token_ids))
+        for task, options in candidates:
+            began = time.time()
+            items = load_task(TaskSpec(task, options=options, num_samples=args.prompts, seed=999))
+            prompts = encode(items, tokenizer, True, args.system_prompt)
+            gens = generate(model, ar_config(config), prompts, decode, args.batch_size)
+            result = summarize_run(score_generations(items, gens, tokenizer, "teacher", "ar", 0))
+            answers = results_from_answers(prompts, [g.ids for g in gens], [g.finished for g in gens],
+                                           config.pad_token_id or 0)
+            nll = teacher.answer_nll(answers.prompt_ids, answers.prompt_valid, answers.answer_ids, answers.answer_valid,
+                                     args.batch_size)
+            p90, p70, pairs90, mean_p = confidence(nll, answers.answer_valid)
+            row = {"family": task, "options": options, "accuracy": result["accuracy"],
+                   "accuracy_se": result["accuracy_se"], "answer_tokens": result["mean_answer_tokens"],
+                   "hit_length_limit": result["hit_length_limit"], "p_ge_0.9": p90, "p_ge_0.7": p70,
+                   "pairs_ge_0.9": pairs90, "mean_p": mean_p, "seconds": round(time.time() - began, 1),
+                   "example": {"question": items[0].question, "reference": items[0].reference,
+                               "answer": tokenizer.decode(gens[0].ids, skip_special_tokens=True)}}
+            rows.append(row)
+            print(f"{task:28s} acc {row['accuracy']:.3f} ±{row['accuracy_se']:.3f} len {row['answer_tokens']:5.1f} "
+                  f"p>=0.9 {p90:.3f} p>=0.7 {p70:.3f} pairs>=0.9 {pairs90:.3f} ({row['seconds']:.0f} s)", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "rows": rows}, f, indent=1)
+    good = [r["family"] for r in rows if r["accuracy"] >= ACCURATE and r["p_ge_0.9"] >= CONFIDENT]
+    print(f"families={len(rows)} accurate_and_confident={','.join(good) if good else 'none'}")
+
+
+if __name__ == "__main__":
+    main()

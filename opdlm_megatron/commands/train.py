@@ -1,0 +1,51 @@
+"""``opdlm-train --config FILE.yaml [key=value ...]`` (under torchrun: ``-m opdlm_megatron.train``).
+
+The YAML (see ``configs/``) sets the objective, the model checkpoints, TP/PP sizes (data parallel
+is the rest of the world size), data, rollout, loss, optimizer and checkpointing; ``key=value``
+overrides use dotted paths (``optim.lr=1e-4 parallel.tensor_model_parallel_size=2``). A run resumes
+from the newest checkpoint in its checkpoint directory unless ``checkpoint.resume=false``. The screen
+shows the run's own lines and its progress bar; everything else is logged to ``<run_dir>/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..cli import argument_parser, refuse_bad_input, setup_console
+
+PROGRAM = "opdlm-train"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argument_parser(PROGRAM, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_console(PROGRAM, verbose=args.verbose)
+    return refuse_bad_input(PROGRAM, lambda: run(args))
+
+
+def run(args) -> int:
+    from ..platform import initialize_runtime
+    from ..train_config import load_train_config
+    from ..trainer import Trainer
+
+    cfg = load_train_config(args.config, args.overrides)
+    with initialize_runtime(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                            device=cfg.parallel.device, seed=cfg.seed) as runtime:
+        trainer = Trainer(cfg, runtime)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
