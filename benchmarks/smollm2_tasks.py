@@ -46,7 +46,7 @@ def main() -> None:
     from opdlm_megatron.eval.metrics import summarize_run
     from opdlm_megatron.eval.runner import ar_config, generate, score_generations, teacher_decode
     from opdlm_megatron.eval.tasks import TaskSpec, load_task
-    from opdlm_megatron.evaluate import encode
+    from opdlm_megatron.eval.evaluation import encode
     from opdlm_megatron.platform import initialize_runtime
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.tools.convert_hf_to_megatron import convert

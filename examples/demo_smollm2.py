@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
 
     from opdlm_megatron.answers import results_from_answers
     from opdlm_megatron.data import load_tokenizer
-    from opdlm_megatron.evaluate import encode
+    from opdlm_megatron.eval.evaluation import encode
     from opdlm_megatron.platform import initialize_runtime
     from opdlm_megatron.tools.convert_megatron_to_hf import export
     from opdlm_megatron.train_config import train_config_from_dict

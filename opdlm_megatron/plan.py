@@ -26,19 +26,16 @@ on CPU). A layout that does not fit gets suggestions.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .activations import ActivationShape, activation_bytes
 from .config import ModelConfig
 from .objectives import get_objective
-from .train_config import TrainConfig, load_train_config
+from .train_config import TrainConfig
 
 GIB = 1024 ** 3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -218,13 +215,3 @@ def load_architecture(path: str, needs_transformer_engine: bool = False) -> Tupl
     note = (f"architecture from the HF config {hf_file}, as opdlm-convert-hf-to-megatron converts it"
             + (" with --transformer-impl transformer_engine (FP8 needs it)" if needs_transformer_engine else ""))
     return config, note
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .commands.plan import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from opdlm_megatron.tools import convert_hf_to_megatron, convert_megatron_to_hf
+from opdlm_megatron.commands import convert_hf_to_megatron as hf_to_megatron_cli
+from opdlm_megatron.commands import convert_megatron_to_hf as megatron_to_hf_cli
+from opdlm_megatron.tools import convert_hf_to_megatron
 from tests.conftest import REPO_ROOT
 from tests.distributed.convert_common import make_tiny_hf
 
@@ -42,7 +44,7 @@ def run_cli(main, args, out, capsys) -> str:
 
 def test_missing_directory(tmp_path, capsys):
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(tmp_path / "nope"), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(tmp_path / "nope"), "--out", out], out, capsys)
     assert "error: HF model directory not found" in err and "nope" in err
 
 
@@ -51,19 +53,19 @@ def test_unsupported_architecture(tmp_path, capsys):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(tmp_path / "gpt2"), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(tmp_path / "gpt2"), "--out", out], out, capsys)
     assert "unsupported architecture 'GPT2LMHeadModel'" in err and "LlamaForCausalLM" in err
 
 
 def test_tp_not_dividing_heads(llama_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(llama_dir), "--out", out, "--tp", "3"], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(llama_dir), "--out", out, "--tp", "3"], out, capsys)
     assert "num_attention_heads 4 is not divisible by tensor parallel size 3" in err
 
 
 def test_tp_without_enough_processes(llama_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(llama_dir), "--out", out, "--tp", "2"], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(llama_dir), "--out", out, "--tp", "2"], out, capsys)
     assert "world size is 1" in err and "torchrun --nproc_per_node=2" in err
 
 
@@ -73,14 +75,14 @@ def test_tampered_safetensors(llama_dir, tmp_path, capsys):
     tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"][:32].clone()
     save_file(tensors, str(tampered / "model.safetensors"), metadata={"format": "pt"})
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(tampered), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(tampered), "--out", out], out, capsys)
     assert "shape mismatch: tensor 'model.layers.1.self_attn.k_proj.weight' has shape [32, 64]" in err
     assert "the config implies [64, 64]" in err
 
     del tensors["model.norm.weight"]
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)
     save_file(tensors, str(tampered / "model.safetensors"), metadata={"format": "pt"})
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(tampered), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(tampered), "--out", out], out, capsys)
     assert "missing tensor 'model.norm.weight'" in err
 
 
@@ -88,10 +90,10 @@ def test_missing_weights_and_config(llama_dir, tmp_path, capsys):
     no_weights = copy_dir(llama_dir, tmp_path / "no_weights")
     os.remove(no_weights / "model.safetensors")
     out = str(tmp_path / "out")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(no_weights), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(no_weights), "--out", out], out, capsys)
     assert "no model.safetensors or model.safetensors.index.json" in err
     os.remove(no_weights / "config.json")
-    err = run_cli(convert_hf_to_megatron.main, ["--hf-dir", str(no_weights), "--out", out], out, capsys)
+    err = run_cli(hf_to_megatron_cli.main, ["--hf-dir", str(no_weights), "--out", out], out, capsys)
     assert "has no config.json" in err
 
 
@@ -111,20 +113,20 @@ def test_existing_out_is_left_alone(llama_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        convert_hf_to_megatron.main(["--hf-dir", str(llama_dir), "--out", str(out)])
+        hf_to_megatron_cli.main(["--hf-dir", str(llama_dir), "--out", str(out)])
     assert "already exists" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
 
 
 def test_export_bad_inputs(llama_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
-    err = run_cli(convert_megatron_to_hf.main, ["--megatron-dir", str(tmp_path / "nope"), "--out", out], out, capsys)
+    err = run_cli(megatron_to_hf_cli.main, ["--megatron-dir", str(tmp_path / "nope"), "--out", out], out, capsys)
     assert "megatron checkpoint directory not found" in err
-    err = run_cli(convert_megatron_to_hf.main, ["--megatron-dir", str(llama_dir), "--out", out], out, capsys)
+    err = run_cli(megatron_to_hf_cli.main, ["--megatron-dir", str(llama_dir), "--out", out], out, capsys)
     assert "is not an opdlm-megatron checkpoint" in err
     ckpt = tmp_path / "ckpt"
     convert_hf_to_megatron.convert(str(llama_dir), str(ckpt))
-    err = run_cli(convert_megatron_to_hf.main, ["--megatron-dir", str(ckpt), "--out", out, "--max-shard-size", "lots"],
+    err = run_cli(megatron_to_hf_cli.main, ["--megatron-dir", str(ckpt), "--out", out, "--max-shard-size", "lots"],
                   out, capsys)
     assert "cannot parse shard size 'lots'" in err
 

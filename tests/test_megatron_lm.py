@@ -136,7 +136,7 @@ def test_pretrain_resumes_from_its_own_save_and_exports_to_hf(assets, reference,
 
     # the Megatron-LM checkpoint exports to HF (config + tokenizer-less weights) and reloads
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "opdlm_megatron.tools.convert_megatron_to_hf",
+    proc = subprocess.run([sys.executable, "-m", "opdlm_megatron.commands.convert_megatron_to_hf",
                            "--megatron-dir", str(save), "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,7 +204,7 @@ def test_missing_student_fails_with_one_line(tmp_path):
 
 def test_convert_layout_cli(assets, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "opdlm_megatron.tools.convert_layout", *args],
+        return subprocess.run([sys.executable, "-m", "opdlm_megatron.commands.convert_layout", *args],
                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
     mlm, back = tmp_path / "mlm", tmp_path / "back"

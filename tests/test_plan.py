@@ -76,7 +76,7 @@ def test_stage_parameters_split_over_tp_and_pp():
 def test_layout_errors(tmp_path, world, overrides, message):
     model_config = tmp_path / "model"
     ModelConfig(**SMOLLM2).save(str(model_config))
-    proc = subprocess.run([sys.executable, "-m", "opdlm_megatron.plan", "--config", str(REPO_ROOT / "configs" / "smollm2_opd.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "opdlm_megatron.commands.plan", "--config", str(REPO_ROOT / "configs" / "smollm2_opd.yaml"),
                            "--world-size", str(world), "--model-config", str(model_config), *overrides],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES=""))
@@ -104,7 +104,7 @@ def test_shipped_configs_plan(tmp_path, config_name):
     architecture, world_size = SHIPPED[config_name]
     model_config = tmp_path / "model"
     ModelConfig(**architecture).save(str(model_config))
-    base = [sys.executable, "-m", "opdlm_megatron.plan", "--config", str(REPO_ROOT / "configs" / config_name),
+    base = [sys.executable, "-m", "opdlm_megatron.commands.plan", "--config", str(REPO_ROOT / "configs" / config_name),
             "--world-size", str(world_size), "--model-config", str(model_config)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
     fits = subprocess.run(base + ["--json"], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)

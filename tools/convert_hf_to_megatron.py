@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin wrapper around ``opdlm_megatron.tools.convert_hf_to_megatron`` (also the ``opdlm-convert-hf-to-megatron`` console script)."""
+"""Thin wrapper around ``opdlm_megatron.commands.convert_hf_to_megatron`` (also the ``opdlm-convert-hf-to-megatron`` console script)."""
 
 import os
 import sys
@@ -7,6 +7,6 @@ import sys
 if __name__ == "__main__":
     # run from a source checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from opdlm_megatron.tools.convert_hf_to_megatron import main
+    from opdlm_megatron.commands.convert_hf_to_megatron import main
 
     sys.exit(main())

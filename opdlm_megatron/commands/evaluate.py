@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_console(PROGRAM, verbose=args.verbose)
 
     def run() -> int:
-        from ..evaluate import format_table, run as evaluate, validate
+        from ..eval.evaluation import format_table, run as evaluate, validate
         from ..eval.tasks import load_task
 
         spec = validate(args)

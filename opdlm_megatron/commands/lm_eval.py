@@ -2,7 +2,7 @@
 ``opdlm``, ``eval/lm_eval_model.py``).
 
     opdlm-lm-eval --checkpoint CKPT --kind student --tasks gsm8k --output results.json
-    torchrun --nproc-per-node 2 -m opdlm_megatron.eval.lm_eval_model --checkpoint CKPT --pp 2 --tasks ...
+    torchrun --nproc-per-node 2 -m opdlm_megatron.commands.lm_eval --checkpoint CKPT --pp 2 --tasks ...
 
 The checkpoint, the task names (with ``--include-path``) and ``--output`` are checked before the model
 is loaded. Nothing is read from a hub: tasks over local files use ``dataset_path: json``.

@@ -1,7 +1,7 @@
 """The lm-evaluation-harness model ``opdlm``: standard lm-eval tasks on converted diffusion LMs.
 
     opdlm-lm-eval --checkpoint CKPT --kind student --tasks gsm8k --output results.json
-    torchrun --nproc-per-node 2 -m opdlm_megatron.eval.lm_eval_model --checkpoint CKPT --pp 2 --tasks ...
+    torchrun --nproc-per-node 2 -m opdlm_megatron.commands.lm_eval --checkpoint CKPT --pp 2 --tasks ...
     # or from Python: lm_eval.simple_evaluate(model="opdlm", model_args="pretrained=CKPT,kind=ar", ...)
 
 * ``generate_until`` decodes with the rollout engine: a student with its block size and commit rule
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -195,13 +194,3 @@ def run(args) -> int:
                 f.write(text + "\n")
         print(text)
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..commands.lm_eval import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

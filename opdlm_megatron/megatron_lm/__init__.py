@@ -12,16 +12,16 @@
 * ``plugin.py``: model provider, data, forward step and the train-step wrapper that runs rollouts;
 * ``checkpoint.py``: Megatron-LM's checkpoint layout (``iter_*/``, ``release/`` + tracker file).
 
-``main`` is the entry point (``examples/megatron_lm/pretrain_opd.py`` and ``opdlm-pretrain-megatron-lm``).
+``run`` is what the entry point runs (``commands/pretrain_megatron_lm.py``: ``opdlm-pretrain-megatron-lm``,
+``examples/megatron_lm/pretrain_opd.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import warnings
-from typing import List, Optional
+from typing import List
 
 CPU_FLAGS = {
     # flag -> value (None: a switch). Added on a machine without CUDA unless given: gloo instead of
@@ -125,9 +125,3 @@ def run(argv: List[str]) -> None:
         with plugin.installed():
             pretrain(container, datasets, ModelType.encoder_or_decoder, plugin.forward_step,
                      model_provider=plugin.model_provider)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    from ..commands.pretrain_megatron_lm import main as command
-
-    command(argv)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -199,13 +198,3 @@ def convert(
         atomic_directory_save(out, write)
     logger.info("converted %s -> %s (TP=%d, PP=%d, %s)", hf_dir, out, tp, pp, config.params_dtype)
     return config
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from ..commands.convert_hf_to_megatron import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    main()

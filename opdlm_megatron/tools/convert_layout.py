@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import List, Optional
 
 from ..cli import check_output
 
@@ -49,13 +48,3 @@ def convert_layout(src: str, dst: str, to: str, overwrite: bool = False) -> str:
                                   write_extra_files=lambda tmp: os.path.isdir(tokenizer)
                                   and shutil.copytree(tokenizer, os.path.join(tmp, "tokenizer")))
     return dst
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from ..commands.convert_layout import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,8 +17,7 @@ import contextlib
 import logging
 import os
 import re
-import sys
-from typing import List, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -108,13 +107,3 @@ def export(
         atomic_directory_save(out, write)
     logger.info("exported %s -> %s (%s, vocab rows %d)", megatron_dir, out, dtype, rows)
     return out
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from ..commands.convert_megatron_to_hf import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    main()

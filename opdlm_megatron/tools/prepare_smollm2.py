@@ -16,7 +16,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
-from typing import List, Optional
+from typing import Optional
 
 from ..cli import check_output
 
@@ -104,13 +104,3 @@ def ensure_smollm2(cache_dir: Optional[str] = None) -> str:
         return directory
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     return prepare_smollm2(directory, overwrite=True)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from ..commands.prepare_smollm2 import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from opdlm_megatron.checkpointing import build_from_checkpoint
 from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.commands import convert_hf_to_megatron as hf_to_megatron_cli
 from opdlm_megatron.tools import convert_hf_to_megatron
 from tests.distributed.convert_common import megatron_logits, model_dirs, sample_batch
 
@@ -33,7 +34,7 @@ def main() -> None:
     names = list(dirs)
     ckpts = {name: os.path.join(args.ckpt_dir, name) for name in names}
     dist.init_process_group("gloo")
-    convert_hf_to_megatron.main([
+    hf_to_megatron_cli.main([
         f"--hf-dir={dirs[names[0]]}", f"--out={ckpts[names[0]]}", f"--tp={args.tp}", f"--pp={args.pp}",
     ])
     results = {}

@@ -2,7 +2,7 @@
 
 import sys
 
-from opdlm_megatron.eval.lm_eval_model import main
+from opdlm_megatron.commands.lm_eval import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
