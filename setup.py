@@ -15,7 +15,7 @@ EXTRAS = {
     "wandb": ["wandb"],
     # logging.tensorboard (and Megatron-LM's --tensorboard-dir)
     "tensorboard": ["tensorboard"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout", "import-linter>=2.1"],
 }
 EXTRAS["all-cpu"] = sorted({d for k in ("hf", "data", "eval", "tensorboard", "dev") for d in EXTRAS[k]})
 

@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    from opdlm_megatron import masks
-    from opdlm_megatron.config import ModelConfig
-    from opdlm_megatron.model import attention_mask, build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.model import masks
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.model.build import attention_mask, build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     with initialize_runtime(device=args.device) as rt:
         # SmolLM2-135M attention shape (9 heads, 3 KV groups, head dim 64), fewer layers
@@ -64,7 +64,7 @@ def main() -> None:
             if backend == "flex":
                 model.load_state_dict(dense_model.state_dict())
                 if args.compile and rt.device.type == "cpu":
-                    import opdlm_megatron.attention as attention_module
+                    import opdlm_megatron.model.attention as attention_module
                     from torch.nn.attention.flex_attention import flex_attention
 
                     attention_module._flex_attention_fn = lambda device, _f=torch.compile(flex_attention): _f

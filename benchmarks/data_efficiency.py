@@ -66,13 +66,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron.checkpointing import build_from_checkpoint, is_checkpoint, save_model_checkpoint  # noqa: E402
-from opdlm_megatron.data import Sample  # noqa: E402
+from opdlm_megatron.checkpoint.model import build_from_checkpoint, is_checkpoint, save_model_checkpoint  # noqa: E402
+from opdlm_megatron.data.samples import Sample  # noqa: E402
 from opdlm_megatron.eval.runner import ar_config, generate, student_decode, teacher_decode  # noqa: E402
-from opdlm_megatron.platform import initialize_runtime  # noqa: E402
+from opdlm_megatron.runtime.platform import initialize_runtime  # noqa: E402
 from opdlm_megatron.rollout.config import DecodeConfig  # noqa: E402
-from opdlm_megatron.teacher import FrozenTeacher  # noqa: E402
-from opdlm_megatron.train_config import train_config_from_dict  # noqa: E402
+from opdlm_megatron.distill.teacher import FrozenTeacher  # noqa: E402
+from opdlm_megatron.training.config_files import train_config_from_dict  # noqa: E402
 
 TOKENS = ["<pad>", "<bos>", "<eos>"] + list("0123456789") + ["+", ">", ";", "#"]
 ID = {t: i for i, t in enumerate(TOKENS)}
@@ -173,7 +173,7 @@ _TEACHER_ANSWERS: Dict[str, object] = {}
 
 def teacher_answers(teacher: FrozenTeacher, held, batch: int):
     """The teacher's greedy answers to the held-out prompts (decoded once per process)."""
-    from opdlm_megatron.answers import results_from_answers
+    from opdlm_megatron.distill.answers import results_from_answers
 
     if "held" not in _TEACHER_ANSWERS:
         prompts = [s.prompt_ids for s, _ in held]
@@ -204,7 +204,7 @@ def forced_nll(model, config, answers, batch: int) -> Tuple[float, float]:
 
 
 def evaluate_student(model, config, teacher: FrozenTeacher, held, batch: int) -> Evaluation:
-    from opdlm_megatron.answers import results_from_answers
+    from opdlm_megatron.distill.answers import results_from_answers
 
     prompts = [s.prompt_ids for s, _ in held]
     base = DecodeConfig(max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], temperature=0.0)
@@ -230,7 +230,7 @@ def evaluate_student(model, config, teacher: FrozenTeacher, held, batch: int) ->
 # ---------------------------------------------------------------------------------- teacher
 def train_teacher(args, train: List[Sample], held, cache: str) -> Tuple[str, float]:
     """Trains (or loads) the AR teacher; returns its checkpoint and held-out greedy accuracy."""
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     key = f"L{args.layers}H{args.hidden}S{args.teacher_steps}Q{int(args.quick)}"
     ckpt = os.path.join(cache, f"teacher_{key}")
@@ -308,7 +308,7 @@ def arm_config(name: str, arm: Arm, args, student_ckpt: str, teacher_ckpt: str, 
 def run_arm(name: str, args, inits: Dict[bool, str], teacher_ckpt: str, train: List[Sample], held,
             budgets: List[int], work: str, on_row, record: bool = True) -> None:
     """Trains arm ``name`` from its last checkpoint under ``work`` and calls ``on_row`` at each budget."""
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     arm = arm_spec(name, args.decay_steps, args.tasks_per_rollout // args.batch)
     student_ckpt, offset = inits[arm.shift], 0

@@ -42,10 +42,10 @@ TINY = dict(num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_hea
 def prepare(root: str) -> tuple:
     import torch
 
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.config import ModelConfig
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     ckpt = os.path.join(root, "student")
     with initialize_runtime(device="cpu", seed=7):
@@ -130,7 +130,7 @@ def logged_steps(run_dir: str) -> list:
 
 def checkpoint_problems(run_dir: str) -> list:
     """Checkpoint directories that are not complete checkpoints, and a ``latest`` naming a bad one."""
-    from opdlm_megatron.checkpointing import is_checkpoint
+    from opdlm_megatron.checkpoint.model import is_checkpoint
 
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -153,9 +153,9 @@ def saved_step(run_dir: str) -> int:
 
 
 def final_weights(run_dir: str) -> dict:
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.platform import initialize_runtime
-    from opdlm_megatron.train_checkpoint import latest_checkpoint
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.training import latest_checkpoint
 
     with initialize_runtime(device="cpu", seed=0):
         model, _ = build_from_checkpoint(latest_checkpoint(os.path.join(run_dir, "checkpoints")), "student")

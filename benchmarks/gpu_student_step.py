@@ -37,17 +37,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron.activations import ActivationShape, activation_bytes  # noqa: E402
-from opdlm_megatron.config import ModelConfig  # noqa: E402
-from opdlm_megatron.losses import DivergenceConfig  # noqa: E402
-from opdlm_megatron.masks import opd_training_batch  # noqa: E402
-from opdlm_megatron.model import build_model  # noqa: E402
+from opdlm_megatron.planning.activations import ActivationShape, activation_bytes  # noqa: E402
+from opdlm_megatron.config.model import ModelConfig  # noqa: E402
+from opdlm_megatron.model.losses import DivergenceConfig  # noqa: E402
+from opdlm_megatron.model.masks import opd_training_batch  # noqa: E402
+from opdlm_megatron.model.build import build_model  # noqa: E402
 from opdlm_megatron.objectives.base import SupervisedBatch  # noqa: E402
-from opdlm_megatron.platform import initialize_runtime  # noqa: E402
-from opdlm_megatron.precision import PrecisionConfig  # noqa: E402
-from opdlm_megatron.states import select_states  # noqa: E402
-from opdlm_megatron.student import student_step  # noqa: E402
-from opdlm_megatron.teacher import TeacherTargets  # noqa: E402
+from opdlm_megatron.runtime.platform import initialize_runtime  # noqa: E402
+from opdlm_megatron.config.precision import PrecisionConfig  # noqa: E402
+from opdlm_megatron.distill.states import select_states  # noqa: E402
+from opdlm_megatron.training.student import student_step  # noqa: E402
+from opdlm_megatron.distill.teacher import TeacherTargets  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
 VARIANTS = {  # name: (transformer_impl, attention_backend, fp8)

@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron import model as model_module  # noqa: E402
-from opdlm_megatron import student as student_module  # noqa: E402
-from opdlm_megatron.data import Sample  # noqa: E402
-from opdlm_megatron.platform import initialize_runtime  # noqa: E402
-from opdlm_megatron.teacher import TeacherTargets  # noqa: E402
-from opdlm_megatron.train_config import train_config_from_dict  # noqa: E402
+from opdlm_megatron.model.build import build as model_module  # noqa: E402
+from opdlm_megatron.training import student as student_module  # noqa: E402
+from opdlm_megatron.data.samples import Sample  # noqa: E402
+from opdlm_megatron.runtime.platform import initialize_runtime  # noqa: E402
+from opdlm_megatron.distill.teacher import TeacherTargets  # noqa: E402
+from opdlm_megatron.training.config_files import train_config_from_dict  # noqa: E402
 
 
 def parse_args():
@@ -122,7 +122,7 @@ def output_columns(every_column: bool):
 
 def main() -> None:
     args = parse_args()
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     model_config = dict(
         num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,

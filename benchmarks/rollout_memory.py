@@ -39,10 +39,10 @@ def _peak_mb() -> float:
 def child(args) -> None:
     import torch
 
-    from opdlm_megatron.answers import engine_rollout
-    from opdlm_megatron.config import ModelConfig
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.distill.answers import engine_rollout
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout.config import DecodeConfig
 
     prompt_len = 24

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron.config import ModelConfig  # noqa: E402
+from opdlm_megatron.config.model import ModelConfig  # noqa: E402
 
 SMOLLM2_135M = dict(
     num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
@@ -73,8 +73,8 @@ def _hf_llama_of_shape(config: ModelConfig):
 
 def _load_models(args):
     """(megatron model, ModelConfig, HF model, prompts as token-id lists)."""
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.model import build_model
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.model.build import build_model
 
     hf_dir, ckpt = args.hf_dir, args.checkpoint
     if not args.random_weights and ckpt is None:
@@ -114,10 +114,10 @@ def _train_student(model, config, prompts, runtime, steps: int, root: str) -> st
     checkpoint. A few minutes on SmolLM2 at the default 12 steps."""
     import json
 
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.train_checkpoint import latest_checkpoint
-    from opdlm_megatron.train_config import train_config_from_dict
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.checkpoint.training import latest_checkpoint
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
 
     start = os.path.join(root, "start")
     save_model_checkpoint(model, start, config)
@@ -279,8 +279,8 @@ def main() -> None:
         SMOLLM2_135M["num_layers"] = 2
     batch_tokens = args.batch_new_tokens or args.new_tokens
 
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 
     with initialize_runtime(device="cpu", seed=0) as runtime:

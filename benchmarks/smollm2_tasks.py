@@ -41,13 +41,13 @@ def main() -> None:
                                                  "smollm2_tasks.json"))
     args = p.parse_args()
 
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.data.samples import load_tokenizer
     from opdlm_megatron.eval.metrics import summarize_run
     from opdlm_megatron.eval.runner import ar_config, generate, score_generations, teacher_decode
     from opdlm_megatron.eval.tasks import TaskSpec, load_task
     from opdlm_megatron.eval.evaluation import encode
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.tools.convert_hf_to_megatron import convert
     from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2

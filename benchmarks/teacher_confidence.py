@@ -61,17 +61,17 @@ def main() -> None:
                                                  "teacher_confidence.json"))
     args = p.parse_args()
 
-    from opdlm_megatron.answers import results_from_answers
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.distill.answers import results_from_answers
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.data.samples import load_tokenizer
     from opdlm_megatron.eval.metrics import summarize_run
     from opdlm_megatron.eval.runner import ar_config, generate, score_generations, teacher_decode
     from opdlm_megatron.eval.tasks import TaskSpec, load_task
     from opdlm_megatron.eval.evaluation import encode
-    from opdlm_megatron.families import family_names
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.data.families import family_names
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout.config import DecodeConfig
-    from opdlm_megatron.teacher import FrozenTeacher
+    from opdlm_megatron.distill.teacher import FrozenTeacher
 
     candidates = [(name, options) for name, options in GYM] + [(name, {}) for name in family_names()]
     if args.families:

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron.config import ModelConfig  # noqa: E402
-from opdlm_megatron.model import build_model  # noqa: E402
-from opdlm_megatron.platform import initialize_runtime  # noqa: E402
-from opdlm_megatron.teacher import FrozenTeacher  # noqa: E402
+from opdlm_megatron.config.model import ModelConfig  # noqa: E402
+from opdlm_megatron.model.build import build_model  # noqa: E402
+from opdlm_megatron.runtime.platform import initialize_runtime  # noqa: E402
+from opdlm_megatron.distill.teacher import FrozenTeacher  # noqa: E402
 
 
 def parse_args():

@@ -146,7 +146,7 @@ def accuracy_table(trainer, items, prompts, tokenizer, args, who: str, student: 
 
 def teacher_nll(trainer, prompts, gens) -> float:
     """The teacher's NLL per token of the student's answers (lower: more teacher-like text)."""
-    from opdlm_megatron.answers import results_from_answers
+    from opdlm_megatron.distill.answers import results_from_answers
 
     r = results_from_answers(prompts, [g.ids for g in gens], [g.finished for g in gens],
                              trainer.config.pad_token_id or 0)
@@ -161,8 +161,8 @@ def fixed_state_kl(trainer, reference) -> float:
     """Forward KL to the teacher on fixed masked states of the teacher's own answers."""
     import torch
 
-    from opdlm_megatron import states
-    from opdlm_megatron.student import student_forward_backward
+    from opdlm_megatron.distill import states
+    from opdlm_megatron.training.student import student_forward_backward
 
     xt, _ = states.forward_mask(reference.answer_ids, reference.answer_valid, trainer.config.block_size,
                                 torch.Generator().manual_seed(0), trainer.config.mask_token_id)
@@ -196,13 +196,13 @@ def main(argv=None) -> dict:
     log_path = quiet_third_parties(args.run_dir)
     import torch
 
-    from opdlm_megatron.answers import results_from_answers
-    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.distill.answers import results_from_answers
+    from opdlm_megatron.data.samples import load_tokenizer
     from opdlm_megatron.eval.evaluation import encode
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.tools.convert_megatron_to_hf import export
-    from opdlm_megatron.train_config import train_config_from_dict
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
 
     t0 = time.perf_counter()
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=1234) as runtime:
@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
                           if k in h} for h in history]}
     if rank0():
         say("[5/5] exporting the trained student to HF and reloading it with transformers ...")
-        from opdlm_megatron.train_checkpoint import latest_checkpoint
+        from opdlm_megatron.checkpoint.training import latest_checkpoint
 
         latest = latest_checkpoint(cfg.checkpoint_dir)
         if world_size > 1:

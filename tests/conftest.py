@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def runtime():
     """TP=1, PP=1 megatron runtime on CPU/gloo for the duration of one test."""
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     rt = initialize_runtime(device="cpu", seed=1234)
     try:

@@ -10,9 +10,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.model import attention_mask
+from opdlm_megatron.model import masks
+from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.model.build import attention_mask
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -177,9 +177,9 @@ def save_word_tokenizer(directory, size: int = 250, chat_template: bool = True):
 def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128) -> str:
     """A tiny random student checkpoint (250-token vocabulary, EOS 2) with ``save_word_tokenizer``'s
     chat tokenizer in ``<ckpt>/tokenizer``, as the CLI tests' fixtures use it; returns the path."""
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=max_sequence_length)
     with initialize_runtime(device="cpu", seed=seed):
@@ -190,9 +190,9 @@ def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128) -> str:
 
 def save_trainer_student(ckpt, seed: int = 7) -> str:
     """The training tests' tiny student (``train_common.TINY_MODEL``) saved at ``ckpt``; returns the path."""
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from tests.distributed.train_common import TINY_MODEL
 
     with initialize_runtime(device="cpu", seed=seed):

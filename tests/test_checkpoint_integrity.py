@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_checkpoint import (MANIFEST_FILE, latest_checkpoint, load_training_checkpoint,
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.checkpoint.training import (MANIFEST_FILE, latest_checkpoint, load_training_checkpoint,
                                              manifest_problem, write_manifest)
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.distributed.train_common import naive_rollout, tiny_train_dict, write_token_prompts
 from tests.helpers import save_trainer_student
 
@@ -23,7 +23,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("integrity")
     ckpt = save_trainer_student(root / "ckpt")
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 
 
 def _load(cfg, directory):
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)

@@ -34,10 +34,10 @@ def _damaged_copies(root, ckpt):
     student given as the teacher, a teacher with another vocabulary."""
     import shutil
 
-    from opdlm_megatron.checkpointing import load_model_config, save_model_checkpoint
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
-    from opdlm_megatron.train_checkpoint import write_manifest
+    from opdlm_megatron.checkpoint.model import load_model_config, save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.training import write_manifest
 
     truncated = root / "truncated"
     shutil.copytree(ckpt, truncated)
@@ -147,13 +147,14 @@ def _api_cases():
     the bad value (the CLIs turn these into their one-line errors)."""
     import torch
 
-    from opdlm_megatron import masks
-    from opdlm_megatron.checkpointing import load_model_checkpoint
-    from opdlm_megatron.losses import DivergenceConfig
+    from opdlm_megatron.model import masks
+    from opdlm_megatron.checkpoint.model import load_model_checkpoint
+    from opdlm_megatron.model.losses import DivergenceConfig
     from opdlm_megatron.objectives import get_objective
     from opdlm_megatron.rollout.config import DecodeConfig
-    from opdlm_megatron.teacher import check_vocab_compatible, microbatch_rows
-    from opdlm_megatron.train_config import train_config_from_dict
+    from opdlm_megatron.distill.teacher import check_vocab_compatible
+    from opdlm_megatron.model.microbatches import microbatch_rows
+    from opdlm_megatron.training.config_files import train_config_from_dict
     from tests.helpers import tiny_config
 
     config = tiny_config()

@@ -152,10 +152,10 @@ def test_a_second_run_on_the_same_run_directory_is_refused(assets, tmp_path):
 
 def test_the_lock_is_freed_when_its_process_dies(tmp_path):
     """flock: a run killed with SIGKILL leaves the file, not the lock (the kill -9 drill relies on it)."""
-    from opdlm_megatron.run_lock import RunDirectoryLock
+    from opdlm_megatron.runtime.run_lock import RunDirectoryLock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from opdlm_megatron.run_lock import RunDirectoryLock;"
+                               "from opdlm_megatron.runtime.run_lock import RunDirectoryLock;"
                                "RunDirectoryLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(REPO_ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -169,12 +169,12 @@ def test_the_lock_is_freed_when_its_process_dies(tmp_path):
 
 
 def test_megatron_lm_save_directory_is_locked(assets, tmp_path):
-    from opdlm_megatron.megatron_lm import claim_save_directory
-    from opdlm_megatron.run_lock import RunDirectoryLock
+    from opdlm_megatron.integrations.megatron_lm import claim_save_directory
+    from opdlm_megatron.runtime.run_lock import RunDirectoryLock
 
     save = tmp_path / "save"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from opdlm_megatron.run_lock import RunDirectoryLock;"
+                               "from opdlm_megatron.runtime.run_lock import RunDirectoryLock;"
                                "RunDirectoryLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(REPO_ROOT), str(save)], stdout=subprocess.PIPE, text=True)
     try:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from opdlm_megatron.config import ModelConfig
+from opdlm_megatron.config.model import ModelConfig
 from tests.helpers import tiny_config
 
 
@@ -38,14 +38,14 @@ def test_parallel_layout_errors():
 
 
 def test_unsupported_rope_scaling(runtime):
-    from opdlm_megatron.model import build_model
+    from opdlm_megatron.model.build import build_model
 
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         build_model(tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
 def test_unknown_role(runtime):
-    from opdlm_megatron.model import build_model
+    from opdlm_megatron.model.build import build_model
 
     with pytest.raises(ValueError, match="unknown role 'critic'"):
         build_model(tiny_config(), "critic")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.config import ModelConfig
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.config.model import ModelConfig
 from opdlm_megatron.tools.convert_hf_to_megatron import TOKENIZER_SUBDIR, convert
 from opdlm_megatron.tools.convert_megatron_to_hf import export
 from tests.distributed.convert_common import (

@@ -5,7 +5,7 @@ parameter names, config translation and its errors."""
 import pytest
 import torch
 
-from opdlm_megatron.config import ModelConfig
+from opdlm_megatron.config.model import ModelConfig
 from opdlm_megatron.tools.hf_mapping import (
     ConversionError,
     check_hf_tensors,

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.masks import causal_layout
-from opdlm_megatron.model import attention_mask, mask_unused_vocab
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.model.masks import causal_layout
+from opdlm_megatron.model.build import attention_mask, mask_unused_vocab
 from opdlm_megatron.tools.convert_hf_to_megatron import TOKENIZER_SUBDIR, convert
 from opdlm_megatron.tools.prepare_smollm2 import ensure_smollm2
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from opdlm_megatron.train_checkpoint import latest_checkpoint
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.checkpoint.training import latest_checkpoint
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.conftest import REPO_ROOT
 from tests.distributed.train_common import tiny_train_dict, write_token_prompts
 from tests.helpers import save_trainer_student

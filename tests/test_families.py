@@ -4,7 +4,7 @@ datasets for training and evaluation."""
 
 import pytest
 
-from opdlm_megatron.families import FAMILIES, PREFIX, FamilyDataset, create_dataset, family_names, number_words
+from opdlm_megatron.data.families import FAMILIES, PREFIX, FamilyDataset, create_dataset, family_names, number_words
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdlm_megatron import masks
-from opdlm_megatron.model import build_model
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 from opdlm_megatron.rollout.fused_forward import SMALL_CPU_ROWS, FusedDecodeForward, project, unsupported_reason
 from tests.helpers import tiny_config

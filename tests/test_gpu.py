@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdlm_megatron.masks import opd_training_batch
-from opdlm_megatron.model import attention_mask, build_model
+from opdlm_megatron.model.masks import opd_training_batch
+from opdlm_megatron.model.build import attention_mask, build_model
 from tests.distributed.student_data import synthetic_rollout
 from tests.helpers import tiny_config
 
@@ -37,7 +37,7 @@ needs_fp8 = pytest.mark.skipif(not _fp8_ready(), reason="needs Transformer Engin
 
 @pytest.fixture
 def cuda_runtime():
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     with initialize_runtime(device="cuda", seed=3) as rt:
         yield rt
@@ -70,7 +70,7 @@ def test_flex_attention_equals_dense_on_the_opd_layout(cuda_runtime):
 @needs_fp8
 def test_fp8_teacher_stays_close_to_bf16(cuda_runtime):
     """The same TE teacher with FP8 GEMMs (first/last layer BF16) against BF16: mean KL per token."""
-    from opdlm_megatron.precision import PrecisionConfig
+    from opdlm_megatron.config.precision import PrecisionConfig
 
     cfg = tiny_config(params_dtype="bfloat16", transformer_impl="transformer_engine", hidden_size=128,
                       ffn_hidden_size=256, num_layers=4)
@@ -92,9 +92,9 @@ def _twenty_steps(tmp_path, name: str, precision: dict, transformer_impl: str = 
                   device: str = "cuda"):
     """Losses of 20 masked-diffusion steps of a random TE student on fixed data (no rollouts: the two
     runs see identical batches, so only the arithmetic differs)."""
-    from opdlm_megatron.platform import initialize_runtime
-    from opdlm_megatron.train_config import train_config_from_dict
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
     from tests.distributed.train_common import tiny_train_dict, write_token_prompts
 
     data = write_token_prompts(str(tmp_path / "data.jsonl"), num=16)
@@ -150,7 +150,7 @@ def test_causal_kernel_teacher_equals_the_arbitrary_mask(cuda_runtime, impl):
         pytest.importorskip("transformer_engine")
     from megatron.core.transformer.enums import AttnMaskType
 
-    from opdlm_megatron.teacher import FrozenTeacher
+    from opdlm_megatron.distill.teacher import FrozenTeacher
 
     cfg = tiny_config(params_dtype="bfloat16", transformer_impl=impl, hidden_size=128, ffn_hidden_size=256)
     torch.manual_seed(0)

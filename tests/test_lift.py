@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.model import build_model
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.objectives import StateContext, get_objective
 from opdlm_megatron.objectives.lift import (EASIEST, HARDEST, RANDOM, LIFTDraws, cart_weights, lift_selection,
                                             mode_for, noise_levels)
 from opdlm_megatron.objectives.scoring import StudentScorer, StudentScores
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import LIFTConfig
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.objectives.lift import LIFTConfig
 from tests.distributed.student_data import EOS, student_config, synthetic_rollout
 
 

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
 from opdlm_megatron.eval.likelihood import ar_loglikelihood, block_diffusion_loglikelihood
-from opdlm_megatron.masks import opd_training_batch
-from opdlm_megatron.model import attention_mask, build_model, mask_unused_vocab
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.model.masks import opd_training_batch
+from opdlm_megatron.model.build import attention_mask, build_model, mask_unused_vocab
+from opdlm_megatron.runtime.platform import initialize_runtime
 from tests.conftest import run_torchrun
 from tests.helpers import save_tiny_student, tiny_config
 

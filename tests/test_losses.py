@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron.losses import (
+from opdlm_megatron.model.losses import (
     DivergenceConfig,
     TeacherTopK,
     answer_loss_mask,

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opdlm_megatron import masks
+from opdlm_megatron.model import masks
 
 
 # ----------------------------------------------------------------- brute-force reference definitions

@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.model.build import build_model
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.distributed.train_common import TINY_MODEL, tiny_train_dict, write_token_prompts
 from tests.helpers import save_trainer_student
@@ -74,7 +74,7 @@ def _steps(run_dir):
 @pytest.fixture(scope="module")
 def reference(assets):
     """The project's own trainer, TP=1, the same run."""
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(
         str(assets["root"] / "own"), assets["data"], assets["ckpt"], train=dict(steps=2),
@@ -144,7 +144,7 @@ def test_pretrain_resumes_from_its_own_save_and_exports_to_hf(assets, reference,
 
     hf = AutoModelForCausalLM.from_pretrained(str(out))
     with initialize_runtime(device="cpu", seed=1):
-        from opdlm_megatron.megatron_lm.checkpoint import load_megatron_lm_model
+        from opdlm_megatron.checkpoint.megatron_lm import load_megatron_lm_model
 
         model = build_model(ModelConfig(**TINY_MODEL), "student")
         load_megatron_lm_model(model, str(save))
@@ -156,7 +156,7 @@ def test_pretrain_resumes_from_its_own_save_and_exports_to_hf(assets, reference,
 
 
 def test_checkpoint_layouts_round_trip(assets, tmp_path):
-    from opdlm_megatron.megatron_lm.checkpoint import iteration_dir, load_megatron_lm_model, save_as_megatron_lm
+    from opdlm_megatron.checkpoint.megatron_lm import iteration_dir, load_megatron_lm_model, save_as_megatron_lm
 
     with initialize_runtime(device="cpu", seed=3):
         model, config = build_from_checkpoint(assets["ckpt"], "student")

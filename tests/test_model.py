@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.model import attention_mask, build_model, mask_unused_vocab
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.build import attention_mask, build_model, mask_unused_vocab
 from tests.helpers import random_batch, reference_forward, tiny_config
 
 
@@ -156,7 +156,7 @@ def test_building_does_not_print_megatrons_gptmodel_notice(runtime, caplog):
     why the project stays on GPTModel), and the filter is gone afterwards."""
     import logging
 
-    from opdlm_megatron.model import build_model
+    from opdlm_megatron.model.build import build_model
     from tests.helpers import tiny_config
 
     with caplog.at_level(logging.WARNING):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.model import build_model
+from opdlm_megatron.checkpoint.model import save_model_checkpoint
+from opdlm_megatron.model.build import build_model
 from tests.conftest import run_torchrun
 from tests.helpers import forward_backward, random_batch, tiny_config
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """TP=1 model, its checkpoint, and its results on the shared batch."""
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     ckpt = tmp_path_factory.mktemp("ref") / "ckpt"
     config = tiny_config()

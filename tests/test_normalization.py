@@ -6,12 +6,12 @@ distillation batch (opd), a 1/t-weighted cross-entropy batch (mdlm) and a causal
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.losses import DivergenceConfig
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.student import student_step
-from opdlm_megatron.teacher import FrozenTeacher
+from opdlm_megatron.checkpoint.model import save_model_checkpoint
+from opdlm_megatron.model.losses import DivergenceConfig
+from opdlm_megatron.model.build import build_model
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.student import student_step
+from opdlm_megatron.distill.teacher import FrozenTeacher
 from tests.conftest import run_torchrun
 from tests.distributed.grad_layouts import KINDS, LAYOUTS, global_batch, reference, refined_targets
 from tests.distributed.student_data import student_config
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tp1_loss_and_gradient_match_dense_float64(setup, kind):
-    from opdlm_megatron.checkpointing import build_from_checkpoint
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
 
     root = setup["root"]
     with initialize_runtime(device="cpu", seed=3):

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.model import build_model
+from opdlm_megatron.checkpoint.model import save_model_checkpoint
+from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.objectives import Objective, get_objective, objective_names, register_objective
 from opdlm_megatron.objectives.base import _REGISTRY, masked_state_batch
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.distributed.train_common import TINY_MODEL, RecordingRollout, naive_rollout, tiny_train_dict, write_token_prompts
 
 LEGACY_LOSSES = os.path.join(os.path.dirname(__file__), "data", "legacy_losses.json")
@@ -32,7 +32,7 @@ def assets(tmp_path_factory):
 
 
 def _train(cfg, rollout_fn=None, until=None):
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=rollout_fn)
@@ -176,7 +176,7 @@ def test_fp16_overflow_lowers_the_loss_scale_instead_of_skipping_every_step(asse
         model=dict(student_dtype="float16"), optim=dict(lr=1e-2, min_lr=1e-2, warmup_steps=0,
                                                         initial_loss_scale=2.0 ** 24),
         checkpoint=dict(resume=False)))
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     scales, history = [], []
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
@@ -193,16 +193,16 @@ def test_fp16_overflow_lowers_the_loss_scale_instead_of_skipping_every_step(asse
 
 
 def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch):
-    import opdlm_megatron.model as model_module
-    import opdlm_megatron.trainer as trainer_module
+    import opdlm_megatron.training.build as build_module
+    import opdlm_megatron.training.trainer as trainer_module
 
-    real_build = model_module.build_model
+    real_build = build_module.build_model
 
     def mismatched(config, role="student", **kwargs):
         return real_build(config.replace(qk_layernorm=True) if role == "teacher" else config, role, **kwargs)
 
-    # the teacher is built by teacher.build_teacher_model, which takes build_model from opdlm_megatron.model
-    monkeypatch.setattr(model_module, "build_model", mismatched)
+    # the teacher is built by training.build.build_teacher_model (the one build path of both loops)
+    monkeypatch.setattr(build_module, "build_model", mismatched)
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"]))
     with initialize_runtime(device="cpu", seed=0) as rt:
         with pytest.raises(ValueError, match="self-distillation teacher could not take the student's weights.*q_layernorm"):
@@ -212,8 +212,8 @@ def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch)
 def test_top_k_teacher_keeps_only_its_top_k(assets, tmp_path):
     """With loss.top_k the trainer's teacher targets hold k values and ids per supervised position
     (not the [B, A, V/TP] logits), and the step trains."""
-    from opdlm_megatron.losses import TeacherTopK
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.model.losses import TeacherTopK
+    from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=2), loss=dict(top_k=8)))

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.plan import plan, stage_parameters
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.planning.plan import plan, stage_parameters
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.helpers import save_trainer_student
 from tests.distributed.train_common import TINY_MODEL, naive_rollout, tiny_train_dict, write_token_prompts
@@ -33,7 +33,7 @@ def assets(tmp_path_factory):
 
 
 def test_static_parts_equal_the_trainers_tensors(assets, tmp_path):
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path), assets["data"], assets["ckpt"], train=dict(steps=1),
                                                  checkpoint=dict(resume=False)))
@@ -163,13 +163,13 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
     ``top_k``: None (full-vocabulary teacher targets), k, or "ids" (cross entropy on the answer)."""
     from megatron.core import parallel_state
 
-    from opdlm_megatron.activations import ActivationShape, activation_bytes
-    from opdlm_megatron.losses import DivergenceConfig, TeacherTopK
-    from opdlm_megatron.model import build_model
+    from opdlm_megatron.planning.activations import ActivationShape, activation_bytes
+    from opdlm_megatron.model.losses import DivergenceConfig, TeacherTopK
+    from opdlm_megatron.model.build import build_model
     from opdlm_megatron.objectives.base import SupervisedBatch
-    from opdlm_megatron.states import select_states
-    from opdlm_megatron.student import StudentStepPlan
-    from opdlm_megatron.teacher import TeacherTargets
+    from opdlm_megatron.distill.states import select_states
+    from opdlm_megatron.training.student import StudentStepPlan
+    from opdlm_megatron.distill.teacher import TeacherTargets
     from tests.distributed.student_data import synthetic_rollout
 
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -8,8 +8,8 @@ any CUDA path a future megatron-core adds that the shims do not cover fails ther
 import pytest
 import torch
 
-from opdlm_megatron import platform
-from opdlm_megatron.platform import CpuShims, ParallelSizes, initialize_runtime, resolve_device
+from opdlm_megatron.runtime import platform
+from opdlm_megatron.runtime.platform import CpuShims, ParallelSizes, initialize_runtime, resolve_device
 
 
 def test_shims_are_scoped():
@@ -87,13 +87,13 @@ def test_bad_parallel_sizes():
     ("rack1-[12-13]-ib", "rack1-12-ib"), ("x1,x2", "x1"),
 ])
 def test_first_slurm_host(nodelist, first):
-    from opdlm_megatron.platform import first_slurm_host
+    from opdlm_megatron.runtime.platform import first_slurm_host
 
     assert first_slurm_host(nodelist) == first
 
 
 def test_launch_environment_from_slurm_variables():
-    from opdlm_megatron.platform import launch_environment
+    from opdlm_megatron.runtime.platform import launch_environment
 
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
              "SLURM_JOB_NODELIST": "h100-[017-018]"}

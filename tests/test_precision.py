@@ -9,16 +9,16 @@ import math
 import pytest
 import torch
 
-from opdlm_megatron.losses import DivergenceConfig
-from opdlm_megatron.masks import block_causal_layout
-from opdlm_megatron.model import build_model
+from opdlm_megatron.model.losses import DivergenceConfig
+from opdlm_megatron.model.masks import block_causal_layout
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.objectives.base import SupervisedBatch
-from opdlm_megatron.precision import PrecisionConfig, check_fp8_runtime, fp8_disabled
+from opdlm_megatron.config.precision import PrecisionConfig, check_fp8_runtime, fp8_disabled
 from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
-from opdlm_megatron.states import select_states
-from opdlm_megatron.student import StudentStepPlan, forward_step, student_step
-from opdlm_megatron.teacher import TeacherTargets
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.distill.states import select_states
+from opdlm_megatron.training.student import StudentStepPlan, forward_step, student_step
+from opdlm_megatron.distill.teacher import TeacherTargets
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.distributed.student_data import student_config, synthetic_rollout
 from tests.helpers import tiny_config
 

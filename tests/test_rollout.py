@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from opdlm_megatron.model import build_model
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 from opdlm_megatron.rollout import sampling
 from tests.helpers import tiny_config
@@ -358,8 +358,8 @@ def test_generate_cli(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from opdlm_megatron import generate
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.runtime.platform import initialize_runtime
 
     words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(247)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -24,9 +24,9 @@ def decode_config(**kwargs) -> DecodeConfig:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout import DiffusionRolloutEngine
     from tests.helpers import tiny_config
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from opdlm_megatron.metrics import read_metrics
+from opdlm_megatron.training.metrics import read_metrics
 from tests.conftest import REPO_ROOT
 from tests.distributed.convert_common import make_tiny_hf
 from tests.distributed.train_common import write_token_prompts

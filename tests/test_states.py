@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from opdlm_megatron.states import forward_mask, partially_masked_share, random_mask_states, select_states
+from opdlm_megatron.distill.states import forward_mask, partially_masked_share, random_mask_states, select_states
 from tests.distributed.student_data import authors_rounds as _authors_rounds, synthetic_rollout
 
 MASK = 999
@@ -185,8 +185,8 @@ def handmade_rollout():
 
 @pytest.mark.parametrize("include_eos", [True, False])
 def test_all_rounds_equal_the_authors_rounds_on_handmade_trajectories(include_eos):
-    from opdlm_megatron.losses import answer_loss_mask
-    from opdlm_megatron.states import all_round_states, commit_ranks
+    from opdlm_megatron.model.losses import answer_loss_mask
+    from opdlm_megatron.distill.states import all_round_states, commit_ranks
 
     rollout, eos = handmade_rollout()
     keep = answer_loss_mask(rollout.answer_ids, rollout.answer_valid, [eos], include_eos)
@@ -207,7 +207,7 @@ def test_all_rounds_equal_the_authors_rounds_on_handmade_trajectories(include_eo
 
 
 def test_all_rounds_equal_the_authors_rounds_on_random_trajectories(result):
-    from opdlm_megatron.states import all_round_states
+    from opdlm_megatron.distill.states import all_round_states
 
     for seed in range(5):
         rollout = synthetic_rollout(vocab_size=200, block_size=BLOCK, batch_size=6, answer_len=13, seed=seed)

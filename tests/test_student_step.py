@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron.losses import DivergenceConfig
-from opdlm_megatron.masks import opd_training_batch
-from opdlm_megatron.model import attention_mask, build_model
-from opdlm_megatron.states import forward_mask, select_states
-from opdlm_megatron.student import student_forward_backward
+from opdlm_megatron.model.losses import DivergenceConfig
+from opdlm_megatron.model.masks import opd_training_batch
+from opdlm_megatron.model.build import attention_mask, build_model
+from opdlm_megatron.distill.states import forward_mask, select_states
+from opdlm_megatron.training.student import student_forward_backward
 from tests.distributed.student_data import CASES, EOS, student_config, synthetic_rollout
 
 

@@ -10,16 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.losses import DivergenceConfig, TeacherTopK
-from opdlm_megatron.model import build_model
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.losses import DivergenceConfig, TeacherTopK
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.objectives import StateContext, TargetTools, get_objective
 from opdlm_megatron.objectives.scoring import StudentScores
 from opdlm_megatron.objectives.tcs import route
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.student import student_step
-from opdlm_megatron.teacher import FrozenTeacher
-from opdlm_megatron.train_config import TCSConfig, train_config_from_dict
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.student import student_step
+from opdlm_megatron.distill.teacher import FrozenTeacher
+from opdlm_megatron.objectives.tcs import TCSConfig
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.distributed.student_data import EOS, student_config, synthetic_rollout
 from tests.distributed.train_common import tiny_train_dict
 
@@ -265,7 +266,7 @@ def test_config_refusals(tmp_path):
 def test_top_k_target_values_keep_their_normaliser():
     """Replacing the candidates' values keeps the kept ids' total mass (renormalised or not)."""
     from opdlm_megatron.objectives.tcs import _corrected_logits, tcs_log_targets
-    from opdlm_megatron.teacher import TeacherTargets
+    from opdlm_megatron.distill.teacher import TeacherTargets
 
     values = torch.tensor([[3.0, 2.0, 1.0, 0.5, -1.0]])
     top = TeacherTopK(values, torch.tensor([[5, 1, 7, 2, 9]]), torch.tensor([4.0]))

@@ -5,9 +5,10 @@ comparison runs in tests/test_student_step.py (one torchrun launch for teacher a
 import pytest
 import torch
 
-from opdlm_megatron.checkpointing import save_model_checkpoint
-from opdlm_megatron.model import build_model
-from opdlm_megatron.teacher import FrozenTeacher, check_vocab_compatible, microbatch_rows
+from opdlm_megatron.checkpoint.model import save_model_checkpoint
+from opdlm_megatron.model.build import build_model
+from opdlm_megatron.distill.teacher import FrozenTeacher, check_vocab_compatible
+from opdlm_megatron.model.microbatches import microbatch_rows
 from tests.distributed.student_data import student_config, synthetic_rollout, teacher_config
 
 
@@ -117,7 +118,7 @@ def test_bad_batches_raise_clear_errors(runtime, teacher_ckpt):
 def test_flex_attention_teacher_matches_the_reference(runtime, teacher_ckpt):
     """The teacher with FlexAttention (model.attention_backend applies to it) gives the unpadded
     causal reference's logits, as the dense mask does."""
-    from opdlm_megatron.model import build_model as build
+    from opdlm_megatron.model.build import build_model as build
 
     path, config = teacher_ckpt
     dense = FrozenTeacher.from_checkpoint(str(path), student_config())
@@ -137,7 +138,7 @@ def test_causal_kernel_teacher_matches_the_reference(runtime, teacher_ckpt):
     unpadded reference's logits, top-k and NLL; TCS's branches, which need the arbitrary mask, refuse it."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from opdlm_megatron.model import uses_causal_kernel
+    from opdlm_megatron.model.build import uses_causal_kernel
 
     path, config = teacher_ckpt
     dense = FrozenTeacher.from_checkpoint(str(path), student_config())

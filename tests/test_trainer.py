@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.checkpointing import load_model_checkpoint, save_model_checkpoint
-from opdlm_megatron.config import ModelConfig
-from opdlm_megatron.metrics import read_metrics
-from opdlm_megatron.model import attention_mask, build_model
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.model import masks
+from opdlm_megatron.checkpoint.model import load_model_checkpoint, save_model_checkpoint
+from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.training.metrics import read_metrics
+from opdlm_megatron.model.build import attention_mask, build_model
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.distributed.train_common import (TINY_MODEL, RecordingRollout, naive_rollout, tiny_train_dict,
                                             write_token_prompts)
@@ -33,7 +33,7 @@ def assets(tmp_path_factory):
 
 
 def _train(cfg, rollout_fn=naive_rollout, until=None, inspect=None):
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=rollout_fn)
@@ -138,8 +138,8 @@ def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=1), checkpoint=dict(resume=False),
                                                  loss=dict(normalization=normalization)))
-    from opdlm_megatron import states
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.distill import states
+    from opdlm_megatron.training.trainer import Trainer
 
     rec = RecordingRollout(naive_rollout)
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
@@ -161,7 +161,7 @@ def test_all_rounds_loss_matches_dense_reference_of_each_state_alone(assets, tmp
     """loss.state_selection=all_rounds: every round of every block is a row (built here by the authors'
     round loop, token by token), each scored alone by the dense float64 reference; the step's loss is
     theirs, with the teacher run once per answer and 2 answers per step cut into micro-batches of one."""
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
     from tests.distributed.student_data import authors_rounds
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
@@ -299,8 +299,8 @@ def test_teacher_kernel_follows_the_objective_and_changes_no_number(assets, tmp_
 
 def test_first_layout_checkpoint_resumes(assets, tmp_path):
     """A checkpoint whose trainer state has the first layout (one rollout per step, no format key)."""
-    from opdlm_megatron.train_checkpoint import save_training_checkpoint
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.checkpoint.training import save_training_checkpoint
+    from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "old"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=3)))
@@ -318,7 +318,7 @@ def test_first_layout_checkpoint_resumes(assets, tmp_path):
 
 
 def test_nan_loss_is_skipped_or_stops_the_run(assets, tmp_path):
-    from opdlm_megatron.trainer import NonFiniteLossError, Trainer
+    from opdlm_megatron.training.trainer import NonFiniteLossError, Trainer
 
     def poison_step(trainer, step):
         def hook(module, args, output):
@@ -439,7 +439,7 @@ def test_dp2_training_matches_dp1(assets, tmp_path):
 def test_nan_gradients_with_a_finite_loss_skip_the_update(assets, tmp_path):
     """An overflow in backward can leave NaN gradients behind a finite loss; megatron's optimizer would
     apply them. The step is skipped instead: weights and Adam state untouched, training goes on."""
-    from opdlm_megatron.trainer import Trainer
+    from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=3), checkpoint=dict(resume=False)))
@@ -566,7 +566,7 @@ def test_nan_teacher_logits_skip_the_step_and_the_next_checkpoint_resumes_exactl
 
 
 def test_loss_spike_detector():
-    from opdlm_megatron.metrics import LossSpikeDetector
+    from opdlm_megatron.training.metrics import LossSpikeDetector
 
     detector = LossSpikeDetector(factor=3.0, window=5, min_history=3)
     flags = [detector.update(x) for x in [1.0, 1.2, 9.0, 0.9, 1.1, float("nan"), 3.5, 1.0, 2.0, 7.0]]

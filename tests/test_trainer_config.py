@@ -7,10 +7,11 @@ import os
 import pytest
 import torch
 
-from opdlm_megatron.data import Sample, SampleStream, load_samples
-from opdlm_megatron.schedules import lr_for_step, rollout_length
-from opdlm_megatron.train_config import (CurriculumConfig, DataConfig, OptimConfig, TrainConfig,
-                                         load_train_config, train_config_from_dict)
+from opdlm_megatron.data.samples import Sample, SampleStream, load_samples
+from opdlm_megatron.training.schedules import lr_for_step, rollout_length
+from opdlm_megatron.training.config import CurriculumConfig, OptimConfig, TrainConfig
+from opdlm_megatron.data.config import DataConfig
+from opdlm_megatron.training.config_files import load_train_config, train_config_from_dict
 
 BASE = {"model": {"student_checkpoint": "/x"}}
 
@@ -97,7 +98,7 @@ def test_curriculum_matches_paper_formula():
 def test_threshold_schedule_holds_then_lowers_linearly():
     """rollout.threshold_schedule (the authors' dynamic_threshold_schedule, linear): held, then a linear
     ramp to the floor, then the floor; off by default."""
-    from opdlm_megatron.schedules import rollout_threshold
+    from opdlm_megatron.training.schedules import rollout_threshold
 
     off = train_config_from_dict(BASE).rollout
     assert [rollout_threshold(r, off) for r in (0, 10, 10**6)] == [0.9, 0.9, 0.9]
@@ -113,7 +114,7 @@ def test_threshold_schedule_holds_then_lowers_linearly():
 
 def test_rollout_lengths_are_whole_blocks():
     """The paper's curriculum gives lengths like 490; the engine decodes whole blocks of 4."""
-    from opdlm_megatron.schedules import whole_blocks
+    from opdlm_megatron.training.schedules import whole_blocks
 
     cur = CurriculumConfig(min_length=100, max_length=4000, warmup_rollouts=10)
     for s in range(0, 12):
@@ -127,7 +128,7 @@ def test_rollout_lengths_are_whole_blocks():
 
 def test_lr_schedule_megatron_scheduler_matches_closed_form(runtime):
     """Megatron's OptimizerParamScheduler (through LRSchedule) gives warm-up + cosine as written."""
-    from opdlm_megatron.schedules import LRSchedule
+    from opdlm_megatron.training.schedules import LRSchedule
 
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=5)
     param = torch.nn.Parameter(torch.zeros(1))
@@ -177,7 +178,7 @@ def _chat_tokenizer(tmp_path):
     hf.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     hf.save_pretrained(tmp_path / "tok")
-    from opdlm_megatron.data import load_tokenizer
+    from opdlm_megatron.data.samples import load_tokenizer
 
     return load_tokenizer(str(tmp_path / "tok")), vocab
 
@@ -272,8 +273,8 @@ def test_table13_schedule_values():
 
 
 def test_tokenizer_dir_defaults_to_the_student_checkpoint():
-    from opdlm_megatron.data import load_tokenizer
-    from opdlm_megatron.train_config import ModelPaths
+    from opdlm_megatron.data.samples import load_tokenizer
+    from opdlm_megatron.training.config import ModelPaths
 
     assert ModelPaths(student_checkpoint="ckpt").tokenizer_dir == os.path.join("ckpt", "tokenizer")
     assert ModelPaths(student_checkpoint="ckpt", tokenizer="tok").tokenizer_dir == "tok"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from ..cli import argument_parser, refuse_bad_input, setup_console
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 from ..tools.convert_layout import LAYOUTS
 
 PROGRAM = "opdlm-convert-layout"

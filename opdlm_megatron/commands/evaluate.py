@@ -26,7 +26,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..cli import argument_parser, refuse_bad_input, setup_console
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 from ..eval import scoring
 from ..eval.tasks import FILE_TASKS
 

@@ -19,7 +19,9 @@ import os
 import re
 from typing import List, Optional, Sequence
 
-from ..cli import argument_parser, check_output, refuse_bad_input, setup_console
+from ..runtime.outputs import check_output
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 from ..rollout.config import CONFIDENCES, DecodeConfig
 
 PROGRAM = "opdlm-generate"
@@ -28,7 +30,7 @@ PROGRAM = "opdlm-generate"
 def read_prompts(path: str) -> List[dict]:
     """Reads a JSONL file of ``{"prompt": str}`` / ``{"messages": list}`` records (file and line named
     on a bad line)."""
-    from ..data import read_jsonl
+    from ..data.samples import read_jsonl
 
     records = []
     for number, record in read_jsonl(path):
@@ -52,8 +54,8 @@ def run(args) -> None:
     """Decodes the prompts of ``args`` and writes ``args.out`` (rank 0)."""
     from transformers import AutoTokenizer
 
-    from ..checkpointing import build_from_checkpoint
-    from ..platform import initialize_runtime
+    from ..checkpoint.model import build_from_checkpoint
+    from ..runtime.platform import initialize_runtime
     from ..rollout import DiffusionRolloutEngine
 
     try:
@@ -67,7 +69,7 @@ def run(args) -> None:
         raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    from ..checkpointing import is_checkpoint
+    from ..checkpoint.model import is_checkpoint
 
     if not is_checkpoint(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a model checkpoint "

@@ -14,7 +14,9 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..cli import argument_parser, check_output, refuse_bad_input, setup_console
+from ..runtime.outputs import check_output
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 from ..eval import KINDS
 
 PROGRAM = "opdlm-lm-eval"
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(args) -> None:
     """Everything that can be checked before the model loads (one line each)."""
-    from ..checkpointing import is_checkpoint
+    from ..checkpoint.model import is_checkpoint
 
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: directory not found")

@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from ..cli import argument_parser, refuse_bad_input, setup_console
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-plan"
 
@@ -32,9 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_console(PROGRAM, verbose=args.verbose)
 
     def run() -> int:
-        from ..config import ModelConfig
-        from ..plan import GIB, format_plan, load_architecture, plan, suggestions
-        from ..train_config import load_train_config
+        from ..config.model import ModelConfig
+        from ..planning.plan import GIB, format_plan, load_architecture, plan, suggestions
+        from ..training.config_files import load_train_config
 
         if args.world_size < 1:
             raise ValueError(f"--world-size must be a positive integer (the number of GPUs), got {args.world_size}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from ..cli import argument_parser, refuse_bad_input, setup_console
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-prepare-smollm2"
 

@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from ..cli import refuse_bad_input
+from .base import refuse_bad_input
 
 PROGRAM = "opdlm-pretrain-megatron-lm"
 
@@ -24,7 +24,7 @@ PROGRAM = "opdlm-pretrain-megatron-lm"
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        from ..megatron_lm.arguments import add_opd_args
+        from ..integrations.megatron_lm.flags import add_opd_args
 
         parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def run() -> None:
-        from ..megatron_lm import run as pretrain
+        from ..integrations.megatron_lm import run as pretrain
 
         pretrain(argv)
 

@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ..cli import argument_parser, refuse_bad_input, setup_console
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-train"
 
@@ -32,9 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args) -> int:
-    from ..platform import initialize_runtime
-    from ..train_config import load_train_config
-    from ..trainer import Trainer
+    from ..runtime.platform import initialize_runtime
+    from ..training.config_files import load_train_config
+    from ..training.trainer import Trainer
 
     cfg = load_train_config(args.config, args.overrides)
     with initialize_runtime(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,

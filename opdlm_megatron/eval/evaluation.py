@@ -29,7 +29,7 @@ import logging
 import os
 from typing import List, Optional
 
-from ..cli import check_output
+from ..runtime.outputs import check_output
 from .tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class EvalInputError(ValueError):
 
 
 def _checkpoint(path: str, flag: str) -> str:
-    from ..checkpointing import is_checkpoint
+    from ..checkpoint.model import is_checkpoint
 
     if not os.path.isdir(path):
         raise EvalInputError(f"{flag} {path}: directory not found")
@@ -94,7 +94,7 @@ def validate(args) -> TaskSpec:
 def encode(items, tokenizer, chat_template: bool = True, system_prompt: Optional[str] = None,
            enable_thinking: bool = False) -> List[List[int]]:
     """Prompt token ids of evaluation items, through the chat template or as plain text."""
-    from ..data import chat_prompt_ids
+    from ..data.samples import chat_prompt_ids
 
     if chat_template:
         return [chat_prompt_ids(tokenizer, item.messages(system_prompt), None, enable_thinking) for item in items]
@@ -126,12 +126,12 @@ def run(args, spec: TaskSpec) -> Optional[dict]:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from ..checkpointing import build_from_checkpoint, load_model_config
-    from ..data import load_tokenizer
+    from ..checkpoint.model import build_from_checkpoint, load_model_config
+    from ..data.samples import load_tokenizer
     from .metrics import accuracy_under_parallelism, summarize_run, teacher_agreement
     from .runner import ar_config, generate, score_generations, student_decode, teacher_decode
     from .tasks import load_task
-    from ..platform import initialize_runtime
+    from ..runtime.platform import initialize_runtime
     from ..rollout.config import DecodeConfig
 
     items = load_task(spec)

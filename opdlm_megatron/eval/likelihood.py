@@ -19,12 +19,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .. import vocab_parallel as vp
-from ..answers import mix_seed, results_from_answers
-from ..config import ModelConfig
-from ..losses import masked_diffusion_nll, unused_vocab_columns
-from ..masks import causal_layout, opd_training_batch
-from ..model import broadcast_from_last_stage, forward_answer_columns
+from ..model import vocab_parallel as vp
+from ..distill.answers import mix_seed, results_from_answers
+from ..config.model import ModelConfig
+from ..model.losses import masked_diffusion_nll, unused_vocab_columns
+from ..model.masks import causal_layout, opd_training_batch
+from ..model.build import forward_answer_columns
+from ..runtime.distributed import broadcast_from_last_stage
 
 
 def _check(contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> None:
@@ -73,7 +74,7 @@ def block_diffusion_loglikelihood(model, config: ModelConfig, contexts: Sequence
                                   micro_batch_size: int = 1, chunk_tokens: int = 1024) -> List[float]:
     """Monte-Carlo estimate of the block-diffusion lower bound of ``log p(continuation | context)``
     per request (see the module docstring); deterministic given ``seed``."""
-    from ..states import forward_mask
+    from ..distill.states import forward_mask
 
     _check(contexts, continuations)
     if mc_samples < 1:

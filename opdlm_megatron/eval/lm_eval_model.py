@@ -46,8 +46,8 @@ class OPDLMEvalModel(LM):
                  max_gen_toks: int = 256, mc_num: int = 8, batch_size: int = 8, seed: int = 0,
                  add_bos: bool = False, **_unused) -> None:
         super().__init__()
-        from ..checkpointing import build_from_checkpoint
-        from ..data import load_tokenizer
+        from ..checkpoint.model import build_from_checkpoint
+        from ..data.samples import load_tokenizer
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -172,7 +172,7 @@ def run(args) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from ..platform import initialize_runtime
+    from ..runtime.platform import initialize_runtime
 
     extra = dict(kv.split("=", 1) for kv in args.model_args.split(",") if kv)
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=0) as runtime:

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..config import ModelConfig
+from ..config.model import ModelConfig
 from ..rollout.config import DecodeConfig
 from .tasks import EvalItem
 

@@ -81,7 +81,7 @@ def load_task(spec: TaskSpec) -> List[EvalItem]:
 
 
 def _reasoning_gym_task(spec: TaskSpec) -> List[EvalItem]:
-    from ..families import EXTRACTION, create_dataset, dataset_known, family_names, is_family
+    from ..data.families import EXTRACTION, create_dataset, dataset_known, family_names, is_family
 
     if not dataset_known(spec.task):
         raise TaskError(f"unknown task {spec.task!r}: not a reasoning-gym dataset, a family of this project "
@@ -113,7 +113,7 @@ def _read_jsonl(path: Optional[str]) -> List[tuple]:
         raise TaskError("this task reads a JSONL file: pass --data FILE")
     if not os.path.isfile(path):
         raise TaskError(f"--data file not found: {path}")
-    from ..data import read_jsonl  # (data imports torch; task names must stay cheap for --help)
+    from ..data.samples import read_jsonl  # (data imports torch; task names must stay cheap for --help)
 
     try:
         return read_jsonl(path)

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional,
 import torch
 from torch import Tensor
 
-from ..losses import answer_loss_mask
+from ..distill import states
+from ..model.losses import answer_loss_mask
 from ..rollout.types import RolloutResult
 
 if TYPE_CHECKING:
-    from ..teacher import FrozenTeacher, TeacherTargets
-    from ..train_config import TrainConfig
+    from ..distill.teacher import FrozenTeacher, TeacherTargets
 
 ANSWER_SOURCES = ("student", "teacher", "dataset")
 LAYOUTS = ("opd", "causal")
@@ -170,6 +170,36 @@ def masked_state_batch(answers: RolloutResult, xt: Tensor, ctx: StateContext, di
     return SupervisedBatch(answers, supervised, normalizer, distill, "opd", xt, weights, t, groups=groups)
 
 
+def trajectory_batch(answers: RolloutResult, generator: torch.Generator, ctx: StateContext) -> SupervisedBatch:
+    """States of the student's own trajectories (``loss.state_selection``: one round per trajectory, one
+    per block, or every round of every block), supervised by the teacher (``opd``, ``opd_tcs``)."""
+    if ctx.state_selection == "all_rounds":
+        source, xt = states.all_round_states(answers, ctx.block_size, ctx.mask_token_id,
+                                             keep=kept_answer_tokens(answers, ctx))
+        return masked_state_batch(answers.rows(source, trim=False), xt, ctx, distill=True, groups=source)
+    xt = states.select_states(answers, ctx.state_selection, generator, ctx.mask_token_id, block_size=ctx.block_size)
+    return masked_state_batch(answers, xt, ctx, distill=True)
+
+
+def random_state(answers: RolloutResult, generator: torch.Generator, ctx: StateContext) -> Tuple[Tensor, Tensor]:
+    """x0 masked at rate t ~ U(eps, 1) per sequence or block (``loss.t_sampling``): ``(xt, t)``."""
+    return states.forward_mask(answers.answer_ids, answers.answer_valid, ctx.block_size, generator,
+                               ctx.mask_token_id, ctx.mask_eps, ctx.t_sampling)
+
+
+def random_mask_batch(answers: RolloutResult, generator: torch.Generator, ctx: StateContext) -> SupervisedBatch:
+    """Forward random masking of x0 supervised by the teacher with w(t) = 1 (``opd_off``, ``kd_off``, ``tcs``)."""
+    xt, t = random_state(answers, generator, ctx)
+    return masked_state_batch(answers, xt, ctx, distill=True, t=t)
+
+
+def diffusion_ce_batch(answers: RolloutResult, generator: torch.Generator, ctx: StateContext) -> SupervisedBatch:
+    """Eq. (2): random masking with the 1/t weight on every masked token, hard labels (``sft``, ``mdlm``)."""
+    xt, t = random_state(answers, generator, ctx)
+    weights = 1.0 / t.clamp_min(1e-6)
+    return masked_state_batch(answers, xt, ctx, distill=False, weights=weights, t=t)
+
+
 class Objective:
     """Base class: subclasses set ``name``, ``answers``, ``distill`` and implement ``build``.
 
@@ -199,7 +229,7 @@ class Objective:
     def uses_curriculum(self) -> bool:
         return self.answers == "student"
 
-    def configure(self, cfg: "TrainConfig") -> None:
+    def configure(self, cfg: Any) -> None:
         """Takes the objective's own settings from the run's config (called once, before ``build``)."""
 
     def refine_targets(self, batch: SupervisedBatch, targets: "TeacherTargets",
@@ -208,7 +238,7 @@ class Objective:
         A collective over the model-parallel groups when it runs a model."""
         return targets, {}
 
-    def validate_config(self, cfg: "TrainConfig") -> None:
+    def validate_config(self, cfg: Any) -> None:
         """Raises a ValueError naming a config value this objective cannot work with."""
         if self.answers == "dataset" and cfg.data.source not in ("text", "token_ids"):
             raise ValueError(

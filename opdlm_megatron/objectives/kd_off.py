@@ -8,8 +8,7 @@ forward random masking of it, supervised with the teacher's distributions and w(
 
 from __future__ import annotations
 
-from .base import Objective, masked_state_batch, register_objective
-from .opd_off import random_state
+from .base import Objective, random_mask_batch, register_objective
 
 
 @register_objective
@@ -20,5 +19,4 @@ class OffPolicyDistillation(Objective):
     summary = "cached teacher answers, random masking, teacher targets"
 
     def build(self, answers, generator, ctx):
-        xt, t = random_state(answers, generator, ctx)
-        return masked_state_batch(answers, xt, ctx, distill=True, t=t)
+        return random_mask_batch(answers, generator, ctx)

@@ -26,11 +26,30 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..train_config import LIFTConfig
+from ..config.checks import in_range, one_of
 from .base import Objective, StateContext, kept_answer_tokens, masked_state_batch, register_objective
 
 RANDOM, EASIEST, HARDEST = 0, 1, 2
 VARIANTS = ("lift", "lift2")
+
+
+LIFT_WEIGHTINGS = ("inverse_t", "cart")
+
+
+@dataclass
+class LIFTConfig:
+    """``lift`` / ``lift2``: learnability-informed masking (``objectives/lift.py``). ``rho_min`` is
+    the lower end of the superset's extra rate rho ~ U(rho_min, 1 - t); ``weighting`` "inverse_t"
+    (LIFT's 1/t) or "cart" (the CART baseline's distance weights with ``cart_p``)."""
+
+    rho_min: float = 0.1
+    weighting: str = "inverse_t"
+    cart_p: float = 0.1
+
+    def __post_init__(self) -> None:
+        one_of("lift.weighting", self.weighting, LIFT_WEIGHTINGS)
+        in_range("lift.rho_min", self.rho_min, 0.0, 1.0, high_open=True)
+        in_range("lift.cart_p", self.cart_p, 0.0, 1.0, low_open=True, high_open=True)
 
 
 @dataclass

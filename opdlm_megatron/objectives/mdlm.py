@@ -6,8 +6,7 @@ cross entropy of the masked tokens, normalised by the answer tokens.
 
 from __future__ import annotations
 
-from .base import Objective, register_objective
-from .sft import diffusion_ce_batch
+from .base import Objective, diffusion_ce_batch, register_objective
 
 
 @register_objective

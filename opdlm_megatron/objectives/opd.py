@@ -9,8 +9,7 @@ The student rolls out answers with its sampler; the states of its trajectories c
 
 from __future__ import annotations
 
-from .. import states
-from .base import Objective, kept_answer_tokens, masked_state_batch, register_objective
+from .base import Objective, register_objective, trajectory_batch
 
 
 @register_objective
@@ -21,9 +20,4 @@ class OnPolicyDistillation(Objective):
     summary = "paper: states of the student's own trajectory, teacher targets"
 
     def build(self, answers, generator, ctx):
-        if ctx.state_selection == "all_rounds":
-            source, xt = states.all_round_states(answers, ctx.block_size, ctx.mask_token_id,
-                                                 keep=kept_answer_tokens(answers, ctx))
-            return masked_state_batch(answers.rows(source, trim=False), xt, ctx, distill=True, groups=source)
-        xt = states.select_states(answers, ctx.state_selection, generator, ctx.mask_token_id, block_size=ctx.block_size)
-        return masked_state_batch(answers, xt, ctx, distill=True)
+        return trajectory_batch(answers, generator, ctx)

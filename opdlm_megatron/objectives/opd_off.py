@@ -6,14 +6,7 @@ of x0 (one t per sequence by default, ``loss.t_sampling``), with the teacher's t
 
 from __future__ import annotations
 
-from .. import states
-from .base import Objective, masked_state_batch, register_objective
-
-
-def random_state(answers, generator, ctx):
-    """x0 masked at rate t ~ U(eps, 1) per sequence or block: ``(xt, t)``."""
-    return states.forward_mask(answers.answer_ids, answers.answer_valid, ctx.block_size, generator,
-                               ctx.mask_token_id, ctx.mask_eps, ctx.t_sampling)
+from .base import Objective, random_mask_batch, register_objective
 
 
 @register_objective
@@ -24,5 +17,4 @@ class OnPolicyRandomMasking(Objective):
     summary = "student rollouts, random masking, teacher targets"
 
     def build(self, answers, generator, ctx):
-        xt, t = random_state(answers, generator, ctx)
-        return masked_state_batch(answers, xt, ctx, distill=True, t=t)
+        return random_mask_batch(answers, generator, ctx)

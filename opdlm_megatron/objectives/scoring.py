@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import vocab_parallel as vp
-from ..config import ModelConfig
-from ..losses import unused_vocab_columns
-from ..masks import opd_training_batch
-from ..model import broadcast_from_last_stage, forward_answer_columns
+from ..model import vocab_parallel as vp
+from ..config.model import ModelConfig
+from ..model.losses import unused_vocab_columns
+from ..model.masks import opd_training_batch
+from ..model.build import forward_answer_columns
+from ..runtime.distributed import broadcast_from_last_stage
 from ..rollout.types import RolloutResult
 
 
@@ -51,7 +52,7 @@ class StudentScorer:
         whole) each rank scores its share of the rows and the shares are summed over the group."""
         from megatron.core import parallel_state
 
-        from ..answers import data_parallel_share
+        from ..runtime.distributed import data_parallel_share
 
         bsz, alen = answers.answer_ids.shape
         if xt.shape != (bsz, alen) or positions.shape != (bsz, alen) or positions.dtype != torch.bool:

@@ -7,16 +7,7 @@ tokens (eq. 2), normalised by the answer tokens.
 
 from __future__ import annotations
 
-
-from .base import Objective, masked_state_batch, register_objective
-from .opd_off import random_state
-
-
-def diffusion_ce_batch(answers, generator, ctx):
-    """Eq. (2): random masking with the 1/t weight on every masked token, hard labels."""
-    xt, t = random_state(answers, generator, ctx)
-    weights = 1.0 / t.clamp_min(1e-6)
-    return masked_state_batch(answers, xt, ctx, distill=False, weights=weights, t=t)
+from .base import Objective, diffusion_ce_batch, register_objective
 
 
 @register_objective
@@ -28,5 +19,3 @@ class TeacherAnswerSFT(Objective):
 
     def build(self, answers, generator, ctx):
         return diffusion_ce_batch(answers, generator, ctx)
-
-

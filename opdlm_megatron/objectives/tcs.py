@@ -31,19 +31,41 @@ them, through megatron's schedule (TP/PP).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import vocab_parallel as vp
-from ..losses import TeacherTopK, unused_vocab_columns
-from ..model import broadcast_from_last_stage
-from ..teacher import TeacherTargets
-from ..train_config import TCSConfig
-from .base import Objective, SupervisedBatch, TargetTools, register_objective
-from .kd_off import OffPolicyDistillation
-from .opd import OnPolicyDistillation
+from ..model import vocab_parallel as vp
+from ..model.losses import TeacherTopK, unused_vocab_columns
+from ..runtime.distributed import broadcast_from_last_stage
+from ..distill.teacher import TeacherTargets
+from ..config.checks import in_range, positive_int
+from .base import (Objective, SupervisedBatch, TargetTools, random_mask_batch, register_objective,
+                   trajectory_batch)
+
+
+@dataclass
+class TCSConfig:
+    """``opd_tcs`` / ``tcs``: Target Concrete Score targets on routed positions (``objectives/tcs.py``).
+    ``weight`` is lambda, ``candidates`` K (the teacher's top-K scored with branches of the rest of
+    the block), ``route_prob`` the routing probability where teacher and student argmax agree."""
+
+    weight: float = 1.0
+    candidates: int = 8
+    route_prob: float = 0.1
+    # None: the unbiased lambda / pi weights; a number caps them (biased, but with a cap <= 1 every
+    # routed target stays a mixture of q_OPD and q_hat, so no loss term is unbounded below)
+    max_weight: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        positive_int("tcs.candidates", self.candidates)
+        in_range("tcs.route_prob", self.route_prob, 0.0, 1.0, low_open=True)
+        if self.max_weight is not None and not self.max_weight > 0:
+            raise ValueError(f"tcs.max_weight must be > 0 or null, got {self.max_weight!r}")
+        if not self.weight >= 0:
+            raise ValueError(f"tcs.weight must be >= 0, got {self.weight!r}")
 
 
 def route(disagree: Tensor, uniform: Tensor, route_prob: float, weight: float,
@@ -122,13 +144,14 @@ class _TCSBase(Objective):
             raise ValueError(f"loss.top_k {cfg.loss.top_k} keeps fewer teacher tokens than tcs.candidates "
                              f"{cfg.tcs.candidates}; set loss.top_k >= tcs.candidates or None")
 
-    states_of: Type[Objective]  # the objective whose answers and states TCS corrects the targets of
+    # the states TCS corrects the targets of: those of opd (trajectory_batch) or of kd_off (random_mask_batch)
+    states_of: Callable[..., SupervisedBatch]
 
     def build(self, answers, generator, ctx):
         if ctx.block_size < 2:
             raise ValueError(f"objective {self.name!r} scores the rest of each block: block size must be > 1, "
                              f"got {ctx.block_size}")
-        batch = self.states_of().build(answers, generator, ctx)
+        batch = type(self).states_of(answers, generator, ctx)
         batch.uniform = torch.rand(batch.supervised.shape, generator=generator)
         return batch
 
@@ -189,7 +212,7 @@ class _TCSBase(Objective):
 class OnPolicyTCS(_TCSBase):
     name = "opd_tcs"
     answers = "student"
-    states_of = OnPolicyDistillation
+    states_of = trajectory_batch
     summary = "OPD states, teacher targets TCS-corrected on routed positions"
 
 
@@ -197,5 +220,5 @@ class OnPolicyTCS(_TCSBase):
 class OffPolicyTCS(_TCSBase):
     name = "tcs"
     answers = "teacher"
-    states_of = OffPolicyDistillation
+    states_of = random_mask_batch
     summary = "cached teacher answers, random masking, TCS-corrected teacher targets"

@@ -10,6 +10,14 @@ CONFIDENCES = ("probability", "margin", "neg_entropy")
 COMMIT_RULES = ("auto", "threshold", "static", "factor", "entropy_bounded", "hierarchical")
 
 
+def whole_blocks(length: int, block_size: int) -> int:
+    """``length`` rounded down to whole blocks (at least one): the engine decodes whole blocks, and
+    the curriculum's ``L_s`` (e.g. 100 + floor(s/10 * 3900)) need not be a multiple of the block."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return max(block_size, length - length % block_size)
+
+
 @dataclass
 class DecodeConfig:
     """How the student decodes an answer.

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from megatron.core import parallel_state
 
-from ..model import broadcast_from_last_stage
+from ..runtime.distributed import broadcast_from_last_stage
 
 
 class StageRunner:
@@ -41,8 +41,8 @@ class StageRunner:
         """Vocab-parallel logits ``[B, S, V/TP]`` on the last stage, None elsewhere; with ``columns``
         ``[B, K]`` only those columns go through the output layer (``[B, K, V/TP]``). ``cache``: the
         ``BlockKVCache`` the fused forward reads (the megatron forward reaches it through hooks)."""
-        from ..model import logits_at_columns
-        from ..platform import cpu_shim_suspended
+        from ..model.build import logits_at_columns
+        from ..runtime.platform import cpu_shim_suspended
 
         received = None
         if self._comm is not None:

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import vocab_parallel as vp
+from ..model import vocab_parallel as vp
 from .config import DecodeConfig
 
 _M32 = 0xFFFFFFFF

@@ -26,9 +26,10 @@ from typing import Dict, Optional
 
 import torch
 
-from ..cli import check_output
-from ..config import ModelConfig, canonical_dtype
-from .hf_io import SafetensorsReader, copy_tokenizer_files, read_hf_config, read_tokenizer_info
+from ..runtime.outputs import check_output
+from ..config.model import ModelConfig, canonical_dtype
+from ..checkpoint.tokenizer import copy_tokenizer_files
+from .hf_io import SafetensorsReader, read_hf_config, read_tokenizer_info
 from .hf_mapping import (
     ConversionError,
     check_hf_tensors,
@@ -139,7 +140,7 @@ def conversion_runtime(tp: int, pp: int):
     starts a CPU one for the conversion and closes it afterwards."""
     from megatron.core import parallel_state
 
-    from ..platform import initialize_runtime
+    from ..runtime.platform import initialize_runtime
 
     if parallel_state.model_parallel_is_initialized():
         have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
@@ -174,8 +175,9 @@ def convert(
     a torchrun job. ``config_overrides`` set ModelConfig fields (e.g. ``block_size``,
     ``logit_shift``, ``transformer_impl``, ``make_vocab_size_divisible_by``).
     """
-    from ..checkpointing import atomic_directory_save, save_model_checkpoint
-    from ..model import build_model
+    from ..checkpoint.atomic import atomic_directory_save
+    from ..checkpoint.model import save_model_checkpoint
+    from ..model.build import build_model
 
     check_output(out, "--out", "dir", [("--hf-dir", hf_dir)], replaces=True)
     if os.path.exists(out) and not overwrite:

@@ -21,10 +21,11 @@ from typing import Optional, Union
 
 import torch
 
-from ..cli import check_output
-from ..config import DTYPES, canonical_dtype
+from ..runtime.outputs import check_output
+from ..config.model import DTYPES, canonical_dtype
 from .convert_hf_to_megatron import TOKENIZER_SUBDIR
-from .hf_io import ShardedSafetensorsWriter, copy_tokenizer_files, write_json
+from ..checkpoint.tokenizer import copy_tokenizer_files
+from .hf_io import ShardedSafetensorsWriter, write_json
 from .hf_mapping import ConversionError, hf_config_from_model_config, hf_tensors, hf_vocab_rows, model_mappings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def parse_size(size: Union[int, str]) -> int:
 def _single_process_runtime():
     from megatron.core import parallel_state
 
-    from ..platform import initialize_runtime
+    from ..runtime.platform import initialize_runtime
 
     if parallel_state.model_parallel_is_initialized():
         sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
@@ -71,7 +72,8 @@ def export(
     ``dtype``: defaults to the checkpoint's. ``include_mask_token``: keep the appended [MASK] row
     (None: when the checkpoint recorded it as added on purpose).
     """
-    from ..checkpointing import atomic_directory_save, build_from_checkpoint, is_checkpoint, load_model_config
+    from ..checkpoint.atomic import atomic_directory_save
+    from ..checkpoint.model import build_from_checkpoint, is_checkpoint, load_model_config
 
     if not os.path.isdir(megatron_dir):
         raise FileNotFoundError(f"megatron checkpoint directory not found: {megatron_dir}")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,18 +20,6 @@ from .hf_mapping import ConversionError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # Files that make up a HF tokenizer (+ generation defaults), copied verbatim in both directions.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
 
 
 def read_json(path: str) -> Dict:
@@ -182,18 +169,6 @@ class ShardedSafetensorsWriter:
             {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map},
         )
         return files + [SAFETENSORS_INDEX]
-
-
-def copy_tokenizer_files(src_dir: str, dst_dir: str, names: Iterable[str] = TOKENIZER_FILES) -> List[str]:
-    """Copies the tokenizer files present in ``src_dir`` into ``dst_dir``; returns their names."""
-    copied = []
-    for name in names:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            os.makedirs(dst_dir, exist_ok=True)
-            shutil.copy2(src, os.path.join(dst_dir, name))
-            copied.append(name)
-    return copied
 
 
 def read_tokenizer_info(hf_dir: str) -> Tuple[Optional[int], Optional[int]]:

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig, canonical_dtype
+from ..config.model import ModelConfig, canonical_dtype
 
 # HF architecture -> model_type. All four share the Llama parameter names.
 SUPPORTED_ARCHITECTURES = {

@@ -18,7 +18,7 @@ import os
 import shutil
 from typing import Optional
 
-from ..cli import check_output
+from ..runtime.outputs import check_output
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import json
 
 import torch.distributed as dist
 
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.runtime.platform import initialize_runtime
 from tests.test_plan import ACTIVATION_MODELS, measure_activations
 
 

@@ -8,7 +8,7 @@ from typing import Dict
 
 import torch
 
-from opdlm_megatron.masks import positions_from_valid
+from opdlm_megatron.model.masks import positions_from_valid
 
 VOCAB = 250
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=VOCAB,

@@ -14,8 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.runtime.platform import initialize_runtime
 from opdlm_megatron.commands import convert_hf_to_megatron as hf_to_megatron_cli
 from opdlm_megatron.tools import convert_hf_to_megatron
 from tests.distributed.convert_common import megatron_logits, model_dirs, sample_batch

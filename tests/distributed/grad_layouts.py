@@ -18,8 +18,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from opdlm_megatron import masks
-from opdlm_megatron.losses import DivergenceConfig
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.losses import DivergenceConfig
 from opdlm_megatron.objectives import StateContext, get_objective
 from opdlm_megatron.objectives.base import SupervisedBatch
 from tests.distributed.student_data import EOS, synthetic_rollout
@@ -43,7 +43,7 @@ def global_batch(config, kind: str, rows: int = 4) -> SupervisedBatch:
 def objective(kind: str):
     """The objective ``kind``; TCS with K = TCS_CANDIDATES and every position routed (the stand-in
     student's argmax 0 disagrees with the teacher's), so each weight is 1."""
-    from opdlm_megatron.train_config import TCSConfig
+    from opdlm_megatron.objectives.tcs import TCSConfig
 
     obj = get_objective(kind)
     if kind == "opd_tcs":
@@ -160,11 +160,11 @@ def run_layout(name: str, args) -> Dict[str, float]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from opdlm_megatron.answers import data_parallel_share
-    from opdlm_megatron.checkpointing import build_from_checkpoint
-    from opdlm_megatron.platform import initialize_runtime
-    from opdlm_megatron.student import student_step
-    from opdlm_megatron.teacher import FrozenTeacher
+    from opdlm_megatron.runtime.distributed import data_parallel_share
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.training.student import student_step
+    from opdlm_megatron.distill.teacher import FrozenTeacher
     from opdlm_megatron.tools.hf_mapping import layer_offset_names
 
     tp, pp, distopt = LAYOUTS[name]

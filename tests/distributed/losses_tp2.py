@@ -9,8 +9,8 @@ import json
 import torch
 import torch.distributed as dist
 
-from opdlm_megatron.losses import DivergenceConfig, TeacherTopK, divergence, masked_diffusion_nll
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.model.losses import DivergenceConfig, TeacherTopK, divergence, masked_diffusion_nll
+from opdlm_megatron.runtime.platform import initialize_runtime
 from tests.test_losses import KINDS, VARIANTS, make_logits, reference_divergence
 
 

@@ -5,8 +5,8 @@ import argparse
 
 import torch
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.runtime.platform import initialize_runtime
 from tests.helpers import forward_backward, random_batch
 
 

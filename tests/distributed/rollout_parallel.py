@@ -6,8 +6,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.runtime.platform import initialize_runtime
 from opdlm_megatron.rollout import DiffusionRolloutEngine
 from tests.test_rollout_parallel import CASES, FORWARD_IMPLS, PROMPTS, decode_config
 

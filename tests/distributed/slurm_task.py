@@ -8,8 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from opdlm_megatron.model import build_model
-from opdlm_megatron.platform import initialize_runtime
+from opdlm_megatron.model.build import build_model
+from opdlm_megatron.runtime.platform import initialize_runtime
 from tests.helpers import tiny_config
 
 

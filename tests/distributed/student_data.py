@@ -127,9 +127,9 @@ TEACHER_TOP_K = 8
 def run_cases(student, config, teacher, micro_batch_size: int = 2) -> dict:
     """Teacher logits (this rank's shard, last stage) and, per case, the student step's loss, token
     count and layer grad norm. Same data on every rank (fixed seeds)."""
-    from opdlm_megatron.losses import DivergenceConfig
-    from opdlm_megatron.states import forward_mask, select_states
-    from opdlm_megatron.student import student_forward_backward
+    from opdlm_megatron.model.losses import DivergenceConfig
+    from opdlm_megatron.distill.states import forward_mask, select_states
+    from opdlm_megatron.training.student import student_forward_backward
 
     result = synthetic_rollout(config.vocab_size, config.block_size, batch_size=3, seed=5)
     logits = teacher.answer_logits(result.prompt_ids, result.prompt_valid, result.answer_ids, result.answer_valid,
@@ -164,10 +164,10 @@ def parallel_check_results():
     reference with ``run_cases``, then runs tests/distributed/student_parallel.py at TP=2 and PP=2
     (plus the TP=2 loss checks). Returns (reference, {"tp2": ..., "pp2": ...}, loss_errors).
     """
-    from opdlm_megatron.checkpointing import save_model_checkpoint
-    from opdlm_megatron.model import build_model
-    from opdlm_megatron.platform import initialize_runtime
-    from opdlm_megatron.teacher import FrozenTeacher
+    from opdlm_megatron.checkpoint.model import save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.distill.teacher import FrozenTeacher
     from tests.conftest import load_json, run_torchrun
 
     workdir = tempfile.mkdtemp(prefix="opdlm-student-parallel-")

@@ -12,9 +12,9 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from opdlm_megatron.checkpointing import build_from_checkpoint
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.teacher import FrozenTeacher
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.distill.teacher import FrozenTeacher
 from tests.distributed.student_data import run_cases
 
 

@@ -9,10 +9,10 @@ from typing import Dict, List
 
 import torch
 
-from opdlm_megatron import masks
-from opdlm_megatron.model import attention_mask, mask_unused_vocab
+from opdlm_megatron.model import masks
+from opdlm_megatron.model.build import attention_mask, mask_unused_vocab
 from opdlm_megatron.rollout.types import RolloutResult
-from opdlm_megatron.train_config import train_config_from_dict
+from opdlm_megatron.training.config_files import train_config_from_dict
 
 TINY_MODEL = dict(
     num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,

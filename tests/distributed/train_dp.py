@@ -9,9 +9,9 @@ import json
 
 import torch
 
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
-from opdlm_megatron.trainer import Trainer
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
+from opdlm_megatron.training.trainer import Trainer
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ import argparse
 
 import torch
 
-from opdlm_megatron.platform import initialize_runtime
-from opdlm_megatron.train_config import train_config_from_dict
-from opdlm_megatron.trainer import Trainer
+from opdlm_megatron.runtime.platform import initialize_runtime
+from opdlm_megatron.training.config_files import train_config_from_dict
+from opdlm_megatron.training.trainer import Trainer
 from tests.distributed.train_common import ReplayRollout, tiny_train_dict
 
 

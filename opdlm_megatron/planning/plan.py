@@ -1,0 +1,217 @@
+"""``opdlm-plan``: check a training config and parallel layout, and estimate memory per GPU, without a GPU.
+
+    opdlm-plan --config configs/smollm2_opd.yaml --world-size 8 --gpu-memory-gb 80 [key=value ...]
+
+Checks (each one line naming the bad value): the world size against TP x PP, the model against the
+layout (heads, query groups, FFN, layers, vocabulary padding: ``ModelConfig.check_parallel``), the
+batch against data parallelism, the objective's settings (``TrainConfig``) and FP8 settings.
+
+Memory of the most loaded rank (pipeline stage 0 holds the embedding and the most activations):
+
+* student weights, fp32 main gradients (megatron DDP's ``grad_reduce_in_fp32``), Adam moments and fp32
+  master weights for 16-bit parameters, divided over data-parallel ranks with the distributed optimizer;
+* teacher weights in its dtype (1 byte per parameter with ``fp8_param``);
+* the teacher's targets for one step's rows (packed logits of the supervised positions, or top-k);
+* the rollout's KV cache: this rank's share of ``tasks_per_rollout`` rows, prompt + final curriculum
+  length, its layers and KV heads;
+* activations of the ``[prompt | x0 | xt]`` layout at the final length (P + 2A columns, every answer
+  token supervised): the tensors the student's layers keep for backward (``activations.py``), with
+  megatron-LM's pipeline rule; megatron-LM's own formula
+  (``theoretical_memory_usage.compute_activation_memory_without_sp``) is printed as a note beside it.
+
+The static parts are exact tensor sizes (checked against the tensors a built trainer holds, in
+tests/test_plan.py), the activation count is held to the bytes a real student keeps (within 15%,
+on CPU). A layout that does not fit gets suggestions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .activations import ActivationShape, activation_bytes
+from ..config.model import ModelConfig
+from ..objectives import get_objective
+from ..training.config import TrainConfig
+
+GIB = 1024 ** 3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    parts: Dict[str, float] = field(default_factory=dict)  # bytes on the most loaded rank
+    notes: List[str] = field(default_factory=list)
+    flex_activations: Optional[float] = None  # the activations with FlexAttention, for a dense-attention plan
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def stage_parameters(config: ModelConfig, tp: int, pp: int) -> int:
+    """Parameters held by the first pipeline stage's rank (embedding + its layers; with one stage
+    also the final norm and, untied, the output layer), per tensor-parallel rank."""
+    total = config.num_parameters()
+    vocab_rows = config.padded_vocab_size(tp) * config.hidden_size
+    layers = total - vocab_rows * (1 if config.tie_word_embeddings else 2) - config.hidden_size
+    per_layer = layers // config.num_layers
+    stage_layers = math.ceil(config.num_layers / pp)
+    held = stage_layers * per_layer + vocab_rows  # the embedding
+    if pp == 1:
+        held += config.hidden_size + (0 if config.tie_word_embeddings else vocab_rows)
+    return math.ceil(held / tp)
+
+
+def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Optional[ModelConfig] = None,
+         distributed_optimizer: Optional[bool] = None, prompt_tokens: Optional[int] = None) -> Plan:
+    """Checks the layout and estimates memory per GPU (bytes). Raises ValueError naming a bad value."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if world_size < 1 or world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP {tp} x PP {pp}")
+    if config.num_layers % pp:
+        raise ValueError(f"num_layers {config.num_layers} is not divisible by pipeline parallel size {pp}")
+    config.check_parallel(tp, pp)
+    for who, precision in (("model.student_precision", cfg.model.student_precision),
+                           ("model.teacher_precision", cfg.model.teacher_precision)):
+        if precision.enabled and config.transformer_impl != "transformer_engine":
+            raise ValueError(f"{who} asks for FP8, which needs the Transformer Engine layer spec; the checkpoint has "
+                             f"transformer_impl {config.transformer_impl!r} (convert with --transformer-impl "
+                             f"transformer_engine)")
+    dp = world_size // (tp * pp)
+    micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if batch % (dp * micro):
+        raise ValueError(f"train.global_batch_size {batch} is not a multiple of data-parallel size {dp} x "
+                         f"train.micro_batch_size {micro}")
+    if distributed_optimizer is None:
+        distributed_optimizer = cfg.parallel.distributed_optimizer == "on" or (
+            cfg.parallel.distributed_optimizer == "auto" and dp > 1 and cfg.parallel.device != "cpu")
+    out = Plan(world_size, tp, pp, dp)
+
+    # student: weights + fp32 main grads + Adam (+ fp32 master weights for 16-bit parameters)
+    params = stage_parameters(config, tp, pp)
+    dtype_bytes = BYTES[config.params_dtype]
+    optimizer_bytes = 8 + (4 if dtype_bytes < 4 else 0)
+    out.parts["student weights"] = params * dtype_bytes
+    out.parts["student gradients (fp32)"] = params * 4
+    out.parts["optimizer (Adam" + (", distributed)" if distributed_optimizer else ")")] = \
+        params * optimizer_bytes / (dp if distributed_optimizer else 1)
+
+    # teacher (self-distillation: the student's architecture)
+    if cfg.objective not in ("mdlm", "ar"):
+        teacher = teacher or config
+        teacher_dtype = cfg.model.teacher_dtype or teacher.params_dtype
+        per = 1 if cfg.model.teacher_precision.fp8_param else BYTES.get(teacher_dtype, 4)
+        out.parts["teacher weights"] = stage_parameters(teacher, tp, pp) * per
+
+    # lengths at the end of the curriculum
+    answer = cfg.curriculum.max_length
+    prompt = prompt_tokens or cfg.data.max_prompt_tokens
+    if prompt + answer > config.max_sequence_length:
+        out.notes.append(f"prompt {prompt} + final rollout length {answer} exceed max_sequence_length "
+                         f"{config.max_sequence_length}: rollouts will be cut to fit")
+        answer = max(config.block_size, config.max_sequence_length - prompt)
+    rows = batch // dp
+    vocab = config.padded_vocab_size(tp) // tp
+    if cfg.objective not in ("mdlm", "ar", "sft"):
+        supervised = rows * answer  # at most every answer token
+        k = cfg.loss.top_k
+        out.parts["teacher targets (one step)"] = supervised * (k * 12 if k else vocab * 4)
+    if cfg.objective in ("opd", "opd_tcs"):
+        rollout_rows = math.ceil(cfg.rollout.tasks_per_rollout / dp)
+        layers = math.ceil(config.num_layers / pp)
+        kv_heads = config.query_groups // tp
+        out.parts["rollout KV cache"] = (rollout_rows * (prompt + answer) * layers * 2 * kv_heads
+                                         * config.head_dim * dtype_bytes)
+
+    # activations of [prompt | x0 | xt]: what the student's layers keep for backward (activations.py),
+    # the worst case of every answer token supervised
+    seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
+    distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
+    shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if distill else None, distill)
+    microbatches = max(1, rows // micro)
+    name = f"activations ({seq} columns x {micro} rows, {config.attention_backend} attention)"
+    out.parts[name] = activation_bytes(config, shape, pp, microbatches)
+    if config.attention_backend == "dense":
+        out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
+    megatron = _megatron_activation_estimate(config, seq, micro, tp, pp, microbatches)
+    out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
+                     f"column) would say {megatron / GIB:.2f} GiB")
+    return out
+
+
+def _megatron_activation_estimate(config: ModelConfig, seq: int, micro: int, tp: int, pp: int,
+                                  num_microbatches: int) -> float:
+    from megatron.training.theoretical_memory_usage import compute_activation_memory_without_sp
+
+    args = Namespace(hidden_size=config.hidden_size, micro_batch_size=micro, num_layers=config.num_layers,
+                     padded_vocab_size=config.padded_vocab_size(tp), pipeline_model_parallel_size=pp,
+                     seq_length=seq, tensor_model_parallel_size=tp, virtual_pipeline_model_parallel_size=None,
+                     ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads)
+    return compute_activation_memory_without_sp(args, num_microbatches=num_microbatches)
+
+
+def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -> List[str]:
+    tips = []
+    if p.flex_activations is not None and cfg.parallel.device != "cpu":
+        dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
+        tips.append(f"FlexAttention for the student (model.attention_backend: flex, GPU only) keeps no score "
+                    f"tensor per head: activations {dense / GIB:.1f} -> {p.flex_activations / GIB:.1f} GiB")
+    if config.num_attention_heads % (p.tensor_parallel * 2) == 0 and config.query_groups % (p.tensor_parallel * 2) == 0:
+        tips.append(f"more tensor parallelism (TP {p.tensor_parallel * 2}) halves weights, caches and activations")
+    if config.num_layers % (p.pipeline_parallel * 2) == 0:
+        tips.append(f"more pipeline parallelism (PP {p.pipeline_parallel * 2}) halves the per-stage layers")
+    if not cfg.model.teacher_precision.fp8_param and "teacher weights" in p.parts:
+        tips.append("an FP8 teacher (model.teacher_precision: {fp8: e4m3, fp8_param: true}) halves its weights")
+    if cfg.loss.top_k is None and "teacher targets (one step)" in p.parts:
+        tips.append("top-k teacher targets (loss.top_k: 64) replace full-vocabulary logits")
+    if p.data_parallel > 1:
+        tips.append("the distributed optimizer shards Adam over data-parallel ranks (parallel.distributed_optimizer: on)")
+    return tips
+
+
+def format_plan(p: Plan, budget: Optional[float]) -> str:
+    lines = [f"layout: world {p.world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {p.data_parallel}",
+             "memory of the most loaded rank:"]
+    width = max(len(name) for name in [*p.parts, "total"])
+    for name, value in p.parts.items():
+        lines.append(f"  {name:<{width}} {value / GIB:9.3f} GiB")
+    lines.append(f"  {'total':<{width}} {p.total / GIB:9.3f} GiB" + (f" of {budget / GIB:.0f} GiB" if budget else ""))
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def load_architecture(path: str, needs_transformer_engine: bool = False) -> Tuple[ModelConfig, Optional[str]]:
+    """The architecture at ``path``: this project's checkpoint or ``opdlm_model_config.json``, or a HF
+    ``config.json`` (or the HF model directory holding it, tokenizer included), mapped as
+    ``opdlm-convert-hf-to-megatron`` would convert it - with the Transformer Engine spec when the run
+    needs it (FP8). Returns ``(config, note)``; the note says how a HF config was read."""
+    from ..config.model import CONFIG_FILE_NAME
+    from ..tools.hf_io import read_json_object, read_tokenizer_info
+    from ..tools.hf_mapping import model_config_from_hf
+
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE_NAME)) or os.path.basename(path) == CONFIG_FILE_NAME:
+        return ModelConfig.load(path), None
+    hf_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(hf_file):
+        raise FileNotFoundError(f"no model config at {path} (an opdlm checkpoint, its {CONFIG_FILE_NAME}, or a HF "
+                                f"config.json or model directory)")
+    hf = read_json_object(hf_file)
+    generation_file = os.path.join(directory, "generation_config.json")
+    generation = read_json_object(generation_file) if os.path.isfile(generation_file) else None
+    tokenizer_size, tokenizer_mask = read_tokenizer_info(directory) if os.path.isdir(path) else (None, None)
+    overrides = {"transformer_impl": "transformer_engine"} if needs_transformer_engine else {}
+    config = model_config_from_hf(hf, generation, tokenizer_size=tokenizer_size,
+                                  tokenizer_mask_token_id=tokenizer_mask, **overrides)
+    note = (f"architecture from the HF config {hf_file}, as opdlm-convert-hf-to-megatron converts it"
+            + (" with --transformer-impl transformer_engine (FP8 needs it)" if needs_transformer_engine else ""))
+    return config, note

@@ -1,0 +1,310 @@
+"""One student forward/backward on a ``SupervisedBatch``, through megatron-core's pipeline schedule.
+
+Layouts (``SupervisedBatch.layout``):
+
+* ``"opd"`` - ``[prompt | x0 | xt]`` (``masks.opd_training_batch``): the student sees the prompt and
+  the clean answer x0 block-causally and, per block, the partially masked copy xt of that block; the
+  prediction of answer token i is read at its ``prediction_columns`` column (its own xt column, or
+  with the Dream-style logit shift the column before it).
+* ``"causal"`` - ``[prompt; x0]`` with the causal mask; answer token i is predicted at the column
+  before it (the ``ar`` objective).
+
+The output layer runs only on the columns the loss reads (``model.select_output_columns``).
+
+Targets: the teacher's distributions (``TeacherTargets``: packed logits or top-k of the supervised
+positions; the per-token loss is the configured divergence, paper: forward KL), or the answer tokens
+themselves (cross entropy, times ``weights`` when given: 1/t for the masked-diffusion losses).
+
+Normalisation (``normalization``):
+
+* ``"token"`` (default; paper Algorithm 1 sums over masked positions with w(t) = 1): the sum of the
+  weighted per-token losses over the *global* batch (all micro-batches and data-parallel ranks)
+  divided by the global number of ``normalizer`` tokens (all-reduced before the forward). Each rank
+  back-propagates its share times the data-parallel size, which megatron DDP's gradient average
+  undoes, so the gradient is that of the global per-token mean.
+* ``"row"`` (the first layout): per row, the weighted sum over its supervised tokens divided by its
+  ``normalizer`` count; then the mean over the rows of this rank with a supervised token (DDP then
+  averages the ranks).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config.choices import LOSS_NORMALIZATIONS
+from ..config.model import ModelConfig
+from ..model.losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence, masked_diffusion_nll, unused_vocab_columns
+from ..model.masks import causal_layout, opd_training_batch
+from ..model.build import attention_mask, logits_at_columns
+from ..runtime.distributed import broadcast_from_last_stage, data_parallel_sum
+from ..objectives.base import SupervisedBatch
+from ..config.precision import fp8_sequence_multiple, pad_batch
+from ..rollout.types import RolloutResult
+from ..distill.teacher import TeacherTargets
+from ..model.microbatches import microbatch_groups, microbatch_rows
+
+OBJECTIVES = ("distill", "ce")
+TOKEN_NORMALIZERS = ("supervised", "answer")
+
+
+def model_input(config: ModelConfig, batch: SupervisedBatch):
+    """``(input_ids [B, S], layout, prediction_columns [B, A])`` of the student for ``batch``."""
+    r = batch.answers
+    if batch.layout == "opd":
+        opd = opd_training_batch(r.prompt_ids, r.prompt_valid, r.answer_ids, batch.xt, r.answer_valid,
+                                 config.block_size, config.logit_shift)
+        return opd.input_ids, opd.layout, opd.prediction_columns
+    # causal: the last answer token predicts nothing inside the answer, so it is not an input
+    ids = torch.cat([r.prompt_ids, r.answer_ids[:, :-1]], 1)
+    layout = causal_layout(torch.cat([r.prompt_valid, r.answer_valid[:, :-1]], 1))
+    plen = r.prompt_ids.shape[1]
+    columns = plen - 1 + torch.arange(r.answer_ids.shape[1])[None].expand(r.batch_size, -1)
+    return ids, layout, columns
+
+
+def _check_targets(config: ModelConfig, batch: SupervisedBatch, targets, last_stage: bool) -> None:
+    if not batch.distill or not last_stage:
+        return
+    if not isinstance(targets, TeacherTargets):
+        raise ValueError(f"a distillation batch needs TeacherTargets, got {type(targets).__name__}")
+    shape = tuple(batch.answers.answer_ids.shape)
+    if tuple(targets.index.shape) != shape:
+        raise ValueError(f"teacher targets index {tuple(targets.index.shape)} must be [B, A] = {shape}")
+    missing = batch.supervised & (targets.index < 0)
+    if bool(missing.any()):
+        raise ValueError(f"teacher targets lack {int(missing.sum())} supervised positions")
+    if not isinstance(targets.logits, TeacherTopK):
+        excluded = unused_vocab_columns(config)
+        if targets.logits.shape[-1] != excluded.shape[0]:
+            raise ValueError(f"teacher logits have {targets.logits.shape[-1]} vocabulary columns per rank, the "
+                             f"student {excluded.shape[0]}: the vocabularies differ")
+
+
+class StudentStepPlan:
+    """One student step on ``batch`` cut into micro-batches, for any caller of megatron's pipeline
+    schedules: ``student_step`` here, and Megatron-LM's ``train_step`` (``megatron_lm/``), whose
+    ``forward_step_func`` pulls the same micro-batches. Each micro-batch dict carries its plan
+    (``mb["plan"]``), so one static forward-step function serves every step."""
+
+    def __init__(self, model, config: ModelConfig, batch: SupervisedBatch, targets: Optional[TeacherTargets],
+                 divergence_cfg: Optional[DivergenceConfig], micro_batch_size: int, normalization: str = "token",
+                 num_rows: Optional[float] = None, pad_multiple: Optional[int] = None) -> None:
+        from megatron.core import parallel_state
+
+        if normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; expected one of {LOSS_NORMALIZATIONS}")
+        if batch.distill and divergence_cfg is None:
+            raise ValueError("a distillation batch needs a DivergenceConfig")
+        self.config, self.batch, self.targets = config, batch, targets
+        self.divergence_cfg, self.normalization = divergence_cfg, normalization
+        self.micro_batch_size = micro_batch_size
+        # True: the statistics are only Megatron-LM's [sum, count] pairs (its train_step logs every key)
+        self.megatron_lm_logging = False
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        _check_targets(config, batch, targets, self.last_stage)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+        supervised = batch.supervised
+        self.counts = batch.normalizer.sum(-1)
+        rows_with_tokens = supervised.any(-1)
+        # global sizes first (known before any forward): the denominators of the normalisations
+        sizes = data_parallel_sum(torch.tensor([float(self.counts.sum()), float(supervised.sum()),
+                                      float(rows_with_tokens.sum())], dtype=torch.float64))
+        self.global_normalizer, self.global_supervised, self.global_rows = (float(x) for x in sizes)
+        self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
+
+        input_ids, layout, prediction_columns = model_input(config, batch)
+        multiple = pad_multiple if pad_multiple is not None else fp8_sequence_multiple(model)
+        input_ids, layout = pad_batch(input_ids, layout, multiple, config.pad_token_id)
+        self.seq_length = input_ids.shape[1]
+        if batch.groups is None:
+            plan = microbatch_rows(batch.batch_size, micro_batch_size)
+        else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
+            plan = microbatch_groups(batch.groups, micro_batch_size,
+                                     equal_rows=parallel_state.get_pipeline_model_parallel_world_size() > 1)
+        self.num_microbatches = len(plan)
+        self.rows_per_microbatch = max(len(rows) for rows, _ in plan)
+        self.device = next(model.parameters()).device
+        self.excluded = unused_vocab_columns(config).to(self.device)
+        self.chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
+
+        self.microbatches = []
+        for rows, real in plan:
+            sup = supervised[rows] & real[:, None]
+            # the supervised answer positions of each row first (stable), padded to the widest row
+            width = max(1, int(sup.sum(-1).max()))
+            order = torch.sort((~sup).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            slot_valid = sup.gather(1, order)
+            self.microbatches.append(dict(
+                plan=self, ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order,
+                slot_valid=slot_valid, columns=prediction_columns[rows].gather(1, order),
+            ))
+
+    def loss_func(self, mb, output: Tensor):
+        """(loss to back-propagate, statistics): ``loss`` (this micro-batch's share of the step's loss),
+        ``token_sum`` (unweighted per-token losses), and Megatron-LM's ``[sum, count]`` logging pairs
+        ``opd loss`` (sum over micro-batches and data-parallel ranks = the step's loss) and
+        ``opd per-token loss`` (the unweighted mean over supervised tokens)."""
+        batch, targets = self.batch, self.targets
+        slot_valid = mb["slot_valid"].to(output.device)
+        which_row, which_slot = slot_valid.nonzero(as_tuple=True)
+        student_logits = output[which_row, which_slot]
+        global_rows = mb["rows"].to(output.device)[which_row]
+        answer_idx = mb["answer_index"].to(output.device)[which_row, which_slot]
+        if batch.distill:
+            teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
+            per_token = divergence(student_logits, teacher_logits, self.divergence_cfg, self.excluded)
+            per_token = self._corrected(per_token, student_logits, global_rows, answer_idx, output.device)
+        else:
+            ids = batch.answers.answer_ids.to(output.device)[global_rows, answer_idx]
+            per_token = masked_diffusion_nll(student_logits, ids, self.excluded, self.chunk)
+        weighted = per_token
+        if batch.weights is not None:
+            weighted = per_token * batch.weights.to(output.device)[global_rows, answer_idx].to(per_token.dtype)
+        if self.normalization == "token":
+            total = weighted.sum() / max(self.global_normalizer, 1.0)
+            contribution = total * self.dp_size
+            share = 1.0 / (self.num_microbatches * self.dp_size)
+        else:
+            denom = self.counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
+            total = (weighted / denom).sum() / max(self.local_rows, 1.0)
+            contribution = total
+            share = 1.0 / self.num_microbatches
+        detached = total.detach().float()
+        token_sum = per_token.detach().sum().float()
+        stats = {
+            "opd loss": torch.stack([detached, detached.new_tensor(share)]),
+            "opd per-token loss": torch.stack([token_sum, token_sum.new_tensor(float(per_token.numel()))]),
+        }
+        if not self.megatron_lm_logging:
+            stats.update(loss=total.detach(), token_sum=per_token.detach().sum())
+        # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
+        return contribution * self.num_microbatches, stats
+
+    def _corrected(self, per_token: Tensor, student_logits: Tensor, rows: Tensor, positions: Tensor, device) -> Tensor:
+        """``D(q) + w (D(q_alt) - D(q))`` where the targets carry a second target (TCS's routed positions)."""
+        found = self.targets.lookup_correction(rows, positions, device)
+        if found is None:
+            return per_token
+        which, weights, alternative = found
+        if not bool(which.any()):
+            return per_token
+        other = divergence(student_logits[which], alternative, self.divergence_cfg, self.excluded)
+        delta = torch.zeros_like(per_token).index_put((which.nonzero().flatten(),),
+                                                      weights.to(per_token.dtype) * (other - per_token[which]))
+        return per_token + delta
+
+    def forward_microbatch(self, mb, model):
+        """megatron's ``forward_step_func`` body for one of this plan's micro-batches."""
+        lay = mb["layout"].to(self.device)
+        output = logits_at_columns(model, mb["ids"].to(self.device), lay.position_ids,
+                                   attention_mask(self.config, lay), mb["columns"])
+        return output, partial(self.loss_func, mb)
+
+    def summarize(self, results) -> Dict[str, float]:
+        """The step's numbers from the schedule's per-micro-batch statistics (identical on every rank)."""
+        totals = torch.zeros(2, dtype=torch.float64)
+        if self.last_stage:
+            totals[0] = sum(float(r["loss"]) for r in results)
+            totals[1] = sum(float(r["token_sum"]) for r in results)
+        broadcast_from_last_stage(totals)
+        data_parallel_sum(totals)
+        loss = float(totals[0]) if self.normalization == "token" else float(totals[0]) / self.dp_size
+        return {
+            "loss": loss,
+            "num_tokens": self.global_supervised,
+            "num_rows": self.global_rows,
+            "token_mean": float(totals[1]) / max(self.global_supervised, 1.0),
+        }
+
+
+def forward_step(data_iterator, model):
+    """A megatron ``forward_step_func`` for ``StudentStepPlan`` micro-batches."""
+    mb = next(data_iterator)
+    return mb["plan"].forward_microbatch(mb, model)
+
+
+def student_step(
+    model,
+    config: ModelConfig,
+    batch: SupervisedBatch,
+    targets: Optional[TeacherTargets],
+    divergence_cfg: Optional[DivergenceConfig],
+    micro_batch_size: int,
+    normalization: str = "token",
+    forward_only: bool = False,
+    num_rows: Optional[float] = None,
+) -> Dict[str, float]:
+    """Runs the student on ``batch`` over micro-batches; gradients accumulate in ``model``.
+
+    ``model``: this rank's part of the student (bare or megatron-DDP-wrapped); ``batch``: this data-
+    parallel rank's rows; ``targets``: the teacher's targets for them (last pipeline stage; ignored
+    for cross-entropy batches). ``num_rows`` overrides the row count of the ``"row"`` normalisation.
+
+    Returns floats identical on every rank: ``loss`` (the objective over the global batch),
+    ``num_tokens`` (supervised tokens, global), ``num_rows`` (rows with a supervised token, global),
+    ``token_mean`` (unweighted mean per-token loss over the supervised tokens, global).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    plan = StudentStepPlan(model, config, batch, targets, divergence_cfg, micro_batch_size, normalization, num_rows)
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(plan.microbatches), model=[model],
+        num_microbatches=plan.num_microbatches, seq_length=plan.seq_length,
+        micro_batch_size=plan.rows_per_microbatch, forward_only=forward_only,
+    )
+    return plan.summarize(results)
+
+
+def student_forward_backward(
+    model,
+    config: ModelConfig,
+    result: RolloutResult,
+    xt: Tensor,
+    targets,
+    objective: str,
+    divergence_cfg: Optional[DivergenceConfig],
+    micro_batch_size: int,
+    forward_only: bool = False,
+    loss_weights: Optional[Tensor] = None,
+    *,
+    end_of_turn_ids: Optional[Sequence[int]] = None,
+    include_end_of_turn: bool = True,
+    token_normalizer: Optional[str] = None,
+    num_rows: Optional[float] = None,
+    normalization: str = "row",
+) -> Dict[str, float]:
+    """The first interface, kept for callers that hold a rollout, an ``xt`` and dense targets:
+    ``objective`` "distill" (``targets``: teacher logits ``[B, A, V/TP]`` or a ``TeacherTopK`` over
+    ``[B, A]``) or "ce" (``targets``: token ids ``[B, A]``, the answers). Builds the
+    ``SupervisedBatch`` on the ``[prompt | x0 | xt]`` layout and runs ``student_step`` with the
+    per-row normalisation it always had (``token_normalizer`` "answer" when ``loss_weights``)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if token_normalizer is None:
+        token_normalizer = "answer" if loss_weights is not None else "supervised"
+    if token_normalizer not in TOKEN_NORMALIZERS:
+        raise ValueError(f"unknown token_normalizer {token_normalizer!r}; expected one of {TOKEN_NORMALIZERS}")
+    shape = tuple(result.answer_ids.shape)
+    if tuple(xt.shape) != shape:
+        raise ValueError(f"xt {tuple(xt.shape)} must have the answers' shape {shape}")
+    if objective == "ce" and (targets is None or tuple(targets.shape) != shape):
+        raise ValueError(f"objective 'ce' needs token-id targets of shape {shape}, got "
+                         f"{None if targets is None else tuple(targets.shape)}")
+    eot = config.eos_token_ids if end_of_turn_ids is None else end_of_turn_ids
+    kept = answer_loss_mask(result.answer_ids, result.answer_valid, eot, include_end_of_turn)
+    supervised = kept & (xt == config.mask_token_id)
+    if objective == "ce":
+        result = RolloutResult(result.prompt_ids, result.prompt_valid, targets, result.answer_valid,
+                               result.commit_step, result.num_rounds, result.finished, result.num_forward_passes)
+    batch = SupervisedBatch(result, supervised, supervised if token_normalizer == "supervised" else kept,
+                            distill=objective == "distill", layout="opd", xt=xt, weights=loss_weights)
+    teacher_targets = None
+    if objective == "distill" and targets is not None:
+        teacher_targets = TeacherTargets.dense(targets, shape)
+    return student_step(model, config, batch, teacher_targets, divergence_cfg, micro_batch_size,
+                        normalization, forward_only, num_rows)
