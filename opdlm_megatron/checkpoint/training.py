@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .tokenizer import copy_tokenizer_files
-from .model import is_checkpoint, load_model_checkpoint, save_model_checkpoint
-from ..runtime.distributed import global_rank
 from ..config.model import ModelConfig
 from ..rollout.types import RolloutResult
+from ..runtime.distributed import global_rank
+from .model import is_checkpoint, load_model_checkpoint, save_model_checkpoint
+from .tokenizer import copy_tokenizer_files
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
+from ..config.choices import DTYPE_CHOICES
 from ..runtime.console import setup_console
 from .base import argument_parser, refuse_bad_input
-from ..config.choices import DTYPE_CHOICES
 
 PROGRAM = "opdlm-convert-hf-to-megatron"
 

@@ -13,8 +13,8 @@ import argparse
 from typing import List, Optional
 
 from ..runtime.console import setup_console
-from .base import argument_parser, refuse_bad_input
 from ..tools.convert_layout import LAYOUTS
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-convert-layout"
 

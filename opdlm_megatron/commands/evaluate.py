@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..runtime.console import setup_console
-from .base import argument_parser, refuse_bad_input
 from ..eval import scoring
 from ..eval.tasks import FILE_TASKS
+from ..runtime.console import setup_console
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-eval"
 
@@ -86,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_console(PROGRAM, verbose=args.verbose)
 
     def run() -> int:
-        from ..eval.evaluation import format_table, run as evaluate, validate
+        from ..eval.evaluation import format_table, validate
+        from ..eval.evaluation import run as evaluate
         from ..eval.tasks import load_task
 
         spec = validate(args)

@@ -19,10 +19,10 @@ import os
 import re
 from typing import List, Optional, Sequence
 
-from ..runtime.outputs import check_output
-from ..runtime.console import setup_console
-from .base import argument_parser, refuse_bad_input
 from ..rollout.config import CONFIDENCES, DecodeConfig
+from ..runtime.console import setup_console
+from ..runtime.outputs import check_output
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-generate"
 
@@ -55,8 +55,8 @@ def run(args) -> None:
     from transformers import AutoTokenizer
 
     from ..checkpoint.model import build_from_checkpoint
-    from ..runtime.platform import initialize_runtime
     from ..rollout import DiffusionRolloutEngine
+    from ..runtime.platform import initialize_runtime
 
     try:
         decode = DecodeConfig(

@@ -14,10 +14,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..runtime.outputs import check_output
-from ..runtime.console import setup_console
-from .base import argument_parser, refuse_bad_input
 from ..eval import KINDS
+from ..runtime.console import setup_console
+from ..runtime.outputs import check_output
+from .base import argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-lm-eval"
 

@@ -25,11 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ..config.model import ModelConfig
-from ..runtime.distributed import data_parallel_share
 from ..data.samples import Sample
-from ..rollout.config import DecodeConfig
+from ..rollout.config import DecodeConfig, whole_blocks
 from ..rollout.types import RolloutResult
-from ..rollout.config import whole_blocks
+from ..runtime.distributed import data_parallel_share
 
 logger = logging.getLogger(__name__)
 

@@ -267,9 +267,9 @@ class FrozenTeacher:
         from megatron.core import parallel_state
 
         from ..model import vocab_parallel as vp
+        from ..model.build import uses_causal_kernel
         from ..model.losses import unused_vocab_columns
         from ..model.masks import branch_layout
-        from ..model.build import uses_causal_kernel
 
         if uses_causal_kernel(self.model):
             raise ValueError("TCS's branches need a teacher built with the arbitrary mask, not the causal kernel")

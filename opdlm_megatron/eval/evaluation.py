@@ -128,11 +128,11 @@ def run(args, spec: TaskSpec) -> Optional[dict]:
 
     from ..checkpoint.model import build_from_checkpoint, load_model_config
     from ..data.samples import load_tokenizer
+    from ..rollout.config import DecodeConfig
+    from ..runtime.platform import initialize_runtime
     from .metrics import accuracy_under_parallelism, summarize_run, teacher_agreement
     from .runner import ar_config, generate, score_generations, student_decode, teacher_decode
     from .tasks import load_task
-    from ..runtime.platform import initialize_runtime
-    from ..rollout.config import DecodeConfig
 
     items = load_task(spec)
     tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.student, "tokenizer"))

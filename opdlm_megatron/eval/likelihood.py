@@ -19,12 +19,12 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..model import vocab_parallel as vp
-from ..distill.answers import mix_seed, results_from_answers
 from ..config.model import ModelConfig
+from ..distill.answers import mix_seed, results_from_answers
+from ..model import vocab_parallel as vp
+from ..model.build import forward_answer_columns
 from ..model.losses import masked_diffusion_nll, unused_vocab_columns
 from ..model.masks import causal_layout, opd_training_batch
-from ..model.build import forward_answer_columns
 from ..runtime.distributed import broadcast_from_last_stage
 
 

@@ -17,10 +17,9 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+from torch import Tensor
 
 _compiled_flex = None
 

@@ -22,19 +22,18 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import Tensor
 
-from .attention import FlexCoreAttention
-from .microbatches import microbatch_rows
 from ..config.model import ModelConfig
-from .masks import AttentionLayout, right_padded
-from ..runtime.platform import compute_device
 from ..config.precision import PrecisionConfig, check_fp8_runtime, fp8_sequence_multiple, pad_batch
+from ..runtime.platform import compute_device
+from .attention import FlexCoreAttention
+from .masks import AttentionLayout, right_padded
+from .microbatches import microbatch_rows
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

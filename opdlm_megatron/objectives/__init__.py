@@ -13,6 +13,14 @@
 | ``lift`` / ``lift2`` (LIFT) | the dataset's responses | superset masking, then the k random / easiest / hardest | answer tokens | 1/t (or CART) |
 """
 
-from .base import (ANSWER_SOURCES, Objective, StateContext, SupervisedBatch, TargetTools,  # noqa: F401
-                   get_objective, objective_names, register_objective)
 from . import ar, kd_off, lift, mdlm, opd, opd_off, sft, tcs  # noqa: F401,E402  (registers the built-in objectives)
+from .base import (  # noqa: F401
+                   ANSWER_SOURCES,
+                   Objective,
+                   StateContext,
+                   SupervisedBatch,
+                   TargetTools,
+                   get_objective,
+                   objective_names,
+                   register_objective,
+)

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..model import vocab_parallel as vp
 from ..config.model import ModelConfig
+from ..model import vocab_parallel as vp
+from ..model.build import forward_answer_columns
 from ..model.losses import unused_vocab_columns
 from ..model.masks import opd_training_batch
-from ..model.build import forward_answer_columns
-from ..runtime.distributed import broadcast_from_last_stage
 from ..rollout.types import RolloutResult
+from ..runtime.distributed import broadcast_from_last_stage
 
 
 @dataclass

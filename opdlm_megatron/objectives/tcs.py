@@ -37,13 +37,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..config.checks import in_range, positive_int
+from ..distill.teacher import TeacherTargets
 from ..model import vocab_parallel as vp
 from ..model.losses import TeacherTopK, unused_vocab_columns
 from ..runtime.distributed import broadcast_from_last_stage
-from ..distill.teacher import TeacherTargets
-from ..config.checks import in_range, positive_int
-from .base import (Objective, SupervisedBatch, TargetTools, random_mask_batch, register_objective,
-                   trajectory_batch)
+from .base import Objective, SupervisedBatch, TargetTools, random_mask_batch, register_objective, trajectory_batch
 
 
 @dataclass

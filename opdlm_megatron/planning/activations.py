@@ -43,6 +43,7 @@ from typing import Optional
 
 from ..config.model import ACTIVATIONS, ModelConfig
 
+
 @dataclass(frozen=True)
 class ActivationShape:
     """One micro-batch of the student's training forward on one rank."""

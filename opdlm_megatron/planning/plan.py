@@ -32,10 +32,10 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .activations import ActivationShape, activation_bytes
 from ..config.model import ModelConfig
 from ..objectives import get_objective
 from ..training.config import TrainConfig
+from .activations import ActivationShape, activation_bytes
 
 GIB = 1024 ** 3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -34,10 +34,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..model import masks
 from ..config.model import ModelConfig
-from ..model.build import attention_mask, mask_unused_vocab
 from ..config.precision import fp8_disabled
+from ..model import masks
+from ..model.build import attention_mask, mask_unused_vocab
 from .config import DecodeConfig
 from .fused_forward import FusedDecodeForward, unsupported_reason
 from .kv_cache import BlockKVCache

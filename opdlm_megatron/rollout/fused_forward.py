@@ -24,9 +24,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import parallel_state
+from torch import Tensor
 
 
 def _plain_linear(module) -> bool:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core import parallel_state
+from torch import Tensor
 
 from ..runtime.distributed import broadcast_from_last_stage
 

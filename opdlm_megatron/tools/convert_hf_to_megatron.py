@@ -26,9 +26,9 @@ from typing import Dict, Optional
 
 import torch
 
-from ..runtime.outputs import check_output
-from ..config.model import ModelConfig, canonical_dtype
 from ..checkpoint.tokenizer import copy_tokenizer_files
+from ..config.model import ModelConfig, canonical_dtype
+from ..runtime.outputs import check_output
 from .hf_io import SafetensorsReader, read_hf_config, read_tokenizer_info
 from .hf_mapping import (
     ConversionError,

@@ -22,8 +22,8 @@ LAYOUTS = ("megatron-lm", "opdlm")
 def convert_layout(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     import torch
 
-    from ..checkpoint.model import build_from_checkpoint, is_checkpoint, save_model_checkpoint
     from ..checkpoint.megatron_lm import is_megatron_lm_root, save_as_megatron_lm
+    from ..checkpoint.model import build_from_checkpoint, is_checkpoint, save_model_checkpoint
     from .convert_megatron_to_hf import _single_process_runtime
 
     if to not in LAYOUTS:

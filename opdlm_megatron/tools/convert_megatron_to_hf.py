@@ -21,10 +21,10 @@ from typing import Optional, Union
 
 import torch
 
-from ..runtime.outputs import check_output
-from ..config.model import DTYPES, canonical_dtype
-from .convert_hf_to_megatron import TOKENIZER_SUBDIR
 from ..checkpoint.tokenizer import copy_tokenizer_files
+from ..config.model import DTYPES, canonical_dtype
+from ..runtime.outputs import check_output
+from .convert_hf_to_megatron import TOKENIZER_SUBDIR
 from .hf_io import ShardedSafetensorsWriter, write_json
 from .hf_mapping import ConversionError, hf_config_from_model_config, hf_tensors, hf_vocab_rows, model_mappings
 

@@ -21,10 +21,9 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-
-from ..config.model import canonical_dtype
 from ..config.checks import in_range, non_negative_int, one_of, positive_int
 from ..config.choices import ATTENTION_BACKENDS, DIVERGENCES, LOSS_NORMALIZATIONS, NOISE_LEVELS, STATE_SELECTIONS
+from ..config.model import canonical_dtype
 from ..config.precision import PrecisionConfig
 from ..data.config import DataConfig
 from ..model.losses import DivergenceConfig

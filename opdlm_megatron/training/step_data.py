@@ -23,21 +23,21 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..model import losses
-from ..distill.answers import DatasetAnswers, RolloutFn, StudentRollouts, TeacherAnswers, mix_seed
-from ..runtime.distributed import data_parallel_mean, data_parallel_share
 from ..config.model import ModelConfig
 from ..data.samples import Sample, SampleStream
-from .metrics import PhaseTimers
+from ..distill.answers import DatasetAnswers, RolloutFn, StudentRollouts, TeacherAnswers, mix_seed
+from ..distill.states import partially_masked_share
+from ..distill.teacher import FrozenTeacher, TeacherTargets
+from ..model import losses
 from ..objectives import StateContext, TargetTools
 from ..objectives.base import Objective, SupervisedBatch
 from ..objectives.scoring import StudentScorer
 from ..rollout.config import DecodeConfig
 from ..rollout.types import RolloutResult
-from .schedules import rollout_length, rollout_threshold
-from ..distill.states import partially_masked_share
-from ..distill.teacher import FrozenTeacher, TeacherTargets
+from ..runtime.distributed import data_parallel_mean, data_parallel_share
 from .config import TrainConfig
+from .metrics import PhaseTimers
+from .schedules import rollout_length, rollout_threshold
 
 logger = logging.getLogger(__name__)
 

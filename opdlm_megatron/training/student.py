@@ -37,15 +37,22 @@ from torch import Tensor
 
 from ..config.choices import LOSS_NORMALIZATIONS
 from ..config.model import ModelConfig
-from ..model.losses import DivergenceConfig, TeacherTopK, answer_loss_mask, divergence, masked_diffusion_nll, unused_vocab_columns
-from ..model.masks import causal_layout, opd_training_batch
-from ..model.build import attention_mask, logits_at_columns
-from ..runtime.distributed import broadcast_from_last_stage, data_parallel_sum
-from ..objectives.base import SupervisedBatch
 from ..config.precision import fp8_sequence_multiple, pad_batch
-from ..rollout.types import RolloutResult
 from ..distill.teacher import TeacherTargets
+from ..model.build import attention_mask, logits_at_columns
+from ..model.losses import (
+    DivergenceConfig,
+    TeacherTopK,
+    answer_loss_mask,
+    divergence,
+    masked_diffusion_nll,
+    unused_vocab_columns,
+)
+from ..model.masks import causal_layout, opd_training_batch
 from ..model.microbatches import microbatch_groups, microbatch_rows
+from ..objectives.base import SupervisedBatch
+from ..rollout.types import RolloutResult
+from ..runtime.distributed import broadcast_from_last_stage, data_parallel_sum
 
 OBJECTIVES = ("distill", "ce")
 TOKEN_NORMALIZERS = ("supervised", "answer")

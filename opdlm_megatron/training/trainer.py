@@ -34,26 +34,31 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..distill.answers import RolloutFn, engine_rollout
 from ..checkpoint.model import load_model_checkpoint, load_model_config
-from ..runtime.distributed import broadcast_object
-from ..runtime.console import attach_log_file, error_message
-from ..runtime.outputs import check_output
+from ..checkpoint.training import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    remove_stale_partials,
+    resume_config_changes,
+    save_training_checkpoint,
+)
 from ..config.model import ModelConfig
 from ..data.samples import Sample, check_token_ids
-from ..runtime.exit_signals import ExitSignals
-from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
+from ..distill.answers import RolloutFn, engine_rollout
 from ..model.build import build_model
+from ..objectives import get_objective
+from ..runtime.console import attach_log_file, error_message
+from ..runtime.distributed import broadcast_object
+from ..runtime.exit_signals import ExitSignals
+from ..runtime.outputs import check_output
 from ..runtime.platform import compute_device
 from ..runtime.run_lock import RunDirectoryLock
-from ..objectives import get_objective
 from .build import build_teacher, load_run_samples, step_record, student_architecture
+from .config import TrainConfig
+from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
-from ..checkpoint.training import (latest_checkpoint, load_training_checkpoint,
-                               remove_stale_partials, resume_config_changes, save_training_checkpoint)
-from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +81,7 @@ def wrap_and_build_optimizer(student, cfg: TrainConfig, data_parallel_size: int,
     parameters the optimizer's dynamic loss scaler is connected to the pipeline schedule
     (``grad_scale_func``), so the loss is scaled before backward and the gradients unscaled after.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     choice = cfg.parallel.distributed_optimizer

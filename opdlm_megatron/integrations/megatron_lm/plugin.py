@@ -40,18 +40,18 @@ from typing import Optional
 
 import torch
 
-from ...distill.answers import engine_rollout
+from ...checkpoint.megatron_lm import has_model_config, is_megatron_lm_root, load_megatron_lm_model
 from ...checkpoint.model import load_model_checkpoint, load_model_config
 from ...config.model import ModelConfig
-from ...training.metrics import MetricsLogger
+from ...distill.answers import engine_rollout
+from ...distill.teacher import FrozenTeacher
 from ...model.build import build_model
 from ...objectives import get_objective
-from ...training.step_data import StepData
 from ...training.build import build_teacher, load_run_samples, step_record
-from ...training.student import StudentStepPlan, forward_step
-from ...distill.teacher import FrozenTeacher
 from ...training.config import TrainConfig
-from ...checkpoint.megatron_lm import has_model_config, is_megatron_lm_root, load_megatron_lm_model
+from ...training.metrics import MetricsLogger
+from ...training.step_data import StepData
+from ...training.student import StudentStepPlan, forward_step
 
 logger = logging.getLogger(__name__)
 
