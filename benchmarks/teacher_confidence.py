@@ -124,6 +124,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "rows": rows}, f, indent=1)
     good = [r["family"] for r in rows if r["accuracy"] >= ACCURATE and r["p_ge_0.9"] >= CONFIDENT]
+    print(f"table: {args.out}")
     print(f"families={len(rows)} accurate_and_confident={','.join(good) if good else 'none'}")
 
 

@@ -158,20 +158,24 @@ def teacher_nll(trainer, prompts, gens) -> float:
 
 
 def fixed_state_kl(trainer, reference) -> float:
-    """Forward KL to the teacher on fixed masked states of the teacher's own answers."""
+    """Forward KL to the teacher on fixed masked states of the teacher's own answers (per-row mean)."""
     import torch
 
     from opdlm_megatron.distill import states
-    from opdlm_megatron.training.student import student_forward_backward
+    from opdlm_megatron.distill.teacher import TeacherTargets
+    from opdlm_megatron.objectives.base import masked_state_batch
+    from opdlm_megatron.training.student import student_step
 
     xt, _ = states.forward_mask(reference.answer_ids, reference.answer_valid, trainer.config.block_size,
                                 torch.Generator().manual_seed(0), trainer.config.mask_token_id)
     mbs = trainer.cfg.train.micro_batch_size
-    targets = trainer.teacher.answer_logits(reference.prompt_ids, reference.prompt_valid, reference.answer_ids,
-                                            reference.answer_valid, mbs)
+    logits = trainer.teacher.answer_logits(reference.prompt_ids, reference.prompt_valid, reference.answer_ids,
+                                           reference.answer_valid, mbs)
+    batch = masked_state_batch(reference, xt, trainer.data.state_context, distill=True)
     with torch.no_grad():
-        return float(student_forward_backward(trainer.student, trainer.config, reference, xt, targets, "distill",
-                                              trainer.divergence, mbs, forward_only=True)["loss"])
+        return float(student_step(trainer.student, trainer.config, batch,
+                                  TeacherTargets.dense(logits, tuple(reference.answer_ids.shape)), trainer.divergence,
+                                  mbs, normalization="row", forward_only=True)["loss"])
 
 
 def plot(rows: dict, path: str) -> None:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from opdlm_megatron.model import masks
 from opdlm_megatron.config.model import ModelConfig
+from opdlm_megatron.distill.teacher import TeacherTargets
 from opdlm_megatron.model.build import attention_mask
+from opdlm_megatron.model.losses import DivergenceConfig, answer_loss_mask
+from opdlm_megatron.objectives.base import SupervisedBatch
+from opdlm_megatron.rollout.types import RolloutResult
+from opdlm_megatron.training.student import student_step
+
+OBJECTIVES = ("distill", "ce")
+TOKEN_NORMALIZERS = ("supervised", "answer")
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -199,3 +208,53 @@ def save_trainer_student(ckpt, seed: int = 7) -> str:
         config = ModelConfig(**TINY_MODEL)
         save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
     return str(ckpt)
+
+
+def student_forward_backward(
+    model,
+    config: ModelConfig,
+    result: RolloutResult,
+    xt: Tensor,
+    targets,
+    objective: str,
+    divergence_cfg: Optional[DivergenceConfig],
+    micro_batch_size: int,
+    forward_only: bool = False,
+    loss_weights: Optional[Tensor] = None,
+    *,
+    end_of_turn_ids: Optional[Sequence[int]] = None,
+    include_end_of_turn: bool = True,
+    token_normalizer: Optional[str] = None,
+    num_rows: Optional[float] = None,
+    normalization: str = "row",
+) -> Dict[str, float]:
+    """The trainer's first interface (tests hold a rollout, an ``xt`` and dense targets):
+    ``objective`` "distill" (``targets``: teacher logits ``[B, A, V/TP]`` or a ``TeacherTopK`` over
+    ``[B, A]``) or "ce" (``targets``: token ids ``[B, A]``, the answers). Builds the
+    ``SupervisedBatch`` on the ``[prompt | x0 | xt]`` layout and runs ``student_step`` with the
+    per-row normalisation it always had (``token_normalizer`` "answer" when ``loss_weights``)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if token_normalizer is None:
+        token_normalizer = "answer" if loss_weights is not None else "supervised"
+    if token_normalizer not in TOKEN_NORMALIZERS:
+        raise ValueError(f"unknown token_normalizer {token_normalizer!r}; expected one of {TOKEN_NORMALIZERS}")
+    shape = tuple(result.answer_ids.shape)
+    if tuple(xt.shape) != shape:
+        raise ValueError(f"xt {tuple(xt.shape)} must have the answers' shape {shape}")
+    if objective == "ce" and (targets is None or tuple(targets.shape) != shape):
+        raise ValueError(f"objective 'ce' needs token-id targets of shape {shape}, got "
+                         f"{None if targets is None else tuple(targets.shape)}")
+    eot = config.eos_token_ids if end_of_turn_ids is None else end_of_turn_ids
+    kept = answer_loss_mask(result.answer_ids, result.answer_valid, eot, include_end_of_turn)
+    supervised = kept & (xt == config.mask_token_id)
+    if objective == "ce":
+        result = RolloutResult(result.prompt_ids, result.prompt_valid, targets, result.answer_valid,
+                               result.commit_step, result.num_rounds, result.finished, result.num_forward_passes)
+    batch = SupervisedBatch(result, supervised, supervised if token_normalizer == "supervised" else kept,
+                            distill=objective == "distill", layout="opd", xt=xt, weights=loss_weights)
+    teacher_targets = None
+    if objective == "distill" and targets is not None:
+        teacher_targets = TeacherTargets.dense(targets, shape)
+    return student_step(model, config, batch, teacher_targets, divergence_cfg, micro_batch_size,
+                        normalization, forward_only, num_rows)

@@ -49,3 +49,21 @@ def test_evaluation_takes_a_family_by_name_and_scores_the_whole_completion():
     assert len(items) == 4
     assert items[0].score(items[0].reference) == 1.0  # "15/03/2024": not just its last number
     assert items[0].score(items[0].reference.split("/")[-1]) == 0.0
+
+
+def test_teacher_confidence_quick_measures_accuracy_and_confidence(tmp_path):
+    """benchmarks/teacher_confidence.py --quick: a tiny random teacher on one reasoning-gym dataset and one
+    family; every row carries accuracy, answer length and the confidence shares, which are shares."""
+    import json
+    import re
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_main_job import _python
+
+    stdout = _python(str(REPO_ROOT / "benchmarks" / "teacher_confidence.py"), "--quick")
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"families=2 accurate_and_confident=\S+", last), last
+    rows = json.load(open(re.search(r"^table: (\S+)$", stdout, re.M).group(1)))["rows"]
+    assert [r["family"] for r in rows] == ["chain_sum", "opdlm/copy_sentence"]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("accuracy", "p_ge_0.9", "p_ge_0.7", "pairs_ge_0.9", "mean_p"))
+    assert all(r["p_ge_0.9"] <= r["p_ge_0.7"] for r in rows) and all(r["answer_tokens"] > 0 for r in rows)

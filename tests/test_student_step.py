@@ -12,7 +12,7 @@ from opdlm_megatron.model.losses import DivergenceConfig
 from opdlm_megatron.model.masks import opd_training_batch
 from opdlm_megatron.model.build import attention_mask, build_model
 from opdlm_megatron.distill.states import forward_mask, select_states
-from opdlm_megatron.training.student import student_forward_backward
+from tests.helpers import student_forward_backward
 from tests.distributed.student_data import CASES, EOS, student_config, synthetic_rollout
 
 

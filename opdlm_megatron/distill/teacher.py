@@ -14,7 +14,7 @@ pipeline schedule in forward-only mode, microbatch by microbatch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -108,6 +108,35 @@ class FrozenTeacher:
     def dtype(self) -> torch.dtype:
         return self.config.torch_dtype
 
+    def _output_shard(self):
+        """``(columns, device, excluded)``: this rank's vocabulary columns of the output layer, its device,
+        and which of those columns are not tokens (padding, unused rows, [MASK])."""
+        from megatron.core import parallel_state
+
+        from ..model.losses import unused_vocab_columns
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        device = next(self.model.parameters()).device
+        return self.config.padded_vocab_size(tp) // tp, device, unused_vocab_columns(self.config).to(device)
+
+    def _allocate(self, shape: Tuple[int, ...], top_k: Optional[int], with_nll: bool = False):
+        """The targets' storage for ``shape`` positions on the last pipeline stage (None elsewhere):
+        logits ``[*shape, V/TP]`` in the teacher's dtype, or a ``TeacherTopK`` of ``[*shape, k]`` (with a
+        ``[*shape]`` NLL when ``with_nll``)."""
+        from megatron.core import parallel_state
+
+        from ..model.losses import TeacherTopK
+
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        shard, device, _ = self._output_shard()
+        if top_k is None:
+            return torch.empty((*shape, shard), dtype=self.dtype, device=device)
+        k = min(top_k, shard * parallel_state.get_tensor_model_parallel_world_size())
+        return TeacherTopK(torch.empty((*shape, k), device=device), torch.empty((*shape, k), dtype=torch.long,
+                                                                                 device=device),
+                           torch.empty(shape, device=device), torch.zeros(shape, device=device) if with_nll else None)
+
     def _forward(self, prompt_ids: Tensor, prompt_valid: Tensor, answer_ids: Tensor, answer_valid: Tensor,
                  needed: Tensor, micro_batch_size: int, consume, chunk_tokens: int = 1024) -> None:
         """One causal forward over ``[prompt; answer[:-1]]`` (``model.forward_answer_columns``): the
@@ -148,24 +177,10 @@ class FrozenTeacher:
         [MASK] and padded vocabulary rows are excluded from it. Training uses ``targets``, which keeps
         only the positions the loss reads.
         """
-        from megatron.core import parallel_state
+        from ..model.losses import TeacherTopK, masked_diffusion_nll
 
-        from ..model.losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
-
-        bsz, alen = answer_ids.shape
-        last_stage = parallel_state.is_pipeline_last_stage()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        shard = self.config.padded_vocab_size(tp) // tp
-        device = next(self.model.parameters()).device
-        excluded = unused_vocab_columns(self.config).to(device)
-        out = None
-        if last_stage and top_k is None:
-            out = torch.empty((bsz, alen, shard), dtype=self.dtype, device=device)
-        elif last_stage:
-            k = min(top_k, shard * tp)
-            out = TeacherTopK(torch.empty((bsz, alen, k), device=device), torch.empty((bsz, alen, k), dtype=torch.long,
-                              device=device), torch.empty((bsz, alen), device=device),
-                              torch.zeros((bsz, alen), device=device))
+        shard, device, excluded = self._output_shard()
+        out = self._allocate(tuple(answer_ids.shape), top_k, with_nll=True)
 
         def consume(rows, answer_index, slot_valid, logits):
             # every position is needed: the slots of a chunk are consecutive answer positions
@@ -198,31 +213,18 @@ class FrozenTeacher:
         plus the log-normaliser); the output layer runs only on the columns that predict them (and
         the ``nll_positions``, whose teacher NLL is returned on every rank as ``answer_nll`` ``[B, A]``).
         """
-        from megatron.core import parallel_state
-
-        from ..model.losses import TeacherTopK, masked_diffusion_nll, unused_vocab_columns
+        from ..model.losses import TeacherTopK, masked_diffusion_nll
 
         if positions.shape != answer_ids.shape or positions.dtype != torch.bool:
             raise ValueError(f"positions must be a bool [B, A] = {tuple(answer_ids.shape)} tensor, got "
                              f"{tuple(positions.shape)} {positions.dtype}")
         positions = positions & answer_valid
         nll_positions = torch.zeros_like(positions) if nll_positions is None else nll_positions & answer_valid
-        last_stage = parallel_state.is_pipeline_last_stage()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        shard = self.config.padded_vocab_size(tp) // tp
-        device = next(self.model.parameters()).device
-        excluded = unused_vocab_columns(self.config).to(device)
+        _, device, excluded = self._output_shard()
         count = int(positions.sum())
         index = torch.full(answer_ids.shape, -1, dtype=torch.long)
         index[positions] = torch.arange(count)
-        packed = None
-        if last_stage and top_k is None:
-            packed = torch.empty((count, shard), dtype=self.dtype, device=device)
-        elif last_stage:
-            k = min(top_k, shard * tp)
-            packed = TeacherTopK(torch.empty((count, k), device=device),
-                                 torch.empty((count, k), dtype=torch.long, device=device),
-                                 torch.empty((count,), device=device))
+        packed = self._allocate((count,), top_k)
         nll = torch.zeros(answer_ids.shape, dtype=torch.float32)
 
         def consume(rows, answer_index, slot_valid, logits):

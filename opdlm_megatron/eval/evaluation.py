@@ -1,25 +1,7 @@
-"""Task evaluation of a block-diffusion student against its AR teacher (what ``opdlm-eval`` runs).
-
-    opdlm-eval --student CKPT [--teacher CKPT] --task basic_arithmetic \\
-        --task-options '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}' \\
-        --num-samples 200 --threshold 0.9 [--sweep] --out runs/eval
-    opdlm-eval --student CKPT --task math_jsonl --data gsm8k_test.jsonl --extract last_number --out runs/eval
-    torchrun --nproc-per-node 2 -m opdlm_megatron.evaluate --student CKPT --pp 2 ...
-
-Tasks: a reasoning-gym dataset by name (its own difficulty options and scorer), ``math_jsonl``
-(``question``/``answer`` records; last-number or ``\\boxed{}`` extraction), ``jsonl`` (``prompt``/
-``reference``; exact or normalised match). The student is decoded by the rollout engine with the
-given rule (threshold ``--threshold`` or static ``--tokens-per-step``, block size, temperature; with
-``--seeds N`` when sampling); the teacher (default: the student checkpoint itself, i.e. its teacher
-when it is a fresh conversion) greedily and causally, on the same prompts. ``--sweep`` adds the
-accuracy-TPF curve over tau in {0.5, 0.7, 0.9, 0.95}, static k in {1, 2}, Fast-dLLM's factor rule
-(f = 1), the entropy-bounded rule (budget 0.5) and dInfer's hierarchical rule (low threshold 0.4), its PNG and the area under it (AUP).
-
-Writes ``samples.jsonl`` (one record per answer) and ``summary.json`` (accuracy +- standard error,
-tokens per forward, forwards per answer, answer tokens/s, mean answer length, share hitting the
-length limit, teacher agreement) to ``--out``; prints a table. Bad input gets one line naming it
-and exit code 2.
-"""
+"""What ``opdlm-eval`` runs (usage: ``commands/evaluate.py``): check the inputs before any model loads
+(``validate``), decode the task's prompts with the student under each decoding setting and with the
+teacher causally (``run``), score them with the task's own scorer, and write ``samples.jsonl``,
+``summary.json`` and, with ``--sweep``, the accuracy-TPF plot and its AUP (``write_outputs``)."""
 
 from __future__ import annotations
 

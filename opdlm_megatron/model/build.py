@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -31,6 +31,7 @@ from torch import Tensor
 from ..config.model import ModelConfig
 from ..config.precision import PrecisionConfig, check_fp8_runtime, fp8_sequence_multiple, pad_batch
 from ..runtime.platform import compute_device
+from . import vocab_parallel as vp
 from .attention import FlexCoreAttention
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
@@ -199,14 +200,6 @@ def build_model(
     return model
 
 
-def build_student_and_teacher(config: ModelConfig, teacher_config: Optional[ModelConfig] = None, **kwargs) -> List[OPDGPTModel]:
-    """Student and frozen teacher for the current parallel layout (teacher defaults to the same config)."""
-    teacher_config = teacher_config or config
-    student = build_model(config, "student", **kwargs)
-    teacher = build_model(teacher_config, "teacher", **kwargs)
-    return [student, teacher]
-
-
 def uses_causal_kernel(model) -> bool:
     """Whether ``model`` was built with megatron's causal mask type: its attention makes its own causal
     mask (Transformer Engine: the fused causal kernels) and takes no mask tensor, so it serves causal
@@ -221,18 +214,10 @@ def attention_mask(config: ModelConfig, queries: AttentionLayout, keys: Optional
     return queries.dense_mask(keys)
 
 
-def vocab_shard_range(config: ModelConfig) -> tuple:
-    """``[start, end)`` of the padded vocabulary held by this tensor-parallel rank."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    per_rank = config.padded_vocab_size(tp) // tp
-    return rank * per_rank, (rank + 1) * per_rank
-
-
 def mask_unused_vocab(logits: Tensor, config: ModelConfig, exclude_mask_token: bool = True) -> Tensor:
     """Sets the vocab-parallel logits of ids that are not tokens (padded and unused rows; by default
     also [MASK]) to -inf. ``logits`` is this rank's shard ``[..., V / TP]``; returns a new tensor."""
-    start, end = vocab_shard_range(config)
+    start, end = vp.vocab_shard_range(config.padded_vocab_size(vp.tp_size()))
     if logits.shape[-1] != end - start:
         raise ValueError(f"logits shard has {logits.shape[-1]} columns, expected {end - start}")
     unused = config.unused_token_mask(start, end, exclude_mask_token).to(logits.device)

@@ -333,9 +333,8 @@ def masked_diffusion_nll(student_logits: Tensor, targets: Tensor, excluded_colum
 def unused_vocab_columns(config, exclude_mask_token: bool = True) -> Tensor:
     """``[V/TP]`` bool: this rank's vocabulary columns that are not tokens (padding, unused rows) or
     are [MASK], for ``excluded_columns`` (``ModelConfig.unused_token_mask``)."""
-    from .build import vocab_shard_range
-
-    return config.unused_token_mask(*vocab_shard_range(config), exclude_mask_token=exclude_mask_token)
+    return config.unused_token_mask(*vp.vocab_shard_range(config.padded_vocab_size(vp.tp_size())),
+                                   exclude_mask_token=exclude_mask_token)
 
 
 def answer_loss_mask(answer_ids: Tensor, answer_valid: Tensor, end_of_turn_ids: Sequence[int],

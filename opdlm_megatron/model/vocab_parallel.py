@@ -39,10 +39,21 @@ def tp_sum(x: Tensor) -> Tensor:
 
 
 def vocab_start(shard_width: int) -> int:
-    """Global vocabulary index of this rank's first logit column."""
+    """Global vocabulary index of this rank's first logit column (megatron's ``VocabUtility``)."""
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.utils import VocabUtility
 
-    return parallel_state.get_tensor_model_parallel_rank() * shard_width
+    return VocabUtility.vocab_range_from_per_partition_vocab_size(
+        shard_width, parallel_state.get_tensor_model_parallel_rank(), tp_size())[0]
+
+
+def vocab_shard_range(padded_vocab_size: int) -> Tuple[int, int]:
+    """``[start, end)`` of the padded vocabulary held by this tensor-parallel rank (megatron's ``VocabUtility``)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    return tuple(VocabUtility.vocab_range_from_global_vocab_size(
+        padded_vocab_size, parallel_state.get_tensor_model_parallel_rank(), tp_size()))
 
 
 def global_max(logits: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ Normalisation (``normalization``):
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -43,7 +43,6 @@ from ..model.build import attention_mask, logits_at_columns
 from ..model.losses import (
     DivergenceConfig,
     TeacherTopK,
-    answer_loss_mask,
     divergence,
     masked_diffusion_nll,
     unused_vocab_columns,
@@ -51,11 +50,8 @@ from ..model.losses import (
 from ..model.masks import causal_layout, opd_training_batch
 from ..model.microbatches import microbatch_groups, microbatch_rows
 from ..objectives.base import SupervisedBatch
-from ..rollout.types import RolloutResult
 from ..runtime.distributed import broadcast_from_last_stage, data_parallel_sum
 
-OBJECTIVES = ("distill", "ce")
-TOKEN_NORMALIZERS = ("supervised", "answer")
 
 
 def model_input(config: ModelConfig, batch: SupervisedBatch):
@@ -265,53 +261,3 @@ def student_step(
         micro_batch_size=plan.rows_per_microbatch, forward_only=forward_only,
     )
     return plan.summarize(results)
-
-
-def student_forward_backward(
-    model,
-    config: ModelConfig,
-    result: RolloutResult,
-    xt: Tensor,
-    targets,
-    objective: str,
-    divergence_cfg: Optional[DivergenceConfig],
-    micro_batch_size: int,
-    forward_only: bool = False,
-    loss_weights: Optional[Tensor] = None,
-    *,
-    end_of_turn_ids: Optional[Sequence[int]] = None,
-    include_end_of_turn: bool = True,
-    token_normalizer: Optional[str] = None,
-    num_rows: Optional[float] = None,
-    normalization: str = "row",
-) -> Dict[str, float]:
-    """The first interface, kept for callers that hold a rollout, an ``xt`` and dense targets:
-    ``objective`` "distill" (``targets``: teacher logits ``[B, A, V/TP]`` or a ``TeacherTopK`` over
-    ``[B, A]``) or "ce" (``targets``: token ids ``[B, A]``, the answers). Builds the
-    ``SupervisedBatch`` on the ``[prompt | x0 | xt]`` layout and runs ``student_step`` with the
-    per-row normalisation it always had (``token_normalizer`` "answer" when ``loss_weights``)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    if token_normalizer is None:
-        token_normalizer = "answer" if loss_weights is not None else "supervised"
-    if token_normalizer not in TOKEN_NORMALIZERS:
-        raise ValueError(f"unknown token_normalizer {token_normalizer!r}; expected one of {TOKEN_NORMALIZERS}")
-    shape = tuple(result.answer_ids.shape)
-    if tuple(xt.shape) != shape:
-        raise ValueError(f"xt {tuple(xt.shape)} must have the answers' shape {shape}")
-    if objective == "ce" and (targets is None or tuple(targets.shape) != shape):
-        raise ValueError(f"objective 'ce' needs token-id targets of shape {shape}, got "
-                         f"{None if targets is None else tuple(targets.shape)}")
-    eot = config.eos_token_ids if end_of_turn_ids is None else end_of_turn_ids
-    kept = answer_loss_mask(result.answer_ids, result.answer_valid, eot, include_end_of_turn)
-    supervised = kept & (xt == config.mask_token_id)
-    if objective == "ce":
-        result = RolloutResult(result.prompt_ids, result.prompt_valid, targets, result.answer_valid,
-                               result.commit_step, result.num_rounds, result.finished, result.num_forward_passes)
-    batch = SupervisedBatch(result, supervised, supervised if token_normalizer == "supervised" else kept,
-                            distill=objective == "distill", layout="opd", xt=xt, weights=loss_weights)
-    teacher_targets = None
-    if objective == "distill" and targets is not None:
-        teacher_targets = TeacherTargets.dense(targets, shape)
-    return student_step(model, config, batch, teacher_targets, divergence_cfg, micro_batch_size,
-                        normalization, forward_only, num_rows)

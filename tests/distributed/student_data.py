@@ -129,7 +129,7 @@ def run_cases(student, config, teacher, micro_batch_size: int = 2) -> dict:
     count and layer grad norm. Same data on every rank (fixed seeds)."""
     from opdlm_megatron.model.losses import DivergenceConfig
     from opdlm_megatron.distill.states import forward_mask, select_states
-    from opdlm_megatron.training.student import student_forward_backward
+    from tests.helpers import student_forward_backward
 
     result = synthetic_rollout(config.vocab_size, config.block_size, batch_size=3, seed=5)
     logits = teacher.answer_logits(result.prompt_ids, result.prompt_valid, result.answer_ids, result.answer_valid,
