@@ -24,6 +24,12 @@ Measured, in this order:
 The last line reads ``speedup_vs_naive=X speedup_vs_ar=Y tokens_per_forward=Z forward_over_ar_step=W
 batch32_vs_hf=V`` (X-Z for the trained student; the converted one's with ``--train-steps 0`` and no
 checkpoint; V at one token per forward). ``--quick`` runs everything on a 2-layer random model with short answers (a smoke test).
+
+``--task FAMILY`` measures what a user of a trained student sees instead: prompts of one family
+(reasoning-gym or ``opdlm/...``), EOS respected (each decoder stops at its own end of answer), answer
+tokens per second of the engine against HF ``generate`` with its KV cache at batch 1 and
+``--task-batch``, and both accuracies by the family's scorer; last line ``real_model family=F
+teacher_acc=A student_acc=B student_tpf=C speedup_vs_ar=D`` (batch 1).
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ def _hf_llama_of_shape(config: ModelConfig):
 
 
 def _load_models(args):
-    """(megatron model, ModelConfig, HF model, prompts as token-id lists)."""
+    """(megatron model, ModelConfig, HF model, prompts as token-id lists); ``args.hf_dir`` is set to the
+    HF directory the weights came from."""
     from opdlm_megatron.checkpoint.model import build_from_checkpoint
     from opdlm_megatron.model.build import build_model
 
@@ -88,6 +95,7 @@ def _load_models(args):
         except Exception as error:  # noqa: BLE001 - fall back, and say so
             print(f"SmolLM2 weights unavailable ({type(error).__name__}: {error}); using random weights")
             ckpt, hf_dir = None, None
+    args.hf_dir = hf_dir
     if ckpt is not None and hf_dir is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,6 +260,102 @@ def _mixed_prompts(prompts, count, vocab, seed=0):
     return out
 
 
+def _task_prompts(args, hf_dir):
+    """The held-out prompts of ``--task`` through the chat template (the system prompt of the confidence
+    table and of training), their scorers, and the tokenizer's stop ids."""
+    from transformers import AutoTokenizer
+
+    from opdlm_megatron.eval.evaluation import encode
+    from opdlm_megatron.eval.tasks import TaskSpec, load_task
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    items = load_task(TaskSpec(args.task, num_samples=args.task_prompts, seed=args.task_seed))
+    prompts = encode(items, tokenizer, True, args.system_prompt)
+    return items, prompts, tokenizer
+
+
+def _until_stop(ids, stops):
+    """The answer up to and including its first stop token (what each decoder really produced)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1]
+    return ids
+
+
+def _hf_answers(hf, prompts, new_tokens, stops, batch):
+    """HF greedy ``generate`` with its KV cache, ``batch`` prompts at a time (left-padded), stopping at
+    the tokenizer's stop ids: (answers, seconds)."""
+    answers, seconds = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            part = prompts[start:start + batch]
+            width = max(len(p) for p in part)
+            ids = torch.zeros(len(part), width, dtype=torch.long)
+            attention = torch.zeros(len(part), width, dtype=torch.long)
+            for i, prompt in enumerate(part):
+                ids[i, width - len(prompt):] = torch.tensor(prompt)
+                attention[i, width - len(prompt):] = 1
+            out, t = _timed(lambda: hf.generate(ids, attention_mask=attention, max_new_tokens=new_tokens,
+                                                do_sample=False, use_cache=True, eos_token_id=list(stops),
+                                                pad_token_id=0))
+            seconds += t
+            answers += [_until_stop(row[width:].tolist(), stops) for row in out]
+    return answers, seconds
+
+
+def _engine_answers(engine, prompts, decode, batch):
+    """The engine's answers (each stops at its own end of answer), seconds and forwards."""
+    answers, seconds, forwards = [], 0.0, 0
+    for start in range(0, len(prompts), batch):
+        result, t = _timed(lambda: engine.generate(prompts[start:start + batch], decode))
+        seconds += t
+        forwards += result.num_forward_passes
+        answers += result.completions()
+    return answers, seconds, forwards
+
+
+def task_mode(args, runtime):
+    """``--task FAMILY``: the trained student against the teacher's HF ``generate`` on prompts of one
+    family, each decoder stopping at its own end of answer; answer tokens per second at batch 1 and
+    ``--task-batch``, accuracies by the family's scorer. Last line: the issue's per-family record."""
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+
+    model, config, hf, _ = _load_models(args)
+    items, prompts, tokenizer = _task_prompts(args, args.hf_dir)
+    stops = set(config.eos_token_ids)
+    student, student_config = model, config
+    if args.trained_checkpoint:
+        student, student_config = build_from_checkpoint(args.trained_checkpoint, "student")
+    student.eval()
+    engine = DiffusionRolloutEngine(student, student_config.replace(block_size=args.block_size),
+                                    forward_impl=args.forward_impl)
+    decode = DecodeConfig(max_new_tokens=args.new_tokens, block_size=args.block_size, threshold=args.threshold,
+                          eos_token_ids=sorted(stops))
+    engine.generate(prompts[:1], decode)  # warm-up
+    _hf_answers(hf, prompts[:1], 4, stops, 1)
+
+    def score(answers):
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        return sum(item.score(text) for item, text in zip(items, texts)) / len(items)
+
+    results = {}
+    for batch in (1, args.task_batch):
+        hf_out, t_hf = _hf_answers(hf, prompts, args.new_tokens, stops, batch)
+        st_out, t_st, forwards = _engine_answers(engine, prompts, decode, batch)
+        hf_tokens, st_tokens = sum(map(len, hf_out)), sum(map(len, st_out))
+        # tokens per forward of one sequence: at batch 1 every forward is that sequence's
+        results[batch] = dict(hf_rate=hf_tokens / t_hf, st_rate=st_tokens / t_st, tpf=st_tokens / max(1, forwards),
+                              teacher_acc=score(hf_out), student_acc=score(st_out))
+        r = results[batch]
+        print(f"  {args.task} batch {batch}: student {r['st_rate']:.1f} answer tok/s (acc {r['student_acc']:.3f}"
+              + (f", TPF {r['tpf']:.2f}" if batch == 1 else "") + f") vs HF generate {r['hf_rate']:.1f} tok/s "
+              f"(acc {r['teacher_acc']:.3f}): {r['st_rate'] / r['hf_rate']:.2f}x", flush=True)
+    r = results[1]
+    print(f"real_model family={args.task} teacher_acc={r['teacher_acc']:.3f} student_acc={r['student_acc']:.3f} "
+          f"student_tpf={r['tpf']:.2f} speedup_vs_ar={r['st_rate'] / r['hf_rate']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random-weights", action="store_true")
@@ -272,6 +376,14 @@ def main() -> None:
     parser.add_argument("--forward-impl", default="auto", choices=("auto", "fused", "megatron"),
                         help="the engine's decoding forward (the other one is timed beside it in part 2)")
     parser.add_argument("--skip-naive", action="store_true", help="(debug) skip the slow naive baseline")
+    parser.add_argument("--task", default=None,
+                        help="a task family (reasoning-gym name or opdlm/...): the trained student against HF generate "
+                             "on its prompts, each stopping at its own end of answer; answer tokens per second at "
+                             "batch 1 and --task-batch, accuracy by the family's scorer (needs --hf-dir or SmolLM2)")
+    parser.add_argument("--task-prompts", type=int, default=40)
+    parser.add_argument("--task-batch", type=int, default=8)
+    parser.add_argument("--task-seed", type=int, default=999, help="held-out prompts (training uses other seeds)")
+    parser.add_argument("--system-prompt", default="Give only the final answer, with no explanation.")
     args = parser.parse_args()
     if args.quick:
         args.random_weights, args.new_tokens, args.batch_prompts = True, 16, min(args.batch_prompts, 4)
@@ -284,6 +396,11 @@ def main() -> None:
     from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 
     with initialize_runtime(device="cpu", seed=0) as runtime:
+        if args.task:
+            if args.random_weights:
+                raise SystemExit("rollout_throughput.py: error: --task needs real weights (a tokenizer and a trained student)")
+            task_mode(args, runtime)
+            return
         model, config, hf, prompts = _load_models(args)
         model.eval()
         engine = DiffusionRolloutEngine(model, config, forward_impl=args.forward_impl)

@@ -114,7 +114,7 @@ def test_threshold_schedule_holds_then_lowers_linearly():
 
 def test_rollout_lengths_are_whole_blocks():
     """The paper's curriculum gives lengths like 490; the engine decodes whole blocks of 4."""
-    from opdlm_megatron.training.schedules import whole_blocks
+    from opdlm_megatron.rollout.config import whole_blocks
 
     cur = CurriculumConfig(min_length=100, max_length=4000, warmup_rollouts=10)
     for s in range(0, 12):
@@ -278,6 +278,6 @@ def test_tokenizer_dir_defaults_to_the_student_checkpoint():
 
     assert ModelPaths(student_checkpoint="ckpt").tokenizer_dir == os.path.join("ckpt", "tokenizer")
     assert ModelPaths(student_checkpoint="ckpt", tokenizer="tok").tokenizer_dir == "tok"
-    assert ModelPaths(random_init=True).tokenizer_dir is None
+    assert ModelPaths(random_init=True, model_config={"num_layers": 1}).tokenizer_dir is None
     with pytest.raises(FileNotFoundError, match="set model.tokenizer"):
         load_tokenizer(None)
