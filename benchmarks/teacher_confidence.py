@@ -5,7 +5,7 @@
 A student trained by forward KL to its teacher commits a slot at threshold tau only where it is tau
 sure, and it cannot be surer than the teacher's distribution it matches; two slots of one block at
 once need two consecutive sure tokens. For each candidate prompt family (reasoning-gym datasets with
-short deterministic answers, and the families of ``opdlm_megatron/families.py``) the teacher answers
+short deterministic answers, and the families of ``opdlm_megatron/data/families.py``) the teacher answers
 held-out prompts greedily (AR, chat template, one system prompt for all), each family's own scorer
 grades them, and the teacher's probability of each of its greedy tokens (teacher-forced NLL of the
 answer: the same context it decoded with) gives the share of tokens with p >= 0.9 and >= 0.7 and of

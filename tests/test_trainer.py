@@ -137,7 +137,7 @@ def test_opd_steps_decrease_loss_teacher_frozen_and_absent_from_checkpoint(asset
 def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=1), checkpoint=dict(resume=False),
-                                                 loss=dict(normalization=normalization)))
+                                                 loss=dict(normalization=normalization, state_selection="trajectory")))
     from opdlm_megatron.distill import states
     from opdlm_megatron.training.trainer import Trainer
 

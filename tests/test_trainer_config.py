@@ -28,7 +28,7 @@ def test_paper_defaults():
     assert cfg.updates_per_rollout == 16 and cfg.data.epochs == 1
     # Algorithm 1: KL summed over masked positions with w(t) = 1; eq. 2/6: one t per sequence
     assert cfg.loss.normalization == "token" and cfg.loss.t_sampling == "sequence"
-    assert cfg.loss.state_selection == "trajectory" and not cfg.data.enable_thinking
+    assert cfg.loss.state_selection == "all_rounds" and not cfg.data.enable_thinking
     assert cfg.data.long_prompts == "skip"
 
 

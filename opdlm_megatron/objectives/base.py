@@ -41,7 +41,7 @@ class StateContext:
     block_size: int
     end_of_turn_ids: Sequence[int]
     include_end_of_turn: bool = True
-    state_selection: str = "trajectory"
+    state_selection: str = "all_rounds"
     t_sampling: str = "sequence"
     mask_eps: float = 1e-3
     # rows per micro-batch: objectives that draw one noise level per micro-batch (LIFT) group rows by it

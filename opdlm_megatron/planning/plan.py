@@ -121,8 +121,16 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
         answer = max(config.block_size, config.max_sequence_length - prompt)
     rows = batch // dp
     vocab = config.padded_vocab_size(tp) // tp
+    # all_rounds: an answer is up to block_size rows (one per round), and round r of a block masks at most
+    # block_size - r of its slots, so an answer supervises at most (block_size + 1) / 2 x its tokens
+    all_rounds = cfg.objective in ("opd", "opd_tcs") and cfg.loss.state_selection == "all_rounds"
+    rows_per_answer = config.block_size if all_rounds else 1
+    supervised_per_answer = answer * (config.block_size + 1) / 2 if all_rounds else answer
+    if all_rounds:
+        out.notes.append(f"loss.state_selection all_rounds: up to {rows_per_answer} rows per answer (one per round); "
+                         f"a micro-batch of {micro} answers holds up to {micro * rows_per_answer} rows")
     if cfg.objective not in ("mdlm", "ar", "sft"):
-        supervised = rows * answer  # at most every answer token
+        supervised = int(rows * supervised_per_answer)  # at most every masked answer token of every row
         k = cfg.loss.top_k
         out.parts["teacher targets (one step)"] = supervised * (k * 12 if k else vocab * 4)
     if cfg.objective in ("opd", "opd_tcs"):
@@ -136,13 +144,15 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # the worst case of every answer token supervised
     seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
     distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
-    shape = ActivationShape(seq, micro, micro * answer, tp, cfg.loss.top_k if distill else None, distill)
+    micro_rows = micro * rows_per_answer
+    shape = ActivationShape(seq, micro_rows, int(micro * supervised_per_answer), tp,
+                            cfg.loss.top_k if distill else None, distill)
     microbatches = max(1, rows // micro)
-    name = f"activations ({seq} columns x {micro} rows, {config.attention_backend} attention)"
+    name = f"activations ({seq} columns x {micro_rows} rows, {config.attention_backend} attention)"
     out.parts[name] = activation_bytes(config, shape, pp, microbatches)
     if config.attention_backend == "dense":
         out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
-    megatron = _megatron_activation_estimate(config, seq, micro, tp, pp, microbatches)
+    megatron = _megatron_activation_estimate(config, seq, micro_rows, tp, pp, microbatches)
     out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
                      f"column) would say {megatron / GIB:.2f} GiB")
     return out

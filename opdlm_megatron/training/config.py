@@ -171,11 +171,13 @@ class LossConfig:
     top_k: Optional[int] = None
     renormalize_top_k: bool = True
     chunk_tokens: int = 1024
-    # which states of the student's trajectories opd / opd_tcs supervise (states.py): "trajectory" (paper,
-    # Algorithm 1: one round per trajectory), "block" (one round per block: every run script the authors
-    # published), "all_rounds" (every round of every block, up to block_size rows per answer: their config's
-    # default). A rollout feeds tasks_per_rollout / global_batch_size steps in every mode.
-    state_selection: str = "trajectory"
+    # which states of the student's trajectories opd / opd_tcs supervise (states.py): "all_rounds" (every
+    # round of every block, up to block_size rows per answer: the authors' config default, and what the
+    # second data-efficiency study supports: BENCHMARKS.md), "block" (one round per block: every run script
+    # the authors published), "trajectory" (Algorithm 1 read literally: one round per trajectory, which
+    # rarely supervises partly revealed blocks). A rollout feeds tasks_per_rollout / global_batch_size steps
+    # in every mode; with all_rounds a micro-batch of m answers holds up to m x block_size rows.
+    state_selection: str = "all_rounds"
     # "token": one weight per supervised token over the global batch (Algorithm 1 sums the KL over
     # masked positions, w(t) = 1); "row": mean over each row's tokens, then over rows (first layout)
     normalization: str = "token"
