@@ -476,6 +476,19 @@ def summarize(rows: List[dict], teacher_acc: float) -> Tuple[dict, str]:
     return summary, line
 
 
+def markdown_table(rows: List[dict]) -> str:
+    """Every row of the CSV as a Markdown table (what BENCHMARKS.md quotes)."""
+    head = ("| arm | budget T | paper T | answer T | steps | acc τ=0.9 (±SE) | TPF τ=0.9 | acc 1/step | as AR | "
+            "NLL AR / block | wall s |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['budget_tokens']:,.0f} | {r['paper_tokens']:,.0f} | {r['answer_tokens']:,.0f} | "
+                     f"{r['steps']:.0f} | {r['acc_tau09']:.3f} ±{r['se_tau09']:.3f} | {r['tpf_tau09']:.2f} | "
+                     f"{r['acc_static1']:.3f} | {r['acc_block1']:.3f} | {r['nll_ar_teacher_answers']:.3f} / "
+                     f"{r['nll_block_teacher_answers']:.3f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: List[dict], teacher_acc: float, out: str) -> None:
     import matplotlib
 
@@ -601,6 +614,8 @@ def main() -> None:
 
     rows = read_rows(csv_path)
     plot(rows, teacher_acc, args.out)
+    with open(os.path.join(args.out, "data_efficiency.md"), "w") as f:
+        f.write(markdown_table(rows))
     summary, line = summarize(rows, teacher_acc)
     with open(os.path.join(args.out, "data_efficiency.json"), "w") as f:
         json.dump(dict(summary, rows=rows, seconds=time.time() - started, args=vars(args)), f, indent=1)

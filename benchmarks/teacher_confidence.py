@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--families", default=None, help="comma-separated names (default: every candidate)")
     p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    p.add_argument("--shots", type=int, default=0,
+                   help="solved examples before each question of the opdlm/ families (their option 'shots'); the "
+                        "table goes to teacher_confidence_shotsK.json")
     p.add_argument("--quick", action="store_true", help="two families, 4 prompts, a tiny random model")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "teacher_confidence.json"))
@@ -73,11 +76,14 @@ def main() -> None:
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.distill.teacher import FrozenTeacher
 
-    candidates = [(name, options) for name, options in GYM] + [(name, {}) for name in family_names()]
+    shots = {"shots": args.shots} if args.shots else {}
+    candidates = [(name, options) for name, options in GYM] + [(name, dict(shots)) for name in family_names()]
     if args.families:
         wanted = args.families.split(",")
         candidates = [c for c in candidates if c[0] in wanted] + [(n, {}) for n in wanted
                                                                    if n not in {c[0] for c in candidates}]
+    if args.shots:
+        args.out = args.out.replace(".json", f"_shots{args.shots}.json")
     if args.quick:
         import tempfile
 
@@ -122,7 +128,8 @@ def main() -> None:
                   f"p>=0.9 {p90:.3f} p>=0.7 {p70:.3f} pairs>=0.9 {pairs90:.3f} ({row['seconds']:.0f} s)", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "rows": rows}, f, indent=1)
+        json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "shots": args.shots, "rows": rows},
+                  f, indent=1)
     good = [r["family"] for r in rows if r["accuracy"] >= ACCURATE and r["p_ge_0.9"] >= CONFIDENT]
     print(f"table: {args.out}")
     print(f"families={len(rows)} accurate_and_confident={','.join(good) if good else 'none'}")

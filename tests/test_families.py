@@ -24,6 +24,25 @@ def test_each_family_scores_its_reference_and_nothing_else(name):
     assert FamilyDataset(PREFIX + name, size=5, seed=4)[0] != data[0] or name == "alphabet_next"
 
 
+def test_shots_prefix_solved_examples_and_keep_the_item():
+    plain = FamilyDataset("opdlm/date_format", 20, 7)
+    shot = create_dataset("opdlm/date_format", 20, 7, shots=2)
+    for i in range(len(plain)):
+        a, b = plain[i], shot[i]
+        assert b["answer"] == a["answer"] and b["question"].endswith(a["question"])
+        examples = b["question"][: -len(a["question"])].split("Example:\n")[1:]
+        assert len(examples) == 2
+        for example in examples:  # each example is a solved item of the family: its answer scores 1
+            question, answer = example.strip().split("\nAnswer: ")
+            y, m, d = question.split("date ")[1][:10].split("-")
+            assert answer == f"{d}/{m}/{y}"
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(ValueError, match="shots"):
+            create_dataset("opdlm/date_format", 5, 0, shots=bad)
+    with pytest.raises(ValueError, match="only the option 'shots'"):
+        create_dataset("opdlm/date_format", 5, 0, min_terms=2)
+
+
 def test_number_words_and_references_by_hand():
     assert [number_words(n) for n in (0, 13, 20, 47, 99)] == ["zero", "thirteen", "twenty", "forty-seven", "ninety-nine"]
     date = FamilyDataset("opdlm/date_format", 1, 0)[0]

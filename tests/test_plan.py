@@ -88,7 +88,7 @@ QWEN3_8B = dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_atte
                 kv_channels=128, vocab_size=151936, tokenizer_size=151669, max_sequence_length=40960,
                 qk_layernorm=True, tie_word_embeddings=False, rotary_base=1000000.0, norm_epsilon=1e-6, block_size=4,
                 transformer_impl="transformer_engine")  # as converted for FP8 (the config's header)
-SHIPPED = {"smollm2_opd.yaml": (SMOLLM2, 1), "smollm2_opd_long.yaml": (SMOLLM2, 1), "tiny_cpu.yaml": (TINY_MODEL, 1),
+SHIPPED = {"smollm2_opd.yaml": (SMOLLM2, 1), "smollm2_opd_long.yaml": (SMOLLM2, 1), "smollm2_opd_families.yaml": (SMOLLM2, 1), "tiny_cpu.yaml": (TINY_MODEL, 1),
            "qwen3_8b_opd_fp8.yaml": (QWEN3_8B, 16)}
 
 

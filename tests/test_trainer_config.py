@@ -74,6 +74,8 @@ def test_yaml_and_overrides(tmp_path):
     ({"rollout": {"threshold_schedule": {"final": 0.0}}}, "threshold_schedule.final must be in"),
     ({"rollout": {"threshold_schedule": {"final": 0.7, "hold_rollouts": -1}}}, "hold_rollouts must be"),
     ({"rollout": {"threshold_schedule": {"final": 0.7, "ramp_rollouts": 0}}}, "ramp_rollouts must be"),
+    ({"train": {"steps": 2}, "optim": {"warmup_steps": 10}}, "from train.steps"),
+    ({"optim": {"warmup_steps": 10, "decay_steps": 5}}, "must be >= optim.warmup_steps"),
 ])
 def test_bad_config_values_are_named(data, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):

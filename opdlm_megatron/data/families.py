@@ -152,14 +152,20 @@ def is_family(name: str) -> bool:
 
 
 class FamilyDataset:
-    """``size`` items of one family, item ``i`` drawn from ``(seed, i)`` (any subset is reproducible)."""
+    """``size`` items of one family, item ``i`` drawn from ``(seed, i)`` (any subset is reproducible).
 
-    def __init__(self, name: str, size: int, seed: int) -> None:
+    ``shots``: each question starts with that many solved examples of the same family (drawn from their
+    own stream, so the item itself is the same with and without them): a small model that does not yet
+    follow the instruction sees the expected format, as few-shot evaluation does."""
+
+    def __init__(self, name: str, size: int, seed: int, shots: int = 0) -> None:
         if not is_family(name):
             raise ValueError(f"unknown family {name!r}; known: {family_names()}")
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
-        self.name, self.size, self.seed = name, size, seed
+        if not isinstance(shots, int) or isinstance(shots, bool) or not 0 <= shots <= 8:
+            raise ValueError(f"family option shots must be an integer in [0, 8], got {shots!r}")
+        self.name, self.size, self.seed, self.shots = name, size, seed, shots
         self.generate, self.normalize = FAMILIES[name[len(PREFIX):]]
 
     def __len__(self) -> int:
@@ -169,6 +175,10 @@ class FamilyDataset:
         if not 0 <= index < self.size:
             raise IndexError(index)
         question, answer = self.generate(random.Random(f"{self.name}/{self.seed}/{index}"))
+        if self.shots:
+            shots_rng = random.Random(f"{self.name}/{self.seed}/{index}/shots")
+            solved = [self.generate(shots_rng) for _ in range(self.shots)]
+            question = "".join(f"Example:\n{q}\nAnswer: {a}\n\n" for q, a in solved) + question
         return {"question": question, "answer": answer, "metadata": {"family": self.name, "index": index}}
 
     def score_answer(self, answer: str, entry: Dict[str, Any]) -> float:
@@ -178,9 +188,10 @@ class FamilyDataset:
 def create_dataset(name: str, size: int, seed: int, **options):
     """A family (``opdlm/...``) or a reasoning-gym dataset by name."""
     if name.startswith(PREFIX):
-        if options:
-            raise ValueError(f"family {name!r} takes no options, got {sorted(options)}")
-        return FamilyDataset(name, size, seed)
+        unknown = sorted(set(options) - {"shots"})
+        if unknown:
+            raise ValueError(f"family {name!r} takes only the option 'shots', got {unknown}")
+        return FamilyDataset(name, size, seed, **options)
     import reasoning_gym
 
     return reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
