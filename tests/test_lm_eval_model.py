@@ -5,7 +5,6 @@ YAMLs (no hub): generate_until gives opdlm-eval's accuracy on the same data, mul
 import itertools
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ identities of the foundation issue (b=1 == causal, x0 stream == block-causal x0 
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from opdlm_megatron.model import masks
 from opdlm_megatron.model.build import attention_mask, build_model, mask_unused_vocab

@@ -16,7 +16,7 @@ from opdlm_megatron.objectives import Objective, get_objective, objective_names,
 from opdlm_megatron.objectives.base import _REGISTRY, masked_state_batch
 from opdlm_megatron.runtime.platform import initialize_runtime
 from opdlm_megatron.training.config_files import train_config_from_dict
-from tests.distributed.train_common import TINY_MODEL, RecordingRollout, naive_rollout, tiny_train_dict, write_token_prompts
+from tests.distributed.train_common import TINY_MODEL, naive_rollout, tiny_train_dict, write_token_prompts
 
 LEGACY_LOSSES = os.path.join(os.path.dirname(__file__), "data", "legacy_losses.json")
 

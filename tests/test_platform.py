@@ -8,7 +8,6 @@ any CUDA path a future megatron-core adds that the shims do not cover fails ther
 import pytest
 import torch
 
-from opdlm_megatron.runtime import platform
 from opdlm_megatron.runtime.platform import CpuShims, ParallelSizes, initialize_runtime, resolve_device
 
 

@@ -12,7 +12,7 @@ from opdlm_megatron.model import masks
 from opdlm_megatron.checkpoint.model import load_model_checkpoint, save_model_checkpoint
 from opdlm_megatron.config.model import ModelConfig
 from opdlm_megatron.training.metrics import read_metrics
-from opdlm_megatron.model.build import attention_mask, build_model
+from opdlm_megatron.model.build import build_model
 from opdlm_megatron.runtime.platform import initialize_runtime
 from opdlm_megatron.training.config_files import train_config_from_dict
 from tests.conftest import REPO_ROOT, run_torchrun

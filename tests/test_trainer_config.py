@@ -9,7 +9,7 @@ import torch
 
 from opdlm_megatron.data.samples import Sample, SampleStream, load_samples
 from opdlm_megatron.training.schedules import lr_for_step, rollout_length
-from opdlm_megatron.training.config import CurriculumConfig, OptimConfig, TrainConfig
+from opdlm_megatron.training.config import CurriculumConfig, OptimConfig
 from opdlm_megatron.data.config import DataConfig
 from opdlm_megatron.training.config_files import load_train_config, train_config_from_dict
 
