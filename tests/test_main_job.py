@@ -67,6 +67,7 @@ def test_main_job_pieces_and_the_users_path(tiny_ckpt, tmp_path):
     stdout = _python(DEMO, "--checkpoint", tiny_ckpt, "--run-dir", str(run), *TINY_JOB)
     # the screen: our lines and the table, no third-party warnings
     assert "=== OPDLM main job" in stdout and "Warning" not in stdout and "DEPRECATED" not in stdout
+    assert "is it as good?" in stdout and "is it faster?" in stdout
     summary = json.load(open(run / "summary.json"))
     assert set(summary["table"]) == {"teacher (AR)", "converted student tau=0.9", "converted student k=1",
                                      "trained student tau=0.9", "trained student k=1"}
