@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, on a CUDA machine: the gpu-marked tests (FlexAttention == dense, the
 # activation count on the GPU, and with Transformer Engine: FP8 student loss vs BF16 over 20 steps, the
-# FP8 teacher's KL to BF16) and the student-step throughput benchmark (TFLOP/s, MFU, FP8 speed-up).
+# FP8 teacher's KL to BF16), the student-step throughput benchmark (TFLOP/s, MFU, FP8 speed-up) and the
+# rollout benchmark (the engine vs HF generate with its KV cache, bf16, SmolLM2's and a ~1.7B Qwen3 shape,
+# batch 1 and 64, 1 / 2 / 4 tokens per forward).
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]      # logs in OUT_DIR (default: $OUT, else runs/gpu_checks)
 #
@@ -33,5 +35,7 @@ PY
 tests=${PIPESTATUS[0]}
 "$PY" benchmarks/gpu_student_step.py 2>&1 | tee "$OUT_DIR/gpu_student_step.txt"
 bench=${PIPESTATUS[0]}
-echo "gpu_checks: tests exit $tests, benchmark exit $bench; logs in $OUT_DIR"
-exit $(( tests != 0 || bench != 0 ))
+"$PY" benchmarks/gpu_rollout.py 2>&1 | tee "$OUT_DIR/gpu_rollout.txt"
+rollout=${PIPESTATUS[0]}
+echo "gpu_checks: tests exit $tests, benchmarks exit $bench / $rollout; logs in $OUT_DIR"
+exit $(( tests != 0 || bench != 0 || rollout != 0 ))

@@ -18,3 +18,21 @@ def test_rollout_throughput_quick():
     last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"speedup_vs_naive=[\d.]+ speedup_vs_ar=[\d.]+ tokens_per_forward=[\d.]+ "
                         r"forward_over_ar_step=[\d.]+ batch32_vs_hf=[\d.]+", last), last
+
+
+def test_gpu_rollout_code_path_on_cpu():
+    """benchmarks/gpu_rollout.py --quick --device cpu: both HF families (Llama, Qwen3 with QK-norm) against
+    the engine at 1, 2 and 4 tokens per forward; the script itself checks that every timed answer has the
+    full length in new_tokens / k forwards. Without a GPU, the default --device cuda skips in one line."""
+    script = str(REPO_ROOT / "benchmarks" / "gpu_rollout.py")
+    stdout = _python(script, "--quick", "--device", "cpu")
+    assert "tiny_llama: engine forward" in stdout and "tiny_qwen3: engine forward" in stdout
+    assert stdout.count("every answer 8 tokens") == 4
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"gpu_rollout device=cpu engine_over_hf_b1_k1=[\d.]+ engine_over_hf_b1_k4=[\d.]+ "
+                        r"engine_over_hf_b2_k1=[\d.]+ engine_over_hf_b2_k4=[\d.]+", last), last
+    import torch
+
+    if not torch.cuda.is_available():
+        skipped = _python(script).strip().splitlines()
+        assert len(skipped) == 1 and skipped[0].startswith("gpu_rollout: skipped: no CUDA GPU"), skipped
