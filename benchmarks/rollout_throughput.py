@@ -174,14 +174,20 @@ def _hf_batch1(hf, prompts, new_tokens):
     return seconds, steps
 
 
-def _hf_batched(hf, prompts, new_tokens):
-    """Seconds of HF greedy generation of the whole batch, left-padded, with its KV cache."""
+def _left_padded(prompts):
+    """(ids, attention mask) of token-id lists, left-padded with 0 to the longest (HF generate's layout)."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     attention = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, prompt in enumerate(prompts):
         ids[i, width - len(prompt):] = torch.tensor(prompt)
         attention[i, width - len(prompt):] = 1
+    return ids, attention
+
+
+def _hf_batched(hf, prompts, new_tokens):
+    """Seconds of HF greedy generation of the whole batch, left-padded, with its KV cache."""
+    ids, attention = _left_padded(prompts)
     with torch.no_grad():
         _, seconds = _timed(lambda: hf.generate(ids, attention_mask=attention, max_new_tokens=new_tokens,
                                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True,
@@ -288,13 +294,8 @@ def _hf_answers(hf, prompts, new_tokens, stops, batch):
     answers, seconds = [], 0.0
     with torch.no_grad():
         for start in range(0, len(prompts), batch):
-            part = prompts[start:start + batch]
-            width = max(len(p) for p in part)
-            ids = torch.zeros(len(part), width, dtype=torch.long)
-            attention = torch.zeros(len(part), width, dtype=torch.long)
-            for i, prompt in enumerate(part):
-                ids[i, width - len(prompt):] = torch.tensor(prompt)
-                attention[i, width - len(prompt):] = 1
+            ids, attention = _left_padded(prompts[start:start + batch])
+            width = ids.shape[1]
             out, t = _timed(lambda: hf.generate(ids, attention_mask=attention, max_new_tokens=new_tokens,
                                                 do_sample=False, use_cache=True, eos_token_id=list(stops),
                                                 pad_token_id=0))
