@@ -69,7 +69,8 @@ def test_first_layout_losses_are_reproduced(assets, tmp_path):
             parallel=dict(device="cpu"), data=dict(source="token_ids", path=assets["data"], shuffle=True, seed=5),
             rollout=dict(threshold=0.9, temperature=0.0 if objective == "sft" else 1.0), curriculum=curriculum,
             optim=dict(lr=3e-3, min_lr=3e-4, warmup_steps=1), checkpoint=dict(resume=False),
-            logging=dict(progress_bar=False), loss=dict(normalization="row", t_sampling="block")))
+            logging=dict(progress_bar=False),
+            loss=dict(normalization="row", t_sampling="block", state_selection="trajectory")))
         history = _train(cfg)
         assert len(history) == len(recorded[objective]) == 3
         for got, want in zip(history, recorded[objective]):
@@ -209,22 +210,28 @@ def test_self_distillation_teacher_copy_is_strict(assets, tmp_path, monkeypatch)
             trainer_module.Trainer(cfg, rt, rollout_fn=naive_rollout)
 
 
-def test_top_k_teacher_keeps_only_its_top_k(assets, tmp_path):
+@pytest.mark.parametrize("selection", ["trajectory", "all_rounds"])
+def test_top_k_teacher_keeps_only_its_top_k(assets, tmp_path, selection):
     """With loss.top_k the trainer's teacher targets hold k values and ids per supervised position
-    (not the [B, A, V/TP] logits), and the step trains."""
+    (not the [B, A, V/TP] logits), and the step trains. all_rounds: the teacher scores each answer once,
+    so its targets cover the positions supervised in any of the answer's rows."""
     from opdlm_megatron.model.losses import TeacherTopK
     from opdlm_megatron.training.trainer import Trainer
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
-                                                 train=dict(steps=2), loss=dict(top_k=8)))
+                                                 train=dict(steps=2), loss=dict(top_k=8, state_selection=selection)))
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=naive_rollout)
         trainer.data.buffer = trainer.data._next_rollout()
         batch = trainer.data._supervised_batch(trainer.data.buffer, 0)
         targets, _ = trainer.data._teacher_targets(batch)
         assert isinstance(targets.logits, TeacherTopK)
-        assert tuple(targets.logits.values.shape) == (int(batch.supervised.sum()), 8)
-        assert targets.nbytes < int(batch.supervised.sum()) * trainer.config.padded_vocab_size(1) * 4 / 5
+        supervised = batch.supervised
+        if batch.groups is not None:  # one row per answer: a position supervised in any of its rows
+            answers = torch.unique_consecutive(batch.groups)
+            supervised = torch.stack([batch.supervised[batch.groups == g].any(0) for g in answers])
+        assert tuple(targets.logits.values.shape) == (int(supervised.sum()), 8)
+        assert targets.nbytes < int(supervised.sum()) * trainer.config.padded_vocab_size(1) * 4 / 5
         history = [trainer.train_step() for _ in range(2)]
         trainer.close()
     assert all(math.isfinite(h["loss"]) for h in history)

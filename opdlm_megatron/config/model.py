@@ -77,6 +77,15 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     # Pinned padded vocabulary (set by checkpoints so they reload at another TP); None: Megatron's rule.
     padded_vocab: Optional[int] = None
+    # Mixture of experts (None: a dense MLP in every layer). Every layer is an MoE layer of
+    # ``num_experts`` SwiGLU experts of ``moe_ffn_hidden_size``, ``moe_router_topk`` per token, dropless
+    # (no capacity factor: a row's tokens never depend on the rest of the batch). ``moe_router_pre_softmax``
+    # False: the top-k gates are renormalised over the chosen experts (HF norm_topk_prob, Mixtral); True:
+    # softmax over all experts, the top-k kept as they are.
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size
+    moe_router_topk: int = 2
+    moe_router_pre_softmax: bool = False
     # Implementation.
     transformer_impl: str = "local"
     attention_backend: str = "dense"
@@ -103,6 +112,14 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                      "max_sequence_length", "block_size", "make_vocab_size_divisible_by"):
             positive(name)
+        if self.num_experts is not None:
+            positive("num_experts")
+            positive("moe_router_topk")
+            if self.moe_router_topk > self.num_experts:
+                raise ValueError(f"ModelConfig.moe_router_topk {self.moe_router_topk} exceeds num_experts "
+                                 f"{self.num_experts}")
+            if self.moe_ffn_hidden_size is not None:
+                positive("moe_ffn_hidden_size")
         if self.normalization not in LAYER_NORMS:
             raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {LAYER_NORMS}")
         if self.activation not in ACTIVATIONS:
@@ -153,6 +170,10 @@ class ModelConfig:
             raise ValueError(f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
         if self.num_layers % pp != 0:
             raise ValueError(f"num_layers {self.num_layers} is not divisible by pipeline parallel size {pp}")
+        if self.num_experts is not None and (tp, pp) != (1, 1):
+            # checked against HF and a dense reference at TP = PP = 1 only so far; expert parallelism comes next
+            raise ValueError(f"mixture-of-experts models ({self.num_experts} experts) run at tensor and pipeline "
+                             f"parallel size 1 for now, got TP {tp} x PP {pp}")
 
     # ------------------------------------------------------------------------------- vocabulary
     @property
@@ -184,13 +205,19 @@ class ModelConfig:
             unused &= ids != self.mask_token_id
         return unused
 
-    def num_parameters(self) -> int:
-        """Parameters of the whole model (all TP/PP ranks together; padded vocabulary rows included),
-        for the paper's FLOP estimate (eq. 7)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters of the whole model (all TP/PP ranks together; padded vocabulary rows included).
+        ``active``: a mixture of experts counts only the ``moe_router_topk`` experts a token runs through
+        (what the paper's FLOP estimate, eq. 7, needs); by default every expert (what memory holds)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.query_groups * d
-        fc1 = self.ffn_hidden_size * (2 if ACTIVATIONS[self.activation][1] else 1)
-        per_layer = h * (q + 2 * kv) + q * h + h * fc1 + self.ffn_hidden_size * h + 2 * h
+        gated = 2 if ACTIVATIONS[self.activation][1] else 1
+        per_layer = h * (q + 2 * kv) + q * h + 2 * h
+        if self.num_experts is None:
+            per_layer += h * self.ffn_hidden_size * gated + self.ffn_hidden_size * h
+        else:
+            experts = self.moe_router_topk if active else self.num_experts
+            per_layer += experts * self.expert_ffn_hidden_size * h * (gated + 1) + self.num_experts * h  # + router
         if self.add_qkv_bias or self.add_bias_linear:
             per_layer += q + 2 * kv
         if self.qk_layernorm:
@@ -263,9 +290,30 @@ class ModelConfig:
             persist_layer_norm=False,
             bias_dropout_fusion=False,
         )
+        if self.num_experts is not None:
+            kwargs.update(
+                num_moe_experts=self.num_experts,
+                moe_ffn_hidden_size=self.expert_ffn_hidden_size,
+                moe_router_topk=self.moe_router_topk,
+                moe_router_pre_softmax=self.moe_router_pre_softmax,
+                moe_router_score_function="softmax",
+                # all-gather dispatch runs on every backend (the all-to-all dispatcher creates CUDA streams)
+                moe_token_dispatcher_type="allgather",
+                moe_grouped_gemm=False,
+                moe_expert_capacity_factor=None,  # dropless
+                # distillation trains the student's routers through the KL alone (no balancing term)
+                moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0,
+                moe_permute_fusion=False,
+            )
         kwargs.update(self.extra_transformer_config)
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Each expert's FFN width (MoE models)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     # ---------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict:

@@ -90,7 +90,8 @@ def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.
     if config.transformer_impl == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm,
+                                        num_experts=config.num_experts, moe_grouped_gemm=False)
     else:
         from megatron.core.extensions.transformer_engine import HAVE_TE
 
@@ -101,7 +102,8 @@ def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.
             )
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
+                                                          num_experts=config.num_experts)
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": attn_mask_type}
     if config.attention_backend == "flex":

@@ -1,5 +1,5 @@
-"""The correspondence between HF decoder checkpoints (Llama, Mistral, Qwen2, Qwen3) and our
-megatron-core GPTModel: configs, parameter names and tensor layouts.
+"""The correspondence between HF decoder checkpoints (Llama, Mistral, Qwen2, Qwen3; the mixtures of
+experts Qwen3-MoE and Mixtral) and our megatron-core GPTModel: configs, parameter names and tensor layouts.
 
 Everything here is pure tensor and dict manipulation (no I/O, no torch.distributed), so it can be
 tested without a model and reused by both conversion directions.
@@ -21,6 +21,11 @@ Names: the local layer spec has ``decoder.layers.N.input_layernorm.weight`` and
 ``...pre_mlp_layernorm.weight``; the Transformer Engine spec fuses those norms into the following
 linear layer as ``self_attention.linear_qkv.layer_norm_weight`` and ``mlp.linear_fc1.layer_norm_weight``.
 Megatron names carry the *global* layer number here; pipeline stages translate their local ones.
+
+Mixtures of experts (local spec, ``SequentialMLP``): the router ``mlp.router.weight`` [E, hidden] is HF's
+``mlp.gate`` (Qwen3-MoE) / ``block_sparse_moe.gate`` (Mixtral), replicated; expert e is
+``mlp.experts.local_experts.{e}.linear_fc1`` ([gate; up], layout ``fc1`` at the expert width) and
+``linear_fc2`` (``row``) from HF's per-expert ``gate_proj/up_proj/down_proj`` (Mixtral: ``w1/w3/w2``).
 """
 
 from __future__ import annotations
@@ -34,13 +39,16 @@ from torch import Tensor
 
 from ..config.model import ModelConfig, canonical_dtype
 
-# HF architecture -> model_type. All four share the Llama parameter names.
+# HF architecture -> model_type. All share the Llama attention and norm names.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # Non-parameter entries some HF checkpoints carry; they are recomputed, never converted.
 IGNORED_HF_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -102,7 +110,7 @@ def _sliding_window(hf: Dict, model_type: str) -> Optional[int]:
     window = hf.get("sliding_window")
     if window is None:
         return None
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         layer_types = hf.get("layer_types") or []
         if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
             return None
@@ -152,6 +160,30 @@ def place_mask_token(vocab_size: int, tokenizer_size: Optional[int], tokenizer_m
     return vocab_size, True
 
 
+def _moe_fields(hf: Dict, model_type: str) -> Dict:
+    """ModelConfig's expert fields of an MoE config.json (empty for dense models); refuses layouts the
+    project does not map (dense layers between MoE ones, shared experts)."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    if model_type == "qwen3_moe":
+        step, dense_layers = int(_get(hf, "decoder_sparse_step", 1)), list(hf.get("mlp_only_layers") or [])
+        if step != 1 or dense_layers:
+            raise ConversionError(f"Qwen3-MoE with dense layers (decoder_sparse_step={step}, mlp_only_layers="
+                                  f"{dense_layers}) is not supported: every layer must be an MoE layer")
+        # the hub's configs say num_experts; transformers >= 5 writes num_local_experts
+        experts, topk = int(_get(hf, "num_experts", hf.get("num_local_experts"))), int(hf["num_experts_per_tok"])
+        width = int(hf["moe_intermediate_size"])
+        normalised = bool(_get(hf, "norm_topk_prob", False))
+    else:  # Mixtral: softmax over the experts, top-k, renormalised
+        experts, topk = int(hf["num_local_experts"]), int(hf["num_experts_per_tok"])
+        width = int(hf["intermediate_size"])
+        normalised = True
+    if hf.get("shared_expert_intermediate_size"):
+        raise ConversionError("shared experts are not supported")
+    return dict(num_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=width,
+                moe_router_pre_softmax=not normalised)
+
+
 def model_config_from_hf(
     hf: Dict,
     generation_config: Optional[Dict] = None,
@@ -199,6 +231,7 @@ def model_config_from_hf(
         # silently attending further than the HF model would.
         max_positions = window
 
+    moe = _moe_fields(hf, model_type)
     hf_vocab = int(hf["vocab_size"])
     recorded_mask = hf.get("opdlm_mask_token_id")
     vocab_size = int(_get(hf, "opdlm_tokenizer_vocab_size", hf_vocab))
@@ -235,8 +268,9 @@ def model_config_from_hf(
         activation="swiglu",
         add_bias_linear=False,
         add_qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry biases
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        **moe,
         rotary_base=theta,
         rotary_percent=float(_get(hf, "partial_rotary_factor", 1.0)),
         rope_scaling=scaling,
@@ -290,10 +324,16 @@ def hf_config_from_model_config(
     recorded = dict(config.source.get("hf_config") or {})
     if recorded:
         arch = hf_architecture(recorded)
+    elif config.num_experts is not None:
+        arch = "Qwen3MoeForCausalLM" if config.qk_layernorm else "MixtralForCausalLM"
     else:
         arch = "Qwen3ForCausalLM" if config.qk_layernorm else "Qwen2ForCausalLM" if config.add_qkv_bias else "LlamaForCausalLM"
     model_type = SUPPORTED_ARCHITECTURES[arch]
-    expected_qk_norm, expected_bias = model_type == "qwen3", model_type == "qwen2"
+    if (config.num_experts is not None) != (model_type in MOE_MODEL_TYPES):
+        raise ConversionError(f"recorded architecture {arch} does not match num_experts={config.num_experts}")
+    if model_type == "mixtral" and config.moe_router_pre_softmax:
+        raise ConversionError("Mixtral renormalises its top-k gates: moe_router_pre_softmax must be False")
+    expected_qk_norm, expected_bias = model_type in ("qwen3", "qwen3_moe"), model_type == "qwen2"
     if config.qk_layernorm != expected_qk_norm or config.add_qkv_bias != expected_bias:
         raise ConversionError(
             f"recorded architecture {arch} does not match qk_layernorm={config.qk_layernorm}, "
@@ -315,11 +355,22 @@ def hf_config_from_model_config(
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.query_groups,
-        head_dim=config.head_dim,
+        # a config that leaves head_dim unset (Mixtral: hidden / heads) keeps it unset
+        head_dim=None if hf.get("head_dim", 0) is None and config.head_dim * config.num_attention_heads
+        == config.hidden_size else config.head_dim,
         rms_norm_eps=config.norm_epsilon,
         tie_word_embeddings=config.tie_word_embeddings,
         vocab_size=hf_vocab_rows(config, include_mask_token),
     )
+    if model_type == "qwen3_moe":
+        hf["num_local_experts" if "num_local_experts" in hf and "num_experts" not in hf else "num_experts"] = \
+            config.num_experts
+        hf.update(num_experts_per_tok=config.moe_router_topk,
+                  moe_intermediate_size=config.expert_ffn_hidden_size, decoder_sparse_step=1, mlp_only_layers=[],
+                  norm_topk_prob=not config.moe_router_pre_softmax)
+    elif model_type == "mixtral":
+        hf.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
+                  intermediate_size=config.expert_ffn_hidden_size)
     if not recorded:
         hf["eos_token_id"] = (config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids)) or None
         hf["pad_token_id"] = config.pad_token_id
@@ -371,10 +422,27 @@ def layer_mappings(config: ModelConfig, layer: int) -> List[TensorMapping]:
         out.append(TensorMapping(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), "replicated"))
     out += [
         TensorMapping(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
-        TensorMapping(mlp_norm, (h + "post_attention_layernorm.weight",), "replicated"),
-        TensorMapping(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
-        TensorMapping(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
     ]
+    if config.num_experts is None:
+        return out + [
+            TensorMapping(mlp_norm, (h + "post_attention_layernorm.weight",), "replicated"),
+            TensorMapping(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
+            TensorMapping(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
+        ]
+    # MoE layers keep their own pre-MLP norm in either spec (the router reads the normalised input)
+    out.append(TensorMapping(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "replicated"))
+    # the names of the architecture the checkpoint came from (or that the export picks: Qwen3-MoE with QK-norm)
+    mixtral = config.source.get("model_type", "qwen3_moe" if config.qk_layernorm else "mixtral") == "mixtral"
+    moe, (gate, up, down) = (h + "block_sparse_moe.", ("w1", "w3", "w2")) if mixtral else \
+        (h + "mlp.", ("gate_proj", "up_proj", "down_proj"))
+    out.append(TensorMapping(m + "mlp.router.weight", (moe + "gate.weight",), "replicated"))
+    for e in range(config.num_experts):
+        expert, hf_expert = f"{m}mlp.experts.local_experts.{e}.", f"{moe}experts.{e}."
+        out += [
+            TensorMapping(expert + "linear_fc1.weight", (hf_expert + gate + ".weight", hf_expert + up + ".weight"),
+                          "fc1"),
+            TensorMapping(expert + "linear_fc2.weight", (hf_expert + down + ".weight",), "row"),
+        ]
     return out
 
 
@@ -407,12 +475,13 @@ def mapping_for(config: ModelConfig, megatron_name: str) -> TensorMapping:
 
 def expected_hf_shapes(config: ModelConfig, vocab_rows: int) -> Dict[str, Tuple[int, ...]]:
     """Full shapes of every HF tensor the config implies (``vocab_rows`` embedding rows)."""
-    hidden, ffn, d = config.hidden_size, config.ffn_hidden_size, config.head_dim
+    hidden, d = config.hidden_size, config.head_dim
     q_out, kv_out = config.num_attention_heads * d, config.query_groups * d
     shapes: Dict[str, Tuple[int, ...]] = {}
     for mapping in model_mappings(config):
         for name in mapping.hf:
             leaf = name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
+            ffn = _ffn_width(config, name)
             shapes[name] = {
                 "embed_tokens.weight": (vocab_rows, hidden),
                 "lm_head.weight": (vocab_rows, hidden),
@@ -431,8 +500,17 @@ def expected_hf_shapes(config: ModelConfig, vocab_rows: int) -> Dict[str, Tuple[
                 "gate_proj.weight": (ffn, hidden),
                 "up_proj.weight": (ffn, hidden),
                 "down_proj.weight": (hidden, ffn),
+                "w1.weight": (ffn, hidden),
+                "w3.weight": (ffn, hidden),
+                "w2.weight": (hidden, ffn),
+                "gate.weight": (config.num_experts or 0, hidden),
             }[leaf]
     return shapes
+
+
+def _ffn_width(config: ModelConfig, hf_name: str) -> int:
+    """The MLP width a HF tensor belongs to: an expert's, or the dense MLP's."""
+    return config.expert_ffn_hidden_size if ".experts." in hf_name else config.ffn_hidden_size
 
 
 def check_hf_tensors(config: ModelConfig, shapes: Dict[str, Sequence[int]], vocab_rows: Iterable[int]) -> int:
@@ -515,7 +593,8 @@ def megatron_shard(
     if mapping.layout == "replicated":
         return read(mapping.hf[0], 0, None, None)
     if mapping.layout == "row":
-        width = config.num_attention_heads * config.head_dim if "o_proj" in mapping.hf[0] else config.ffn_hidden_size
+        width = config.num_attention_heads * config.head_dim if "o_proj" in mapping.hf[0] else \
+            _ffn_width(config, mapping.hf[0])
         per = width // tp_size
         return read(mapping.hf[0], 1, tp_rank * per, (tp_rank + 1) * per)
     if mapping.layout == "qkv":
@@ -527,7 +606,7 @@ def megatron_shard(
         v = read(mapping.hf[2], 0, g0 * d, g1 * d)
         return _qkv_shard(config, q, k, v)
     if mapping.layout == "fc1":
-        per = config.ffn_hidden_size // tp_size
+        per = _ffn_width(config, mapping.hf[0]) // tp_size
         start, end = tp_rank * per, (tp_rank + 1) * per
         return torch.cat([read(mapping.hf[0], 0, start, end), read(mapping.hf[1], 0, start, end)], dim=0)
     # vocab: the shard's rows of the padded vocabulary; rows past the HF vocabulary start at zero

@@ -198,8 +198,9 @@ class Trainer:
                              self.rollout_fn, self.rank, self.timers)
         self.total_steps = cfg.train.steps or self.steps_for_epochs(len(samples))
         self.lr_schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
-        self.student_parameters = self.config.num_parameters()
-        self.teacher_parameters = self.teacher.config.num_parameters() if self.objective.distill else 0
+        # FLOPs (eq. 7) run through the active parameters (a mixture of experts: top-k experts per token)
+        self.student_parameters = self.config.num_parameters(active=True)
+        self.teacher_parameters = self.teacher.config.num_parameters(active=True) if self.objective.distill else 0
 
         self.step = 0
         self.counters = {"tokens_trained": 0.0, "paper_tokens_total": 0.0, "answer_tokens_total": 0.0,

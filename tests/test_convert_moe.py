@@ -1,0 +1,183 @@
+"""Mixtures of experts: tiny random Qwen3-MoE and Mixtral models from transformers, converted to megatron-core's
+MoE layers (local spec, SequentialMLP, dropless top-k routing) on CPU. References: HF transformers' logits of the
+original model and its safetensors files (round trips bit for bit in fp32)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from opdlm_megatron.checkpoint.model import build_from_checkpoint
+from opdlm_megatron.tools.convert_hf_to_megatron import convert
+from opdlm_megatron.tools.convert_megatron_to_hf import export
+from opdlm_megatron.tools.hf_mapping import ConversionError, model_config_from_hf
+from tests.distributed.convert_common import VOCAB, hf_logits, max_valid_diff, megatron_logits, sample_batch
+from tests.test_convert import read_safetensors
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
+              eos_token_id=2, num_attention_heads=4, num_key_value_heads=2)
+# name -> (config class, fields): QK-norm + head_dim != hidden/heads + normalised top-2 of 4 (Qwen3-MoE), the same
+# unnormalised (softmax over all experts, top-k kept: megatron's pre-softmax router), top-2 of 3 untied (Mixtral)
+MOE_MODELS = {
+    "qwen3_moe_norm_topk": ("Qwen3MoeConfig", dict(head_dim=32, intermediate_size=96, moe_intermediate_size=48,
+                                                   num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                                   decoder_sparse_step=1, mlp_only_layers=[],
+                                                   tie_word_embeddings=True)),
+    "qwen3_moe_pre_softmax": ("Qwen3MoeConfig", dict(head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                                                     num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                                     decoder_sparse_step=1, mlp_only_layers=[],
+                                                     tie_word_embeddings=False)),
+    "mixtral_top2_of_3": ("MixtralConfig", dict(intermediate_size=40, num_local_experts=3, num_experts_per_tok=2,
+                                                tie_word_embeddings=False)),
+}
+
+
+def make_moe_hf(name: str, directory: str, seed: int = 0):
+    """A tiny random MoE model with randomised norms and routers (a mis-mapped one shows in the logits)."""
+    import transformers
+
+    class_name, extra = MOE_MODELS[name]
+    config = getattr(transformers, class_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            param.copy_(1.0 + 0.2 * torch.randn_like(param) if "norm" in pname else 0.15 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    batch = sample_batch()
+    return {name: (str(root / name), hf_logits(make_moe_hf(name, str(root / name)), batch)) for name in MOE_MODELS}
+
+
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+def test_moe_logits_match_hf_and_round_trip_bitwise(moe_models, tmp_path, runtime, name):
+    hf_dir, expected = moe_models[name]
+    convert(hf_dir, str(tmp_path / "ckpt"))
+    model, config = build_from_checkpoint(str(tmp_path / "ckpt"), "teacher")
+    hf = json.load(open(os.path.join(hf_dir, "config.json")))
+    assert config.num_experts == hf.get("num_experts") or config.num_experts == hf.get("num_local_experts")
+    assert type(model.decoder.layers[0].mlp).__name__ == "MoELayer"
+    batch = sample_batch()
+    got = megatron_logits(model, config, batch)
+    assert max_valid_diff(got, expected, batch["valid"]) <= 1e-4
+
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), include_mask_token=False)
+    original, exported = read_safetensors(hf_dir), read_safetensors(str(tmp_path / "hf"))
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor), key
+    after = json.load(open(tmp_path / "hf" / "config.json"))
+    for key, value in hf.items():
+        assert after[key] == value, key
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert max_valid_diff(hf_logits(reloaded, batch), expected, batch["valid"]) == 0.0
+
+
+def test_moe_layouts_the_converter_refuses():
+    base = dict(COMMON, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=16,
+                intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    assert model_config_from_hf(base).num_experts == 4
+    with pytest.raises(ConversionError, match="mlp_only_layers"):
+        model_config_from_hf(dict(base, mlp_only_layers=[1]))
+    with pytest.raises(ConversionError, match="decoder_sparse_step=2"):
+        model_config_from_hf(dict(base, decoder_sparse_step=2))
+    with pytest.raises(ConversionError, match="shared experts"):
+        model_config_from_hf(dict(base, shared_expert_intermediate_size=64))
+    with pytest.raises(ConversionError, match="unsupported architecture 'DeepseekV3ForCausalLM'"):
+        model_config_from_hf(dict(base, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3"))
+    with pytest.raises(ValueError, match="moe_router_topk 5 exceeds num_experts 4"):
+        model_config_from_hf(dict(base, num_experts_per_tok=5))
+
+
+def test_moe_student_decodes_like_the_naive_decoder_and_alone_as_in_a_batch(moe_models, tmp_path, runtime):
+    """The engine decodes an MoE student through megatron's forward (the fused one names MoE as unsupported):
+    the same tokens and commit rounds as a full-recompute reference, and a prompt alone as in the batch
+    (dropless routing: a row's experts never depend on the rows beside it)."""
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+    from tests.test_rollout import PROMPTS, _result_rows, reference_decode
+
+    convert(moe_models["qwen3_moe_norm_topk"][0], str(tmp_path / "ckpt"), block_size=4)
+    model, config = build_from_checkpoint(str(tmp_path / "ckpt"), "student")
+    engine = DiffusionRolloutEngine(model.eval(), config)
+    assert engine.forward_reason == "mixture of experts"
+    for rule in (dict(threshold=0.5), dict(tokens_per_step=2)):
+        decode = DecodeConfig(max_new_tokens=12, block_size=4, eos_token_ids=[], **rule)
+        rows = _result_rows(engine.generate(PROMPTS, decode))
+        for prompt, row in zip(PROMPTS, rows):
+            assert row == reference_decode(model, config, prompt, block=4, max_new=12, **rule)
+            assert _result_rows(engine.generate([prompt], decode))[0] == row
+    assert all(steps.count(s) == 2 for _, steps in rows for s in steps)  # two commits per step: several rows
+
+
+def test_opd_step_of_an_moe_student_equals_the_dense_reference_and_trains_its_routers(moe_models, tmp_path):
+    """One OPD step of a converted Qwen3-MoE student (megatron's MoE layers, dropless): the trainer's loss equals
+    the float64 forward-KL reference over the same rollout and states; a second step moves the student's routers
+    while the frozen teacher's stay put."""
+    from opdlm_megatron.distill import states
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
+    from tests.distributed.train_common import RecordingRollout, naive_rollout, tiny_train_dict, write_token_prompts
+    from tests.test_trainer import _dense_opd_loss
+
+    ckpt = str(tmp_path / "ckpt")
+    convert(moe_models["mixtral_top2_of_3"][0], ckpt, block_size=4)
+    data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=4, vocab=VOCAB)
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), data, ckpt, train=dict(steps=2),
+                                                 checkpoint=dict(resume=False),
+                                                 loss=dict(state_selection="trajectory")))
+    rec = RecordingRollout(naive_rollout)
+    router = "decoder.layers.0.mlp.router.weight"
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=rec)
+        student0 = build_model(trainer.config, "student")
+        student0.load_state_dict(trainer.student.state_dict(), strict=False)
+        teacher_router = trainer.teacher.model.state_dict()[router].clone()
+        first = trainer.train_step()
+        result = rec.results[0]
+        xt = states.select_states(result, "trajectory", trainer.data._step_generator(0), trainer.config.mask_token_id,
+                                  block_size=trainer.config.block_size)
+        ref = _dense_opd_loss(student0.eval(), trainer.teacher.model, trainer.config, result, xt,
+                              trainer.config.eos_token_ids)
+        second = trainer.train_step()
+        moved = not torch.equal(trainer.student.state_dict()[router], student0.state_dict()[router])
+        teacher_still = torch.equal(trainer.teacher.model.state_dict()[router], teacher_router)
+        trainer.close()
+    assert first["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert moved and teacher_still and math.isfinite(second["grad_norm"])
+
+
+def test_moe_parameter_counts_match_the_built_model(runtime):
+    """ModelConfig.num_parameters counts every expert (memory: the planner) and, active=True, the top-k a
+    token runs through (FLOPs); checked against megatron's MoE model and a hand count."""
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.model.build import build_model
+
+    config = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                         vocab_size=250, num_experts=4, moe_ffn_hidden_size=24, moe_router_topk=2,
+                         tie_word_embeddings=False)
+    model = build_model(config, "student")
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+    per_expert = 3 * 24 * 64
+    assert config.num_parameters() - config.num_parameters(active=True) == 2 * (4 - 2) * per_expert
+
+
+def test_moe_layouts_not_yet_verified_are_refused():
+    from opdlm_megatron.config.model import ModelConfig
+
+    config = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=250,
+                         num_experts=4, moe_router_topk=2)
+    config.check_parallel(1, 1)
+    for tp, pp in ((2, 1), (1, 2)):
+        with pytest.raises(ValueError, match=f"parallel size 1 for now, got TP {tp} x PP {pp}"):
+            config.check_parallel(tp, pp)
