@@ -74,12 +74,22 @@ def test_yaml_and_overrides(tmp_path):
     ({"rollout": {"threshold_schedule": {"final": 0.0}}}, "threshold_schedule.final must be in"),
     ({"rollout": {"threshold_schedule": {"final": 0.7, "hold_rollouts": -1}}}, "hold_rollouts must be"),
     ({"rollout": {"threshold_schedule": {"final": 0.7, "ramp_rollouts": 0}}}, "ramp_rollouts must be"),
-    ({"train": {"steps": 2}, "optim": {"warmup_steps": 10}}, "from train.steps"),
-    ({"optim": {"warmup_steps": 10, "decay_steps": 5}}, "must be >= optim.warmup_steps"),
 ])
 def test_bad_config_values_are_named(data, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
         train_config_from_dict({**BASE, **data})
+
+
+def test_a_decay_shorter_than_the_warm_up_is_refused():
+    from opdlm_megatron.training.schedules import decay_steps
+
+    base = train_config_from_dict(BASE)
+    assert decay_steps(base.optim, 100) == 100
+    with pytest.raises(ValueError, match=r"decay_steps \(2, from train.steps\) must be >= optim.warmup_steps \(5\)"):
+        decay_steps(base.optim, 2)
+    short = train_config_from_dict({**BASE, "optim": {"warmup_steps": 10, "decay_steps": 5}})
+    with pytest.raises(ValueError, match=r"decay_steps \(5\) must be >= optim.warmup_steps \(10\)"):
+        decay_steps(short.optim, 100)
 
 
 def test_bad_override_syntax():

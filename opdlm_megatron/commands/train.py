@@ -35,9 +35,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args) -> int:
     from ..runtime.platform import initialize_runtime
     from ..training.config_files import load_train_config
+    from ..training.schedules import decay_steps
     from ..training.trainer import Trainer
 
     cfg = load_train_config(args.config, args.overrides)
+    if cfg.train.steps is not None:  # a schedule that cannot be built is refused before any work
+        decay_steps(cfg.optim, cfg.train.steps)
     with initialize_runtime(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                             device=cfg.parallel.device, seed=cfg.seed) as runtime:
         trainer = Trainer(cfg, runtime)

@@ -328,10 +328,6 @@ class TrainConfig:
                 f"rollout.tasks_per_rollout {self.rollout.tasks_per_rollout} is not a multiple of "
                 f"train.global_batch_size {self.train.global_batch_size} (each rollout feeds whole optimizer steps)"
             )
-        decay = self.optim.decay_steps or self.train.steps
-        if decay is not None and decay < self.optim.warmup_steps:  # known before any work (else: when built)
-            raise ValueError(f"optim.decay_steps ({decay}{'' if self.optim.decay_steps else ', from train.steps'}) must be "
-                             f">= optim.warmup_steps ({self.optim.warmup_steps}); lower optim.warmup_steps")
         get_objective(self.objective).validate_config(self)
 
     def student_architecture(self, config):

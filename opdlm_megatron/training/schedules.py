@@ -50,6 +50,16 @@ def lr_for_step(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * ratio))
 
 
+def decay_steps(optim: OptimConfig, total_steps: int) -> int:
+    """The cosine's length: ``optim.decay_steps``, else the run's steps; never shorter than the warm-up.
+    (The project's trainer only: Megatron-LM's path schedules with its own --lr-* flags.)"""
+    decay = optim.decay_steps or total_steps
+    if decay < optim.warmup_steps:
+        raise ValueError(f"optim.decay_steps ({decay}{'' if optim.decay_steps else ', from train.steps'}) must be "
+                         f">= optim.warmup_steps ({optim.warmup_steps}); lower optim.warmup_steps")
+    return decay
+
+
 class LRSchedule:
     """Megatron's ``OptimizerParamScheduler`` driven by our step counter (``set_step`` before each
     optimizer step). Its ``state_dict`` goes into training checkpoints."""
@@ -57,11 +67,7 @@ class LRSchedule:
     def __init__(self, optimizer, optim: OptimConfig, total_steps: int) -> None:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        decay = optim.decay_steps or total_steps
-        if decay < optim.warmup_steps:
-            raise ValueError(
-                f"optim.decay_steps ({decay}) must be >= optim.warmup_steps ({optim.warmup_steps})"
-            )
+        decay = decay_steps(optim, total_steps)
         self.scheduler = OptimizerParamScheduler(
             optimizer,
             init_lr=0.0,
