@@ -13,7 +13,8 @@ from opdlm_megatron.checkpoint.model import build_from_checkpoint
 from opdlm_megatron.tools.convert_hf_to_megatron import convert
 from opdlm_megatron.tools.convert_megatron_to_hf import export
 from opdlm_megatron.tools.hf_mapping import ConversionError, model_config_from_hf
-from tests.distributed.convert_common import VOCAB, hf_logits, max_valid_diff, megatron_logits, sample_batch
+from tests.distributed.convert_common import (VOCAB, hf_logits, make_tiny_hf, max_valid_diff, megatron_logits,
+                                              sample_batch)
 from tests.test_convert import read_safetensors
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -36,17 +37,7 @@ MOE_MODELS = {
 
 def make_moe_hf(name: str, directory: str, seed: int = 0):
     """A tiny random MoE model with randomised norms and routers (a mis-mapped one shows in the logits)."""
-    import transformers
-
-    class_name, extra = MOE_MODELS[name]
-    config = getattr(transformers, class_name)(**COMMON, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            param.copy_(1.0 + 0.2 * torch.randn_like(param) if "norm" in pname else 0.15 * torch.randn_like(param))
-    model.save_pretrained(directory)
-    return model
+    return make_tiny_hf(name, directory, seed, models=MOE_MODELS, common=COMMON)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,14 @@ TINY_MODELS: Dict[str, tuple] = {
 }
 
 
-def make_tiny_hf(name: str, directory: str, seed: int = 0):
-    """Creates, randomises (biases and norms too, so a mis-mapped one shows) and saves a tiny HF model."""
+def make_tiny_hf(name: str, directory: str, seed: int = 0, models: Dict[str, tuple] = TINY_MODELS,
+                 common: Dict = COMMON):
+    """Creates, randomises (biases and norms too, so a mis-mapped one shows) and saves a tiny HF model:
+    ``models[name]`` is (config class name, extra config fields) on top of ``common``."""
     import transformers
 
-    class_name, extra = TINY_MODELS[name]
-    config = getattr(transformers, class_name)(**COMMON, **extra)
+    class_name, extra = models[name]
+    config = getattr(transformers, class_name)(**common, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
