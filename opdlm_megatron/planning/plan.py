@@ -122,7 +122,7 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     rows = batch // dp
     vocab = config.padded_vocab_size(tp) // tp
     # all_rounds: an answer is up to block_size rows (one per round), and round r of a block masks at most
-    # block_size - r of its slots, so an answer supervises at most (block_size + 1) / 2 x its tokens
+    # block_size - r of its slots, so the student's loss sees at most (block_size + 1) / 2 x its tokens
     all_rounds = cfg.objective in ("opd", "opd_tcs") and cfg.loss.state_selection == "all_rounds"
     rows_per_answer = config.block_size if all_rounds else 1
     supervised_per_answer = answer * (config.block_size + 1) / 2 if all_rounds else answer
@@ -130,7 +130,8 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
         out.notes.append(f"loss.state_selection all_rounds: up to {rows_per_answer} rows per answer (one per round); "
                          f"a micro-batch of {micro} answers holds up to {micro * rows_per_answer} rows")
     if cfg.objective not in ("mdlm", "ar", "sft"):
-        supervised = int(rows * supervised_per_answer)  # at most every masked answer token of every row
+        # the teacher scores each answer once, whatever its rows: at most every answer token
+        supervised = rows * answer
         k = cfg.loss.top_k
         out.parts["teacher targets (one step)"] = supervised * (k * 12 if k else vocab * 4)
     if cfg.objective in ("opd", "opd_tcs"):
