@@ -77,7 +77,17 @@ from opdlm_megatron.training.config_files import train_config_from_dict  # noqa:
 TOKENS = ["<pad>", "<bos>", "<eos>"] + list("0123456789") + ["+", ">", ";", "#"]
 ID = {t: i for i, t in enumerate(TOKENS)}
 EOS, PAD = ID["<eos>"], ID["<pad>"]
-MAX_ANSWER = 64
+
+
+@dataclass
+class Limits:
+    """Answer length and held-out size: set once from the command line (--max-answer, --held-out)."""
+
+    max_answer: int = 64
+    held_out: int = 200
+
+
+LIMITS = Limits()
 CSV_NAME = "data_efficiency.csv"
 
 
@@ -178,7 +188,7 @@ def teacher_answers(teacher: FrozenTeacher, held, batch: int):
     if "held" not in _TEACHER_ANSWERS:
         prompts = [s.prompt_ids for s, _ in held]
         gens = generate(teacher.model, ar_config(teacher.config), prompts,
-                        teacher_decode(DecodeConfig(max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS])), batch)
+                        teacher_decode(DecodeConfig(max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS])), batch)
         _TEACHER_ANSWERS["held"] = results_from_answers(prompts, [g.ids for g in gens], [g.finished for g in gens], PAD)
     return _TEACHER_ANSWERS["held"]
 
@@ -207,12 +217,12 @@ def evaluate_student(model, config, teacher: FrozenTeacher, held, batch: int) ->
     from opdlm_megatron.distill.answers import results_from_answers
 
     prompts = [s.prompt_ids for s, _ in held]
-    base = DecodeConfig(max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], temperature=0.0)
+    base = DecodeConfig(max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS], temperature=0.0)
     tau = generate(model, config, prompts, student_decode(base, None, config.block_size), batch)
     static = generate(model, config, prompts, student_decode(DecodeConfig(
-        max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], tokens_per_step=1), None, config.block_size), batch)
+        max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS], tokens_per_step=1), None, config.block_size), batch)
     block1 = generate(model, config.replace(block_size=1), prompts, student_decode(DecodeConfig(
-        max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS], tokens_per_step=1), None, 1), batch)
+        max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS], tokens_per_step=1), None, 1), batch)
     answers = results_from_answers(prompts, [g.ids for g in tau], [g.finished for g in tau], PAD)
     nll = teacher.answer_nll(answers.prompt_ids, answers.prompt_valid, answers.answer_ids, answers.answer_valid, batch)
     nll_ar, nll_block = forced_nll(model, config, teacher_answers(teacher, held, batch), batch)
@@ -238,7 +248,8 @@ def train_teacher(args, train: List[Sample], held, cache: str) -> Tuple[str, flo
         if is_checkpoint(ckpt):
             model, config = build_from_checkpoint(ckpt, "teacher")
             gens = generate(model, ar_config(config), [s.prompt_ids for s, _ in held],
-                            teacher_decode(DecodeConfig(max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS])), args.eval_batch)
+                            teacher_decode(DecodeConfig(max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS])),
+                            args.eval_batch)
             return ckpt, accuracy_of(gens, held)
         cfg = train_config_from_dict(dict(
             objective="ar", seed=1, run_dir=tempfile.mkdtemp(prefix="study_teacher_"),
@@ -253,7 +264,7 @@ def train_teacher(args, train: List[Sample], held, cache: str) -> Tuple[str, flo
             trainer.train_step()
             if (step + 1) % args.teacher_eval_every == 0 or step + 1 == args.teacher_steps:
                 gens = generate(trainer.student, ar_config(trainer.config), [s.prompt_ids for s, _ in held],
-                                teacher_decode(DecodeConfig(max_new_tokens=MAX_ANSWER, eos_token_ids=[EOS])),
+                                teacher_decode(DecodeConfig(max_new_tokens=LIMITS.max_answer, eos_token_ids=[EOS])),
                                 args.eval_batch)
                 trainer.student.train()
                 accuracy = accuracy_of(gens, held)
@@ -296,8 +307,8 @@ def arm_config(name: str, arm: Arm, args, student_ckpt: str, teacher_ckpt: str, 
         model=dict(student_checkpoint=student_ckpt, teacher_checkpoint=teacher_ckpt),
         parallel=dict(device="cpu"), data=dict(source="token_ids", path="generated", seed=4),
         rollout=dict(tasks_per_rollout=args.tasks_per_rollout, threshold=0.9, temperature=1.0,
-                     teacher_max_new_tokens=MAX_ANSWER),
-        curriculum=dict(min_length=16, max_length=MAX_ANSWER, warmup_rollouts=10),
+                     teacher_max_new_tokens=LIMITS.max_answer),
+        curriculum=dict(min_length=min(16, LIMITS.max_answer), max_length=LIMITS.max_answer, warmup_rollouts=10),
         optim=dict(lr=lr, min_lr=0.1 * lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps),
         checkpoint=dict(resume=True, keep_last=1),
         logging=dict(progress_bar=False, teacher_nll=False))
@@ -383,7 +394,7 @@ def record_row(arm: str, budget: int, trainer, e: Evaluation, wall: float, train
     counters = trainer.counters
 
     def se(p: float) -> float:  # binomial standard error of a held-out accuracy
-        return math.sqrt(p * (1 - p) / HELD_OUT[0])
+        return math.sqrt(p * (1 - p) / LIMITS.held_out)
 
     return dict(arm=arm, budget_tokens=budget + offset, paper_tokens=int(counters["paper_tokens_total"]) + offset,
                 supervised_tokens=int(counters["tokens_trained"]), answer_tokens=int(counters["answer_tokens_total"]),
@@ -394,8 +405,6 @@ def record_row(arm: str, budget: int, trainer, e: Evaluation, wall: float, train
                 nll_block_teacher_answers=e.nll_block, answer_len=e.answer_tokens, wall_s=round(wall, 1),
                 s_per_step=round(train_s / max(trainer.step, 1), 3))
 
-
-HELD_OUT = [200]
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -564,12 +573,14 @@ def parse_args():
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--decay-steps", type=int, default=2000, help="cosine to 0.1 x lr over this many steps")
     p.add_argument("--held-out", type=int, default=200)
+    p.add_argument("--max-answer", type=int, default=64, help="generation length of rollouts and evaluations")
     p.add_argument("--eval-batch", type=int, default=200)
     p.add_argument("--summary-only", action="store_true", help="plots and the last line from the CSV, no training")
     args = p.parse_args()
     if args.quick:
-        args.layers, args.hidden, args.teacher_steps, args.teacher_eval_every = 2, 64, 40, 40
-        args.budgets, args.opd_budgets, args.held_out, args.tasks_per_rollout = "0,1024", "2048", 16, 32
+        args.layers, args.hidden, args.teacher_steps, args.teacher_eval_every = 2, 64, 20, 20
+        args.budgets, args.opd_budgets, args.held_out, args.tasks_per_rollout = "0,1024", "2048", 8, 32
+        args.max_answer = 16
         args.decay_steps, args.warmup_steps = 40, 2
         if args.arms == DEFAULT_ARMS:
             args.arms = DEFAULT_ARMS + ",opd_all_rounds@schedule,opd_block@from=kd_off:1024"
@@ -581,7 +592,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    HELD_OUT[0] = args.held_out
+    LIMITS.held_out, LIMITS.max_answer = args.held_out, args.max_answer
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     csv_path = os.path.join(args.out, CSV_NAME)

@@ -140,6 +140,8 @@ def tiny_train_dict(run_dir: str, data_path: str, student_ckpt: str, **overrides
         data=dict(source="token_ids", path=data_path, shuffle=True, seed=5),
         rollout=dict(tasks_per_rollout=2, threshold=0.9, temperature=0.0),
         curriculum=dict(min_length=8, max_length=16, warmup_rollouts=2),
+        # one state per answer: the tests that are about state selection set it themselves
+        loss=dict(state_selection="trajectory"),
         optim=dict(lr=1e-3, min_lr=1e-4, warmup_steps=1),
         checkpoint=dict(save_every=0, resume=True),
         logging=dict(progress_bar=False),
