@@ -128,7 +128,7 @@ def measure_shape(name: str, args, device: torch.device) -> dict:
         print(f"  batch {batch:3d} (engine: every answer {args.new_tokens} tokens, new_tokens / k forwards): HF generate {hf_rate:10.1f} tok/s | engine "
               + " | ".join(f"k={k}: {row[k]:10.1f} tok/s ({row[k] / hf_rate:.2f}x)" for k in args.tokens_per_forward),
               flush=True)
-    del student, hf, engine
+    student = hf = engine = None  # frees the device memory before the next shape
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

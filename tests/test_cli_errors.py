@@ -66,6 +66,23 @@ def _assert_refused(proc, program, message):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
+def _refused_in_process(main, args, program, message, capsys):
+    """The command's ``main`` in this process (a fresh interpreter per case costs ~15 s of imports; one
+    case per command goes through ``python -m`` to check the real process's exit code)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith(f"{program}: error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+
+
+# the cases that also run as a real process
+THROUGH_PYTHON_M = {"train": "missing student", "generate": "missing prompts"}
+
+
 TRAIN_CASES = {
     "missing config": (["--config", "nope.yaml"], "training config not found: nope.yaml"),
     "unknown key": (["optim.learning_rate=1"], "unknown optim config keys ['learning_rate']"),
@@ -103,7 +120,9 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_train_refuses(assets, case):
+def test_train_refuses(assets, case, capsys):
+    from opdlm_megatron.commands import train
+
     extra, message = TRAIN_CASES[case]
     run_dir = assets["root"] / f"run-{case.replace(' ', '_')}"
     base = ["--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"), f"model.student_checkpoint={assets['ckpt']}",
@@ -112,7 +131,10 @@ def test_train_refuses(assets, case):
         base = [e.format(root=assets["root"]) for e in extra]
     else:
         base += [e.format(root=assets["root"]) for e in extra]
-    _assert_refused(_run("opdlm_megatron.train", *base), "opdlm-train", message)
+    if case == THROUGH_PYTHON_M["train"]:
+        _assert_refused(_run("opdlm_megatron.train", *base), "opdlm-train", message)
+    else:
+        _refused_in_process(train.main, base, "opdlm-train", message, capsys)
     assert not run_dir.exists() or not any(run_dir.rglob("*")), "a refused run left files behind"
 
 
@@ -128,7 +150,9 @@ GENERATE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(GENERATE_CASES))
-def test_generate_refuses(assets, case):
+def test_generate_refuses(assets, case, capsys):
+    from opdlm_megatron.commands import generate
+
     extra, message = GENERATE_CASES[case]
     out = assets["root"] / f"gen-{case.replace(' ', '_')}.jsonl"
     args = {"--checkpoint": assets["ckpt"], "--prompts": str(assets["root"] / "text_prompts.jsonl"), "--out": str(out),
@@ -138,7 +162,10 @@ def test_generate_refuses(assets, case):
         args[flag] = value.format(root=assets["root"])
     for flag, value in args.items():
         flags += [flag, value]
-    _assert_refused(_run("opdlm_megatron.generate", *flags), "opdlm-generate", message)
+    if case == THROUGH_PYTHON_M["generate"]:
+        _assert_refused(_run("opdlm_megatron.generate", *flags), "opdlm-generate", message)
+    else:
+        _refused_in_process(generate.main, flags, "opdlm-generate", message, capsys)
     assert not out.exists()
 
 

@@ -148,6 +148,37 @@ def test_opd_step_of_an_moe_student_equals_the_dense_reference_and_trains_its_ro
     assert moved and teacher_still and math.isfinite(second["grad_norm"])
 
 
+@pytest.mark.distributed
+def test_opd_steps_of_an_moe_student_at_pp2_equal_pp1(moe_models, tmp_path):
+    """Two OPD steps of a converted Qwen3-MoE student over replayed rollouts, split over two pipeline stages
+    (torchrun, gloo): the same losses, teacher NLLs and gradient norms as on one rank."""
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
+    from tests.conftest import run_torchrun
+    from tests.distributed.train_common import RecordingRollout, naive_rollout, tiny_train_dict, write_token_prompts
+
+    ckpt = str(tmp_path / "ckpt")
+    convert(moe_models["qwen3_moe_norm_topk"][0], ckpt, block_size=4)
+    data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=4, vocab=VOCAB)
+    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "pp1"), data, ckpt, train=dict(steps=2),
+                                                 checkpoint=dict(resume=False)))
+    rec = RecordingRollout(naive_rollout)
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt, rollout_fn=rec)
+        history = trainer.fit()
+        trainer.close()
+    torch.save({"results": rec.results}, tmp_path / "rollouts.pt")
+    out = tmp_path / "parallel.pt"
+    run_torchrun("train_parallel.py", f"--ckpt={ckpt}", f"--data={data}", f"--rollouts={tmp_path / 'rollouts.pt'}",
+                 f"--run-dir={tmp_path}", f"--out={out}", "--layouts=pp2")
+    got = torch.load(out)["pp2"]
+    assert len(got) == len(history) == 2
+    for ref, res in zip(history, got):
+        for key in ("loss", "teacher_nll", "grad_norm"):
+            assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
+
+
 def test_moe_parameter_counts_match_the_built_model(runtime):
     """ModelConfig.num_parameters counts every expert (memory: the planner) and, active=True, the top-k a
     token runs through (FLOPs); checked against megatron's MoE model and a hand count."""
@@ -163,12 +194,66 @@ def test_moe_parameter_counts_match_the_built_model(runtime):
     assert config.num_parameters() - config.num_parameters(active=True) == 2 * (4 - 2) * per_expert
 
 
-def test_moe_layouts_not_yet_verified_are_refused():
+def test_moe_layouts_are_checked():
+    """Experts split over expert-parallel ranks (EP must divide them); TP > 1 needs megatron's sequence parallelism
+    for MoE layers, which the OPD layouts do not have yet; EP on a dense model is refused."""
     from opdlm_megatron.config.model import ModelConfig
 
     config = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=250,
                          num_experts=4, moe_router_topk=2)
-    config.check_parallel(1, 1)
-    for tp, pp in ((2, 1), (1, 2)):
-        with pytest.raises(ValueError, match=f"parallel size 1 for now, got TP {tp} x PP {pp}"):
-            config.check_parallel(tp, pp)
+    config.check_parallel(1, 2, 4)
+    with pytest.raises(ValueError, match="num_experts 4 is not divisible by expert parallel size 3"):
+        config.check_parallel(1, 1, 3)
+    with pytest.raises(ValueError, match="tensor parallel size 1 .* got TP 2"):
+        config.check_parallel(2, 1, 1)
+    with pytest.raises(ValueError, match="expert parallel size 2 needs a mixture-of-experts model"):
+        config.replace(num_experts=None).check_parallel(1, 1, 2)
+
+
+def test_bad_expert_parallel_conversions_are_refused_in_one_line(moe_models, tmp_path, capsys):
+    """--ep that does not divide the experts, --ep on a dense model, --ep > 1 without torchrun: one line, exit 2,
+    nothing written."""
+    from opdlm_megatron.commands import convert_hf_to_megatron as cli
+    from tests.distributed.convert_common import make_tiny_hf
+    from tests.test_cli_hardening import _refused
+
+    dense = str(tmp_path / "dense")
+    make_tiny_hf("llama_mha_tied", dense)
+    capsys.readouterr()  # transformers' progress bars while the fixtures wrote their models
+    program = "opdlm-convert-hf-to-megatron"
+    for hf_dir, ep, message in ((moe_models["mixtral_top2_of_3"][0], 2, "num_experts 3 is not divisible by expert "
+                                 "parallel size 2"),
+                                (dense, 2, "expert parallel size 2 needs a mixture-of-experts model"),
+                                (moe_models["qwen3_moe_norm_topk"][0], 2, "needs a multiple of 2 processes"),
+                                (moe_models["qwen3_moe_norm_topk"][0], 0, "--ep must be a positive integer")):
+        _refused(cli.main, ["--hf-dir", hf_dir, "--out", tmp_path / "out", "--ep", ep], program, message, capsys)
+        assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.distributed
+def test_ep2_and_pp2_conversions_give_hf_logits_and_export_bitwise(moe_models, tmp_path):
+    """HF -> Megatron with the experts split over two expert-parallel ranks (each reads and saves its own) and over
+    two pipeline stages (torchrun, gloo, megatron's all-gather token dispatcher): the logits equal HF's, a
+    checkpoint converted at one rank loads at either layout to the same logits, and the EP=2 checkpoint exports
+    back to the original safetensors bit for bit."""
+    from tests.conftest import run_torchrun
+
+    names = ["qwen3_moe_norm_topk", "qwen3_moe_pre_softmax"]  # four experts: two per rank
+    root = os.path.dirname(moe_models[names[0]][0])
+    for name in names:
+        convert(moe_models[name][0], str(tmp_path / "reference" / name))
+    out = tmp_path / "logits.pt"
+    run_torchrun("convert_moe_parallel.py", f"--models-dir={root}", f"--names={','.join(names)}",
+                 f"--reference-dir={tmp_path / 'reference'}", f"--ckpt-dir={tmp_path / 'ckpt'}", f"--out={out}")
+    got = torch.load(out)
+    valid = sample_batch()["valid"]
+    assert sorted(got) == ["ep2", "pp2"]
+    for layout, results in got.items():
+        for name in names:
+            for kind in ("converted", "reloaded"):
+                assert max_valid_diff(results[name][kind], moe_models[name][1], valid) <= 1e-4, (layout, name, kind)
+    for name in names:
+        export(str(tmp_path / "ckpt" / "ep2" / name), str(tmp_path / "hf" / name), include_mask_token=False)
+        original, exported = read_safetensors(moe_models[name][0]), read_safetensors(str(tmp_path / "hf" / name))
+        assert sorted(exported) == sorted(original), name
+        assert all(torch.equal(exported[k], original[k]) for k in original), name

@@ -97,26 +97,28 @@ def test_every_shipped_config_is_checked():
 
 
 @pytest.mark.parametrize("config_name", sorted(SHIPPED))
-def test_shipped_configs_plan(tmp_path, config_name):
+def test_shipped_configs_plan(tmp_path, config_name, capsys):
     """Every shipped config passes the planner on its intended world size (architecture from a config
     file: the checkpoints they name are not on a CI machine; the Qwen3-8B example on 2 nodes x 8 80 GB
-    GPUs); a too-small GPU is reported with suggestions (exit 1)."""
+    GPUs); a too-small GPU is reported with suggestions (exit 1). In-process (``opdlm-plan``'s main);
+    test_layout_errors runs it as a process."""
+    from opdlm_megatron.commands import plan
+
     architecture, world_size = SHIPPED[config_name]
     model_config = tmp_path / "model"
     ModelConfig(**architecture).save(str(model_config))
-    base = [sys.executable, "-m", "opdlm_megatron.commands.plan", "--config", str(REPO_ROOT / "configs" / config_name),
-            "--world-size", str(world_size), "--model-config", str(model_config)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
-    fits = subprocess.run(base + ["--json"], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
-    assert fits.returncode == 0, fits.stderr[-1500:]
-    report = json.loads(fits.stdout)
+    base = ["--config", str(REPO_ROOT / "configs" / config_name), "--world-size", str(world_size),
+            "--model-config", str(model_config)]
+    capsys.readouterr()
+    assert plan.main(base + ["--json"]) == 0, capsys.readouterr().err[-1500:]
+    report = json.loads(capsys.readouterr().out)
     assert report["fits"] and report["total_bytes"] == pytest.approx(sum(report["parts_bytes"].values()))
     if config_name == "qwen3_8b_opd_fp8.yaml":  # model.student_dtype bfloat16: 2 bytes a weight, fp32 gradients
         parts = report["parts_bytes"]
         assert parts["student weights"] * 2 == parts["student gradients (fp32)"]
-    tight = subprocess.run(base + ["--gpu-memory-gb", "0.0001"], capture_output=True, text=True, cwd=REPO_ROOT,
-                           env=env, timeout=300)
-    assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "try:" in tight.stdout
+    assert plan.main(base + ["--gpu-memory-gb", "0.0001"]) == 1
+    tight = capsys.readouterr().out
+    assert "does NOT fit" in tight and "try:" in tight
 
 
 # ----------------------------------------------------------------- activations against a real student
@@ -218,15 +220,17 @@ def test_activation_estimate_within_15_percent_of_what_the_student_keeps(name, t
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path, layout):
+def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path):
     """The same at TP=2 (each rank's heads, FFN and vocabulary shard) and PP=2 (stage 0: its layers
-    and the embedding; stage 1: its layers, the final norm and the loss), every rank within 15%."""
+    and the embedding; stage 1: its layers, the final norm and the loss), every rank within 15%
+    (one torchrun launch for both layouts)."""
     out = tmp_path / "ratios.json"
-    run_torchrun("activation_memory.py", "--layout", layout, "--out", str(out))
-    ratios = json.loads(out.read_text())
-    models = {key.split()[2] for key in ratios}
-    assert models == (set(ACTIVATION_MODELS) if layout == "pp2" else {"gpt2_like", "qwen3_like"})
-    assert len(ratios) == 2 * len(models) * 2  # ranks x models x top-k variants
-    for key, ratio in ratios.items():
-        assert ratio == pytest.approx(1.0, abs=0.15), key
+    run_torchrun("activation_memory.py", "--out", str(out))
+    by_layout = json.loads(out.read_text())
+    assert sorted(by_layout) == ["pp2", "tp2"]
+    for layout, ratios in by_layout.items():
+        models = {key.split()[2] for key in ratios}
+        assert models == (set(ACTIVATION_MODELS) if layout == "pp2" else {"gpt2_like", "qwen3_like"}), layout
+        assert len(ratios) == 2 * len(models) * 2  # ranks x models x top-k variants
+        for key, ratio in ratios.items():
+            assert ratio == pytest.approx(1.0, abs=0.15), (layout, key)

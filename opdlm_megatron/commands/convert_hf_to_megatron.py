@@ -1,7 +1,8 @@
-"""``opdlm-convert-hf-to-megatron``: a HF decoder checkpoint (Llama, Mistral, Qwen2, Qwen3; safetensors)
-as an opdlm-megatron checkpoint with a ``[MASK]`` token, at any TP/PP (torchrun for more than one rank).
+"""``opdlm-convert-hf-to-megatron``: a HF decoder checkpoint (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral;
+safetensors) as an opdlm-megatron checkpoint with a ``[MASK]`` token, at any TP/PP/EP (torchrun for more than one
+rank; the checkpoint itself loads at any layout).
 
-    opdlm-convert-hf-to-megatron --hf-dir HF --out CKPT [--tp 2 --pp 2] [--block-size 4]
+    opdlm-convert-hf-to-megatron --hf-dir HF --out CKPT [--tp 2 --pp 2 --ep 8] [--block-size 4]
 
 Everything that can be wrong with the input is checked before the model is built; ``--out`` appears
 whole or not at all, and may not be, contain or lie inside ``--hf-dir``.
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size (mixture-of-experts models: each rank reads its own experts)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES)
     parser.add_argument("--mask-token-id", type=int, default=None,
                         help="row of [MASK]: an unused row or vocab_size (append). Default: the tokenizer's own "
@@ -50,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ..tools.convert_hf_to_megatron import convert
 
         convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.add_mask_token, args.overwrite,
-                args.mask_token_id, **overrides)
+                args.mask_token_id, ep=args.ep, **overrides)
         return 0
 
     return refuse_bad_input(PROGRAM, run)

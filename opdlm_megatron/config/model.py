@@ -155,9 +155,10 @@ class ModelConfig:
             if not 0 <= token < self.num_tokens:
                 raise ValueError(f"eos token id {token} is outside the tokenizer's ids [0, {self.num_tokens})")
 
-    def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                       expert_model_parallel_size: int = 1) -> None:
         """Clear errors for layouts this model cannot be split into."""
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
         if self.num_attention_heads % tp != 0:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by tensor parallel size {tp}"
@@ -170,10 +171,17 @@ class ModelConfig:
             raise ValueError(f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
         if self.num_layers % pp != 0:
             raise ValueError(f"num_layers {self.num_layers} is not divisible by pipeline parallel size {pp}")
-        if self.num_experts is not None and (tp, pp) != (1, 1):
-            # checked against HF and a dense reference at TP = PP = 1 only so far; expert parallelism comes next
-            raise ValueError(f"mixture-of-experts models ({self.num_experts} experts) run at tensor and pipeline "
-                             f"parallel size 1 for now, got TP {tp} x PP {pp}")
+        if ep != 1 and self.num_experts is None:
+            raise ValueError(f"expert parallel size {ep} needs a mixture-of-experts model; this one is dense (use 1)")
+        if self.num_experts is not None:
+            if self.num_experts % ep != 0:
+                raise ValueError(f"num_experts {self.num_experts} is not divisible by expert parallel size {ep}")
+            if tp != 1:
+                # megatron's MoE layer trains at TP > 1 only with sequence parallelism, which the OPD layouts
+                # do not have yet; experts split over expert-parallel ranks instead
+                raise ValueError(f"mixture-of-experts models run at tensor parallel size 1 (megatron's MoE layer "
+                                 f"needs sequence parallelism at TP > 1), got TP {tp}; split the experts with "
+                                 f"expert parallelism (parallel.expert_model_parallel_size) instead")
 
     # ------------------------------------------------------------------------------- vocabulary
     @property
@@ -248,13 +256,14 @@ class ModelConfig:
         pipeline_model_parallel_size: int = 1,
         context_parallel_size: int = 1,
         sequence_parallel: bool = False,
+        expert_model_parallel_size: int = 1,
         use_cpu_initialization: bool = False,
         **overrides: Any,
     ):
         """megatron-core ``TransformerConfig`` for this architecture and parallel layout."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        self.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+        self.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
         activation_func, gated = ACTIVATIONS[self.activation]
         dtype = self.torch_dtype
         kwargs = dict(
@@ -293,6 +302,7 @@ class ModelConfig:
         if self.num_experts is not None:
             kwargs.update(
                 num_moe_experts=self.num_experts,
+                expert_model_parallel_size=expert_model_parallel_size,
                 moe_ffn_hidden_size=self.expert_ffn_hidden_size,
                 moe_router_topk=self.moe_router_topk,
                 moe_router_pre_softmax=self.moe_router_pre_softmax,

@@ -161,6 +161,7 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     if cp != 1:
         raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
     device = device or compute_device()
@@ -172,6 +173,7 @@ def build_model(
     transformer_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
         use_cpu_initialization=device.type == "cpu",
         **transformer_overrides,
     )

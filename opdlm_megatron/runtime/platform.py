@@ -246,15 +246,19 @@ class MegatronLMCpuShims(_ScopedPatches):
 
 @dataclass(frozen=True)
 class ParallelSizes:
-    """Parallel layout of a run; data parallel is whatever the world size leaves."""
+    """Parallel layout of a run; data parallel is whatever the world size leaves. Experts (MoE) are
+    split over ``expert_model_parallel_size`` ranks, each expert tensor-parallel like the dense layers
+    (megatron's default expert tensor parallel size: TP), so TP x EP x PP must divide the world too."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
 
     def validate(self, world_size: int) -> int:
         """Checks the sizes against ``world_size`` and returns the data-parallel size."""
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -265,6 +269,15 @@ class ParallelSizes:
             raise ValueError(
                 f"world size {world_size} is not divisible by TP({self.tensor_model_parallel_size}) x "
                 f"PP({self.pipeline_model_parallel_size}) x CP({self.context_parallel_size}) = {model_parallel}"
+            )
+        expert_parallel = (
+            self.tensor_model_parallel_size * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        )
+        if world_size % expert_parallel != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP({self.tensor_model_parallel_size}) x "
+                f"EP({self.expert_model_parallel_size}) x PP({self.pipeline_model_parallel_size}) = {expert_parallel}"
+                f" (the experts' layout); launch a multiple of {expert_parallel} ranks"
             )
         return world_size // model_parallel
 
@@ -379,6 +392,7 @@ def initialize_runtime(
     device: str = "auto",
     seed: int = 1234,
     timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
 ) -> Runtime:
     """Initialises torch.distributed (if needed), megatron parallel_state and RNG trackers.
 
@@ -390,7 +404,8 @@ def initialize_runtime(
     if not dist.is_initialized():
         os.environ.update(launch_environment())  # srun-launched tasks: SLURM's variables -> env://
     torch_device = resolve_device(device)
-    sizes = ParallelSizes(tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
+    sizes = ParallelSizes(tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
+                          expert_model_parallel_size)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
 
     created = False
@@ -424,13 +439,15 @@ def initialize_runtime(
         tensor_model_parallel_size=sizes.tensor_model_parallel_size,
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
         context_parallel_size=sizes.context_parallel_size,
+        expert_model_parallel_size=sizes.expert_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
     runtime = Runtime(torch_device, sizes, created, shims)
     logger.info(
-        "runtime: device=%s backend=%s world=%d TP=%d PP=%d CP=%d DP=%d",
+        "runtime: device=%s backend=%s world=%d TP=%d PP=%d CP=%d EP=%d DP=%d",
         torch_device, backend, runtime.world_size, sizes.tensor_model_parallel_size,
-        sizes.pipeline_model_parallel_size, sizes.context_parallel_size, runtime.data_parallel_size,
+        sizes.pipeline_model_parallel_size, sizes.context_parallel_size, sizes.expert_model_parallel_size,
+        runtime.data_parallel_size,
     )
     return runtime

@@ -66,12 +66,13 @@ def plan_conversion(
     dtype: str = "fp32",
     add_mask_token: bool = False,
     mask_token_id: Optional[int] = None,
+    ep: int = 1,
     **config_overrides,
 ) -> ConversionPlan:
     """Reads config.json, the tokenizer and the safetensors headers and checks them against each
     other and against the parallel layout. Raises ConversionError / FileNotFoundError naming the
     problem. ``add_mask_token`` is accepted for compatibility ([MASK] is always initialised)."""
-    for name, value in (("tp", tp), ("pp", pp)):
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if not isinstance(value, int) or value < 1:
             raise ConversionError(f"--{name} must be a positive integer, got {value!r}")
     hf, generation = read_hf_config(hf_dir)
@@ -80,7 +81,7 @@ def plan_conversion(
         hf, generation, params_dtype=canonical_dtype(dtype), tokenizer_size=tokenizer_size,
         tokenizer_mask_token_id=tokenizer_mask, mask_token_id=mask_token_id, **config_overrides
     )
-    config.check_parallel(tp, pp)
+    config.check_parallel(tp, pp, ep)
     config.padded_vocab_size(tp)
     if config.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import HAVE_TE
@@ -135,26 +136,30 @@ def _world_size() -> int:
 
 
 @contextlib.contextmanager
-def conversion_runtime(tp: int, pp: int):
-    """Uses the caller's megatron runtime if one is initialised (it must have this TP/PP), else
+def conversion_runtime(tp: int, pp: int, ep: int = 1):
+    """Uses the caller's megatron runtime if one is initialised (it must have this TP/PP/EP), else
     starts a CPU one for the conversion and closes it afterwards."""
     from megatron.core import parallel_state
 
     from ..runtime.platform import initialize_runtime
 
     if parallel_state.model_parallel_is_initialized():
-        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
-        if have != (tp, pp):
-            raise ConversionError(f"the running megatron runtime has TP/PP {have}, but the conversion asks for {(tp, pp)}")
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size())
+        if have != (tp, pp, ep):
+            raise ConversionError(f"the running megatron runtime has TP/PP/EP {have}, but the conversion asks for "
+                                  f"{(tp, pp, ep)}")
         yield
         return
     world = _world_size()
-    if world % (tp * pp) != 0:
+    need = tp * pp * max(ep, 1)
+    if world % need != 0 or world % (tp * pp) != 0:
         raise ConversionError(
-            f"--tp {tp} x --pp {pp} needs a multiple of {tp * pp} processes, but the world size is {world}; "
-            f"launch with torchrun --nproc_per_node={tp * pp}"
+            f"--tp {tp} x --pp {pp} x --ep {ep} needs a multiple of {need} processes, but the world size is {world}; "
+            f"launch with torchrun --nproc_per_node={need}"
         )
-    with initialize_runtime(tp, pp, device="cpu"):
+    with initialize_runtime(tp, pp, device="cpu", expert_model_parallel_size=ep):
         yield
 
 
@@ -167,12 +172,13 @@ def convert(
     add_mask_token: bool = False,
     overwrite: bool = False,
     mask_token_id: Optional[int] = None,
+    ep: int = 1,
     **config_overrides,
 ) -> ModelConfig:
     """Converts ``hf_dir`` into an opdlm-megatron checkpoint at ``out``; returns its config.
 
-    Runs in-process (TP=PP=1, under an existing runtime or a temporary CPU one) or on every rank of
-    a torchrun job. ``config_overrides`` set ModelConfig fields (e.g. ``block_size``,
+    Runs in-process (TP=PP=EP=1, under an existing runtime or a temporary CPU one) or on every rank of
+    a torchrun job (``ep``: each expert-parallel rank reads and saves its own experts). ``config_overrides`` set ModelConfig fields (e.g. ``block_size``,
     ``logit_shift``, ``transformer_impl``, ``make_vocab_size_divisible_by``).
     """
     from ..checkpoint.atomic import atomic_directory_save
@@ -182,8 +188,8 @@ def convert(
     check_output(out, "--out", "dir", [("--hf-dir", hf_dir)], replaces=True)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, mask_token_id, **config_overrides)
-    with conversion_runtime(tp, pp):
+    plan = plan_conversion(hf_dir, tp, pp, dtype, add_mask_token, mask_token_id, ep, **config_overrides)
+    with conversion_runtime(tp, pp, ep):
         import torch.distributed as dist
 
         model = build_model(plan.config, "student", perform_initialization=False)
@@ -198,5 +204,5 @@ def convert(
                     logger.warning("%s has no tokenizer files; the checkpoint has no tokenizer/", hf_dir)
 
         atomic_directory_save(out, write)
-    logger.info("converted %s -> %s (TP=%d, PP=%d, %s)", hf_dir, out, tp, pp, config.params_dtype)
+    logger.info("converted %s -> %s (TP=%d, PP=%d, EP=%d, %s)", hf_dir, out, tp, pp, ep, config.params_dtype)
     return config

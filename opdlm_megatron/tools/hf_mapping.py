@@ -643,15 +643,22 @@ def hf_tensors(
 
 
 def layer_offset_names(model) -> Callable[[str], str]:
-    """Maps a pipeline stage's local parameter names to global layer numbers (megatron numbers its
-    stage's layers from 0 locally; ``layer_number`` is global and 1-based)."""
+    """Maps a rank's local parameter names to global ones: a pipeline stage's layers are numbered
+    from 0 locally (``layer_number`` is global and 1-based), and an expert-parallel rank's experts
+    from 0 (the MoE layer's ``local_expert_indices`` are global)."""
     layers = getattr(getattr(model, "decoder", None), "layers", [])
     offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    experts = {str(i): [str(e) for e in getattr(layer.mlp, "local_expert_indices", [])]
+               for i, layer in enumerate(layers)}
 
     def to_global(name: str) -> str:
         match = re.match(r"(decoder\.layers\.)(\d+)(\..*)", name)
         if not match:
             return name
-        return match.group(1) + offsets[match.group(2)] + match.group(3)
+        local, rest = match.group(2), match.group(3)
+        expert = re.match(r"(\.mlp\.experts\.local_experts\.)(\d+)(\..*)", rest)
+        if expert:
+            rest = expert.group(1) + experts[local][int(expert.group(2))] + expert.group(3)
+        return match.group(1) + offsets[local] + rest
 
     return to_global

@@ -1,6 +1,6 @@
-"""torchrun script (2 ranks, TP=2 or PP=2): every rank measures the activation bytes its part of the
+"""torchrun script (2 ranks, TP=2 then PP=2): every rank measures the activation bytes its part of the
 student keeps for backward and the planner's count for that rank (tests/test_plan.py); rank 0 writes
-{"rank <r> <model> top_k=<k>": estimate / measured} over both ranks to --out."""
+{layout: {"rank <r> <model> top_k=<k>": estimate / measured}} over both ranks to --out."""
 
 import argparse
 import json
@@ -13,25 +13,31 @@ from tests.test_plan import ACTIVATION_MODELS, measure_activations
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layout", choices=["tp2", "pp2"], required=True)
+    parser.add_argument("--layouts", default="tp2,pp2")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    sizes = dict(tensor_model_parallel_size=2) if args.layout == "tp2" else dict(pipeline_model_parallel_size=2)
-    tp = sizes.get("tensor_model_parallel_size", 1)
-    with initialize_runtime(device="cpu", seed=1, **sizes):
-        rank = dist.get_rank()
-        ratios = {}
-        for name, shape in sorted(ACTIVATION_MODELS.items()):
-            if shape["num_attention_heads"] % tp or shape.get("num_query_groups", shape["num_attention_heads"]) % tp:
-                continue  # SmolLM2's 9 heads / 3 groups do not split over 2 ranks
-            for top_k in (None, 16):
-                measured, estimate = measure_activations(name, top_k, 32, 64, 2)
-                ratios[f"rank {rank} {name} top_k={top_k}"] = estimate / measured
-        gathered = [None, None]
-        dist.all_gather_object(gathered, ratios)
-        if rank == 0:
-            with open(args.out, "w") as f:
-                json.dump({k: v for part in gathered for k, v in part.items()}, f, indent=1)
+    # one process group for both layouts (initialize_runtime then leaves it alone on close)
+    dist.init_process_group(backend="gloo")
+    out = {}
+    for layout in args.layouts.split(","):
+        sizes = dict(tensor_model_parallel_size=2) if layout == "tp2" else dict(pipeline_model_parallel_size=2)
+        tp = sizes.get("tensor_model_parallel_size", 1)
+        with initialize_runtime(device="cpu", seed=1, **sizes):
+            rank = dist.get_rank()
+            ratios = {}
+            for name, shape in sorted(ACTIVATION_MODELS.items()):
+                if shape["num_attention_heads"] % tp or shape.get("num_query_groups", shape["num_attention_heads"]) % tp:
+                    continue  # SmolLM2's 9 heads / 3 groups do not split over 2 ranks
+                for top_k in (None, 16):
+                    measured, estimate = measure_activations(name, top_k, 32, 64, 2)
+                    ratios[f"rank {rank} {name} top_k={top_k}"] = estimate / measured
+            gathered = [None, None]
+            dist.all_gather_object(gathered, ratios)
+            out[layout] = {k: v for part in gathered for k, v in part.items()}
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

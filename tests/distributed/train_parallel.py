@@ -1,4 +1,4 @@
-"""torchrun script (2 ranks): trains each objective of --objectives at TP=2 and then at PP=2 on
+"""torchrun script (2 ranks): trains each objective of --objectives at TP=2 and then at PP=2 (--layouts) on
 replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step metrics to --out."""
 
 import argparse
@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--objectives", default="opd")
     parser.add_argument("--override", action="append", default=[], help="key=value config overrides")
+    parser.add_argument("--layouts", default="tp2,pp2")
     args = parser.parse_args()
     recorded = torch.load(args.rollouts, weights_only=False)
     # one process group for both layouts (initialize_runtime then leaves it alone on close)
@@ -27,7 +28,8 @@ def main() -> None:
     out = {}
     for objective in args.objectives.split(","):
         results = recorded.get(objective, recorded.get("results"))
-        for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
+        for name, tp, pp in [(n, tp, pp) for n, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2))
+                             if n in args.layouts.split(",")]:
             cfg = train_config_from_dict(tiny_train_dict(
                 f"{args.run_dir}/{objective}_{name}", args.data, args.ckpt, objective=objective, train=dict(steps=2),
                 parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
