@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import save_trainer_student
+from tests.test_cli_hardening import _refused
 from tests.distributed.train_common import write_token_prompts
 
 
@@ -69,14 +70,8 @@ def _assert_refused(proc, program, message):
 def _refused_in_process(main, args, program, message, capsys):
     """The command's ``main`` in this process (a fresh interpreter per case costs ~15 s of imports; one
     case per command goes through ``python -m`` to check the real process's exit code)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if line.startswith(f"{program}: error:")]
-    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    capsys.readouterr()  # what the fixtures printed
+    _refused(main, args, program, message, capsys)
 
 
 # the cases that also run as a real process
