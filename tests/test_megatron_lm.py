@@ -88,13 +88,17 @@ def reference(assets):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, tmp_path):
+@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, True), (1, 2, False)])
+def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, sequence_parallel, tmp_path):
+    """TP=2 runs with Megatron-LM's --sequence-parallel (the resume test below runs TP=2 without)."""
     stdout = run_torchrun(ENTRY, *_megatron_flags(assets, 2, "--tensor-model-parallel-size", str(tp),
                                                    "--pipeline-model-parallel-size", str(pp),
+                                                   *(["--sequence-parallel"] if sequence_parallel else []),
                                                    "--tensorboard-dir", str(tmp_path / "tb"), run_dir=tmp_path))
     got = _steps(tmp_path)
     assert [g[0] for g in got] == [1, 2], stdout[-3000:]
+    # Megatron-LM's argument dump (the plugin's parallel.sequence_parallel is read from the same args)
+    assert re.search(rf"sequence_parallel \.+ {sequence_parallel}\n", stdout), stdout[:3000]
     for (it, loss, norm), (ref_it, ref_loss, ref_norm) in zip(got, reference):
         assert it == ref_it
         assert loss == pytest.approx(ref_loss, rel=1e-4), (it, loss, ref_loss)

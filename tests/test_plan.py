@@ -158,7 +158,8 @@ def _saved_for_backward(plan, model):
     return sum(storages.values()), int(mb["slot_valid"].sum())
 
 
-def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, **overrides):
+def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, sequence_parallel: bool = False,
+                        **overrides):
     """(measured, estimated) activation bytes of this rank for one micro-batch of ``rows`` OPD rows of
     the ``ACTIVATION_MODELS[name]`` student (two layers per stage; ``overrides``: other ModelConfig
     fields, e.g. the GPU's transformer_impl / attention_backend), in the current parallel layout.
@@ -178,7 +179,7 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = ModelConfig(num_layers=2 * pp, vocab_size=2000, max_sequence_length=1024, block_size=4,
                          **{**ACTIVATION_MODELS[name], **overrides})
-    model = build_model(config, "student")
+    model = build_model(config, "student", sequence_parallel=sequence_parallel)
     rollout = synthetic_rollout(config.vocab_size, 4, batch_size=rows, prompt_len=prompt, answer_len=answer, seed=3)
     xt = select_states(rollout, "block", torch.Generator().manual_seed(0), config.mask_token_id, block_size=4)
     supervised = (xt == config.mask_token_id) & rollout.answer_valid
@@ -198,7 +199,7 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, *
         model.set_input_tensor(torch.randn(plan.seq_length, rows, config.hidden_size, dtype=config.torch_dtype,
                                            device=plan.device, requires_grad=True))
     measured, supervised_tokens = _saved_for_backward(plan, model)
-    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill)
+    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill, sequence_parallel)
     # stage 0 of a pipeline holds no loss; the last stage's share is measured with one micro-batch in flight
     if parallel_state.is_pipeline_first_stage():
         estimate = activation_bytes(config, shape, pp, num_microbatches=1)
@@ -221,13 +222,14 @@ def test_activation_estimate_within_15_percent_of_what_the_student_keeps(name, t
 
 @pytest.mark.distributed
 def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path):
-    """The same at TP=2 (each rank's heads, FFN and vocabulary shard) and PP=2 (stage 0: its layers
-    and the embedding; stage 1: its layers, the final norm and the loss), every rank within 15%
-    (one torchrun launch for both layouts)."""
+    """The same at TP=2 (each rank's heads, FFN and vocabulary shard), TP=2 with sequence parallelism
+    (norms and linear inputs: the rank's sequence share) and PP=2 (stage 0: its layers and the
+    embedding; stage 1: its layers, the final norm and the loss), every rank within 15% (one torchrun
+    launch for the three layouts)."""
     out = tmp_path / "ratios.json"
-    run_torchrun("activation_memory.py", "--out", str(out))
+    run_torchrun("activation_memory.py", "--out", str(out), "--layouts=tp2,tp2sp,pp2")
     by_layout = json.loads(out.read_text())
-    assert sorted(by_layout) == ["pp2", "tp2"]
+    assert sorted(by_layout) == ["pp2", "tp2", "tp2sp"]
     for layout, ratios in by_layout.items():
         models = {key.split()[2] for key in ratios}
         assert models == (set(ACTIVATION_MODELS) if layout == "pp2" else {"gpt2_like", "qwen3_like"}), layout

@@ -135,3 +135,29 @@ def test_two_tasks_started_with_slurm_variables_only(tmp_path):
     assert [v["rank"] for v in views] == [0, 1] and {v["world"] for v in views} == {2}
     assert [v["local_rank"] for v in views] == [0, 1] and {v["master"] for v in views} == {"127.0.0.1"}
     assert views[0]["logits_sum"] == views[1]["logits_sum"]
+
+
+def test_checkpoint_saves_write_in_process(tmp_path):
+    """A synchronous dist-checkpoint save starts no process (megatron would start a spawn-mode
+    multiprocessing Manager for its write-results queue, ~8 s in every process that saves), writes a
+    checkpoint that loads back bit for bit, and leaves megatron's queue hook as it found it."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint, save_model_checkpoint
+    from opdlm_megatron.model.build import build_model
+    from tests.helpers import tiny_config
+
+    before = filesystem_async._results_queue
+    children = set(multiprocessing.active_children())
+    with initialize_runtime(device="cpu", seed=2):
+        config = tiny_config()
+        model = build_model(config, "student")
+        save_model_checkpoint(model, str(tmp_path / "ckpt"), config)
+        assert set(multiprocessing.active_children()) == children
+        assert filesystem_async._results_queue is before
+        loaded, _ = build_from_checkpoint(str(tmp_path / "ckpt"), "student")
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), name

@@ -1,4 +1,4 @@
-"""TP=2 and PP=2 rollouts (torchrun, gloo, real megatron-core) give the TP=1 tokens, greedy and seeded,
+"""TP=2 (with sequence parallelism) and PP=2 rollouts (torchrun, gloo, real megatron-core) give the TP=1 tokens, greedy and seeded,
 through both decoding forwards (megatron's and the fused one), against TP=1 through megatron's."""
 
 import pytest
@@ -44,13 +44,16 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_parallel_rollout_matches_tp1(reference, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, True), (1, 2, False)])
+def test_parallel_rollout_matches_tp1(reference, tmp_path, tp, pp, sequence_parallel):
+    """TP=2 is built with sequence parallelism, which the engine leaves for decoding (the same
+    weights decode alike either way; the fused forward needs it off) and restores after."""
     from tests.conftest import run_torchrun
 
     ckpt, expected = reference
     out = tmp_path / "out.pt"
-    run_torchrun("rollout_parallel.py", f"--ckpt={ckpt}", f"--tp={tp}", f"--pp={pp}", f"--out={out}")
+    run_torchrun("rollout_parallel.py", f"--ckpt={ckpt}", f"--tp={tp}", f"--pp={pp}", f"--out={out}",
+                 *(["--sequence-parallel"] if sequence_parallel else []))
     got = torch.load(out)
     assert set(got) == {f"{name}/{impl}" for name in expected for impl in FORWARD_IMPLS}
     for key, res in got.items():

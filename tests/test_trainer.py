@@ -392,21 +392,55 @@ def test_cli_entry_point_with_rollout_engine(assets, tmp_path):
     assert os.path.isdir(run / "checkpoints" / "step_00000002")
 
 
-def test_tp2_and_pp2_match_tp1(assets, tmp_path):
-    """Same replayed rollouts at TP=2 and at PP=2 (one torchrun launch): same losses and grad norms."""
-    cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "tp1"), assets["data"], assets["ckpt"],
-                                                 train=dict(steps=2), checkpoint=dict(resume=False)))
-    rec = RecordingRollout(naive_rollout)
-    history = _train(cfg, rec)
-    torch.save({"results": rec.results}, tmp_path / "rollouts.pt")
+def _against_tp1(assets, tmp_path, objectives, layouts, overrides=(), nproc=2):
+    """``(histories, got)``: each objective trained 2 steps at TP=1 in-process (its rollouts recorded), then
+    at ``layouts`` (train_parallel.py's names) in one torchrun launch replaying those rollouts."""
+    histories, recorded = {}, {}
+    for objective in objectives:
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
+                                                     objective=objective, train=dict(steps=2),
+                                                     checkpoint=dict(resume=False)), list(overrides))
+        rec = RecordingRollout(naive_rollout)
+        histories[objective] = _train(cfg, rec)
+        recorded[objective] = rec.results
+    torch.save(recorded, tmp_path / "rollouts.pt")
     out = tmp_path / "parallel.pt"
     run_torchrun("train_parallel.py", f"--ckpt={assets['ckpt']}", f"--data={assets['data']}",
-                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}")
-    got = torch.load(out)
-    for layout in ("tp2", "pp2"):
-        for ref, res in zip(history, got[layout]):
+                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}",
+                 f"--objectives={','.join(objectives)}", f"--layouts={','.join(layouts)}",
+                 *(f"--override={o}" for o in overrides), nproc=nproc)
+    return histories, torch.load(out)
+
+
+def _name(objective, layout):
+    return layout if objective == "opd" else f"{objective}/{layout}"
+
+
+def test_tp2_and_pp2_match_tp1(assets, tmp_path):
+    """Same replayed rollouts at TP=2, TP=2 with sequence parallelism and PP=2 (one torchrun launch):
+    same losses and grad norms as TP=1; with SP the same as without it to rel 1e-5 (the student's and
+    the teacher's rows padded to whole TP shares, the norms' gradients reduced over TP)."""
+    histories, got = _against_tp1(assets, tmp_path, ["opd"], ["tp2", "tp2sp", "pp2"])
+    assert got["sequence_parallel/opd/tp2sp"] == [(True, True), (True, True)]  # student, teacher
+    assert got["sequence_parallel/opd/tp2"] == [(False, False), (False, False)]
+    for layout in ("tp2", "tp2sp", "pp2"):
+        for ref, res in zip(histories["opd"], got[layout], strict=True):
             for key in ("loss", "teacher_nll", "grad_norm"):
                 assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (layout, ref["step"], key)
+    for ref, res in zip(got["tp2"], got["tp2sp"], strict=True):
+        for key in ("loss", "teacher_nll", "grad_norm"):
+            assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), ("tp2sp vs tp2", ref["step"], key)
+
+
+@pytest.mark.distributed
+def test_tp2_by_pp2_with_sequence_parallelism_matches_tp1(assets, tmp_path):
+    """TP=2 x PP=2 with sequence parallelism (4 ranks on this machine's 2 cores): the pipeline hands
+    on each stage's sequence share ([S/TP, B, H]) and the result is TP=1's."""
+    histories, got = _against_tp1(assets, tmp_path, ["opd"], ["tp2pp2sp"], nproc=4)
+    assert got["sequence_parallel/opd/tp2pp2sp"][0] == (True, True)
+    for ref, res in zip(histories["opd"], got["tp2pp2sp"], strict=True):
+        for key in ("loss", "teacher_nll", "grad_norm"):
+            assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
 
 
 @pytest.mark.distributed
@@ -467,56 +501,43 @@ def test_nan_gradients_with_a_finite_loss_skip_the_update(assets, tmp_path):
 
 def test_tcs_and_lift_tp2_and_pp2_match_tp1(assets, tmp_path):
     """opd_tcs (student scorer routing, teacher branches) and lift (student scorer selection) train
-    alike at TP=2 and PP=2 (one torchrun launch) as at TP=1: same losses, grad norms and TCS routing."""
+    alike at TP=2 (also with sequence parallelism) and PP=2 (one torchrun launch) as at TP=1: same
+    losses, grad norms and TCS routing."""
     objectives = ("opd_tcs", "lift")
-    overrides = ["tcs.route_prob=0.5"]  # enough routed positions in two small steps
-    histories, recorded = {}, {}
-    for objective in objectives:
-        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
-                                                     objective=objective, train=dict(steps=2),
-                                                     checkpoint=dict(resume=False)), overrides)
-        rec = RecordingRollout(naive_rollout)
-        histories[objective] = _train(cfg, rec)
-        recorded[objective] = rec.results
-    torch.save(recorded, tmp_path / "rollouts.pt")
-    out = tmp_path / "parallel.pt"
-    run_torchrun("train_parallel.py", f"--ckpt={assets['ckpt']}", f"--data={assets['data']}",
-                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}",
-                 f"--objectives={','.join(objectives)}", *(f"--override={o}" for o in overrides))
-    got = torch.load(out)
+    histories, got = _against_tp1(assets, tmp_path, objectives, ["tp2", "tp2sp", "pp2"],
+                                  ["tcs.route_prob=0.5"])  # enough routed positions in two small steps
     assert all(h["tcs_routed_share"] > 0 for h in histories["opd_tcs"])
     for objective in objectives:
         keys = ["loss", "grad_norm"] + (["tcs_routed_share", "tcs_disagree_share"] if objective == "opd_tcs" else [])
-        for layout in ("tp2", "pp2"):
-            for ref, res in zip(histories[objective], got[f"{objective}/{layout}"]):
+        for layout in ("tp2", "tp2sp", "pp2"):
+            for ref, res in zip(histories[objective], got[_name(objective, layout)], strict=True):
                 for key in keys:
                     assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)
+
+
+def test_other_objectives_with_sequence_parallelism_match_tp1(assets, tmp_path):
+    """mdlm, sft, ar, kd_off, opd_off and lift2 (text, cached-answer and rollout objectives; opd, opd_tcs and
+    lift are in the tests above) train at TP=2 with sequence parallelism as at TP=1 (one torchrun launch)."""
+    objectives = ("mdlm", "sft", "ar", "kd_off", "opd_off", "lift2")
+    histories, got = _against_tp1(assets, tmp_path, objectives, ["tp2sp"])
+    for objective in objectives:
+        assert all(sp for sp, _ in got[f"sequence_parallel/{objective}/tp2sp"]), objective
+        for ref, res in zip(histories[objective], got[_name(objective, "tp2sp")], strict=True):
+            assert math.isfinite(ref["loss"]) and ref["loss"] > 0, objective
+            for key in ("loss", "grad_norm"):
+                assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, ref["step"], key)
 
 
 def test_all_rounds_tp2_and_pp2_match_tp1(assets, tmp_path):
     """loss.state_selection=all_rounds for opd and opd_tcs at TP=2 and PP=2 (one torchrun launch; PP
     exchanges micro-batches of one answer's rounds, filled up to one row count) as at TP=1."""
     objectives = ("opd", "opd_tcs")
-    overrides = ["loss.state_selection=all_rounds", "tcs.route_prob=0.5", "rollout.threshold=0.3"]
-    histories, recorded = {}, {}
-    for objective in objectives:
-        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / objective), assets["data"], assets["ckpt"],
-                                                     objective=objective, train=dict(steps=2),
-                                                     checkpoint=dict(resume=False)), overrides)
-        rec = RecordingRollout(naive_rollout)
-        histories[objective] = _train(cfg, rec)
-        recorded[objective] = rec.results
+    histories, got = _against_tp1(assets, tmp_path, objectives, ["tp2", "pp2"],
+                                  ["loss.state_selection=all_rounds", "tcs.route_prob=0.5", "rollout.threshold=0.3"])
     assert all(h["rows_per_answer"] > 1 for h in histories["opd"])
-    torch.save(recorded, tmp_path / "rollouts.pt")
-    out = tmp_path / "parallel.pt"
-    run_torchrun("train_parallel.py", f"--ckpt={assets['ckpt']}", f"--data={assets['data']}",
-                 f"--rollouts={tmp_path / 'rollouts.pt'}", f"--run-dir={tmp_path}", f"--out={out}",
-                 f"--objectives={','.join(objectives)}", *(f"--override={o}" for o in overrides))
-    got = torch.load(out)
     for objective in objectives:
         for layout in ("tp2", "pp2"):
-            name = layout if objective == "opd" else f"{objective}/{layout}"
-            for ref, res in zip(histories[objective], got[name], strict=True):
+            for ref, res in zip(histories[objective], got[_name(objective, layout)], strict=True):
                 for key in ("loss", "grad_norm", "rows_per_answer", "teacher_nll"):
                     assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)
 

@@ -20,6 +20,7 @@ import torch
 
 from ..config.model import CONFIG_FILE_NAME, ModelConfig
 from ..runtime.distributed import global_rank
+from ..runtime.platform import in_process_checkpoint_writes
 from .atomic import atomic_directory_save
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -80,7 +81,11 @@ def save_as_megatron_lm(model, config: ModelConfig, root: str, tokenizer_dir: Op
 
     if global_rank() == 0:
         os.makedirs(root, exist_ok=True)
-    atomic_directory_save(os.path.join(root, name), lambda tmp: dist_checkpointing.save(state, tmp))
+    def write(tmp: str) -> None:
+        with in_process_checkpoint_writes():
+            dist_checkpointing.save(state, tmp)
+
+    atomic_directory_save(os.path.join(root, name), write)
     if global_rank() == 0:
         pinned.save(root)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):

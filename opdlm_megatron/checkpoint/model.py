@@ -16,6 +16,7 @@ import torch
 
 from ..config.model import CONFIG_FILE_NAME, ModelConfig
 from ..runtime.distributed import global_rank
+from ..runtime.platform import in_process_checkpoint_writes
 from .atomic import atomic_directory_save
 from .megatron_lm import is_megatron_lm_root, load_megatron_lm_model
 
@@ -57,7 +58,8 @@ def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_stat
         sharded["opdlm_extra_state"] = extra_state
 
     def write(tmp: str) -> None:
-        dist_checkpointing.save(sharded, tmp)
+        with in_process_checkpoint_writes():
+            dist_checkpointing.save(sharded, tmp)
         if write_extra_files is not None:
             write_extra_files(tmp)
         if global_rank() == 0:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
@@ -35,6 +37,7 @@ from . import vocab_parallel as vp
 from .attention import FlexCoreAttention
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
+from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -111,6 +114,22 @@ def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.
     return spec
 
 
+def block_spec(config: ModelConfig, transformer_config, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary):
+    """What ``GPTModel`` takes as its layer spec: ``layer_spec`` as it is, or under sequence parallelism
+    with megatron's torch norms (its local spec without apex) marked for SP (``norm.py``), the block's
+    final norm included."""
+    spec = layer_spec(config, attn_mask_type)
+    if not transformer_config.sequence_parallel or config.transformer_impl != "local":
+        return spec
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    final_norm = transformer_block.LayerNormImpl
+    return transformer_block.TransformerBlockSubmodules(
+        layer_specs=[with_sequence_parallel_norms(spec)] * transformer_block.get_num_layers_to_build(transformer_config),
+        layer_norm=SequenceParallelTorchNorm if final_norm is WrappedTorchNorm else final_norm)
+
+
 def _rope_kwargs(config: ModelConfig) -> dict:
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -146,13 +165,17 @@ def build_model(
     post_process: Optional[bool] = None,
     attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
     precision: Optional[PrecisionConfig] = None,
+    sequence_parallel: bool = False,
     **transformer_overrides,
 ) -> OPDGPTModel:
     """Builds this rank's part of the student or teacher for the current megatron parallel state.
 
     ``precision``: its FP8 settings, checked against this machine (one-line errors) and mapped onto
-    the TransformerConfig (``precision.py``). The teacher comes back in eval mode with gradients off;
-    it never enters an optimizer.
+    the TransformerConfig (``precision.py``). ``sequence_parallel``: megatron's sequence parallelism
+    (activations outside attention and MLP split over the TP ranks along the sequence; off at TP=1, as
+    in Megatron-LM); inputs are then padded to a multiple of TP columns (``sequence_multiple``) and
+    rollouts decode outside it (``sequence_parallel_disabled``). The teacher comes back in eval mode
+    with gradients off; it never enters an optimizer.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
@@ -174,6 +197,7 @@ def build_model(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        sequence_parallel=sequence_parallel and tp > 1,
         use_cpu_initialization=device.type == "cpu",
         **transformer_overrides,
     )
@@ -184,7 +208,7 @@ def build_model(
     with _quiet_gpt_model_notice():
         model = OPDGPTModel(
             config=transformer_config,
-            transformer_layer_spec=layer_spec(config, attn_mask_type),
+            transformer_layer_spec=block_spec(config, transformer_config, attn_mask_type),
             vocab_size=config.padded_vocab_size(tp),
             max_sequence_length=config.max_sequence_length,
             pre_process=pre_process,
@@ -228,6 +252,59 @@ def mask_unused_vocab(logits: Tensor, config: ModelConfig, exclude_mask_token: b
     return logits.masked_fill(unused, float("-inf"))
 
 
+def sequence_multiple(model) -> int:
+    """The column multiple ``model``'s inputs are padded to: whole FP8 GEMM tiles with FP8, and
+    under sequence parallelism a multiple of TP (megatron splits the sequence evenly over the ranks);
+    the padding columns are invalid keys and no loss reads them (``pad_batch``)."""
+    multiple = fp8_sequence_multiple(model)
+    if getattr(getattr(model, "config", None), "sequence_parallel", False):
+        multiple = math.lcm(multiple, parallel_state.get_tensor_model_parallel_world_size())
+    return multiple
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model):
+    """Runs the block with ``model``'s sequence parallelism off: decoding forwards a few columns at
+    a time, which need not split over the TP ranks, and the same weights give the same results with
+    SP off. A no-op for a model built without SP.
+
+    The switches are the ones megatron's ``set_model_to_sequence_parallel`` flips (the shared
+    config's flag and the modules' ``sequence_parallel`` / ``scatter_to_sequence_parallel`` /
+    ``reduce_scatter_embeddings``); it is not called itself because it caches module lists by
+    ``id(model)`` for the process's lifetime (a later model at a reused id would get a freed one's
+    modules) and restores every attribute to one value rather than to what each was."""
+    if not getattr(getattr(model, "config", None), "sequence_parallel", False):
+        yield
+        return
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "sequence_parallel", False) is True}
+    switched = [(module, name) for module in model.modules() for name in _SEQUENCE_PARALLEL_SWITCHES
+                if getattr(module, name, False) is True]
+    switched += [(c, "sequence_parallel") for c in configs.values()]
+    for owner, name in switched:
+        setattr(owner, name, False)
+    try:
+        yield
+    finally:
+        for owner, name in switched:
+            setattr(owner, name, True)
+
+
+_SEQUENCE_PARALLEL_SWITCHES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def _outside_sequence_parallel(output_layer):
+    if output_layer is None:
+        yield
+        return
+    output_layer.sequence_parallel = False
+    try:
+        yield
+    finally:
+        output_layer.sequence_parallel = True
+
+
 @dataclass
 class ColumnChunks:
     """``select_output_columns`` context for forward-only consumers (the teacher): the columns
@@ -250,8 +327,12 @@ def select_output_columns(*, hidden_states: Tensor, output_layer, output_weight,
     columns of ``[prompt; answer]``); with a large vocabulary the output layer is a large share of
     the model, so the other columns are never projected.
     """
-    if getattr(output_layer, "sequence_parallel", False):
-        raise NotImplementedError("select_output_columns does not support sequence parallelism")
+    sequence_parallel = getattr(output_layer, "sequence_parallel", False)
+    if sequence_parallel:
+        # this rank holds 1/TP of the sequence: gather it (as megatron's inference path does before
+        # slicing). The output layer then runs outside SP, so its input's gradient is all-reduced over
+        # TP by the layer itself and the gather's backward only keeps this rank's share of it.
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
     seq, batch, hidden = hidden_states.shape
     chunks = context if isinstance(context, ColumnChunks) else None
     columns = (chunks.columns if chunks else context).to(hidden_states.device)
@@ -260,7 +341,8 @@ def select_output_columns(*, hidden_states: Tensor, output_layer, output_weight,
 
     def project(part: Tensor) -> Tensor:
         selected = hidden_states.gather(0, part.t()[..., None].expand(-1, -1, hidden))  # [k, B, H]
-        logits, _ = output_layer(selected, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        with _outside_sequence_parallel(output_layer if sequence_parallel else None):
+            logits, _ = output_layer(selected, weight=output_weight, runtime_gather_output=runtime_gather_output)
         return scale_logits(logits).transpose(0, 1).contiguous()
 
     if chunks is None:
@@ -295,7 +377,7 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
     causal_kernel = uses_causal_kernel(model)
     if causal_kernel and not right_padded(layout.valid):
         raise ValueError("a model built with the causal attention kernel needs right-padded rows")
-    input_ids, layout = pad_batch(input_ids, layout, fp8_sequence_multiple(model), config.pad_token_id)
+    input_ids, layout = pad_batch(input_ids, layout, sequence_multiple(model), config.pad_token_id)
     microbatches = []
     for rows, real in microbatch_rows(input_ids.shape[0], micro_batch_size):
         want = needed[rows] & real[:, None]

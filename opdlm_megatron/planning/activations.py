@@ -6,7 +6,7 @@ OPD student differs on each count: SwiGLU MLPs, grouped-query attention, fp32 or
 arbitrary ``[prompt | x0 | xt]`` mask (unfused dense attention keeps the softmax probabilities of every
 head, ``heads x seq`` per token), and logits only at the supervised columns. So the planner counts the
 tensors each part of the layers this project builds keeps (bytes per token, per tensor-parallel rank,
-no sequence parallelism), the way megatron's formula does for its model, and keeps megatron's
+with or without sequence parallelism), the way megatron's formula does for its model, and keeps megatron's
 pipeline rule (stage 0 holds ``min(micro-batches, PP)`` micro-batches in flight under 1F1B).
 
 Per layer, ``p`` bytes per parameter-dtype element, ``h`` hidden, ``q``/``kv`` the query and
@@ -54,6 +54,7 @@ class ActivationShape:
     tensor_parallel: int = 1
     target_top_k: Optional[int] = None  # None: full-vocabulary teacher targets
     distill: bool = True  # False: cross-entropy objectives, whose targets are token ids
+    sequence_parallel: bool = False  # megatron's SP (with TP > 1): norms and linear inputs split over TP
 
 
 def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
@@ -64,15 +65,18 @@ def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
     return p * width
 
 
-def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1) -> float:
-    """Bytes one transformer layer keeps for backward, per token of the micro-batch."""
+def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes one transformer layer keeps for backward, per token of the micro-batch. With sequence
+    parallelism the tensors outside attention and MLP (the norms', and QKV's and FC1's inputs, which
+    megatron keeps as this rank's sequence share and gathers again in backward) are 1/TP of them."""
     p = config.torch_dtype.itemsize
     h, d = config.hidden_size, config.head_dim
     heads, groups = config.num_attention_heads // tp, config.query_groups // tp
     q_width, kv_width = heads * d, groups * d
     ffn = config.ffn_hidden_size // tp
-    total = 2 * _norm_bytes(config, p, h)  # input norm, pre-MLP norm
-    total += 2 * p * h  # QKV and FC1 inputs
+    outside_tp = 2 * _norm_bytes(config, p, h)  # input norm, pre-MLP norm
+    outside_tp += 2 * p * h  # QKV and FC1 inputs
+    total = outside_tp / tp if sequence_parallel else outside_tp
     total += 4 * p * d  # RoPE cos/sin of q and k
     fused_qkv = p * (q_width + 2 * kv_width)  # the QKV projection's output
     # a saved view of the fused QKV output keeps all of it: k's QK-norm input where the norm keeps its
@@ -101,14 +105,15 @@ def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_paral
     p = config.torch_dtype.itemsize
     tokens = shape.seq_length * shape.micro_batch_size
     layers = math.ceil(config.num_layers / pipeline_parallel)
-    per_microbatch = layers * tokens * layer_bytes_per_token(config, shape.seq_length, shape.tensor_parallel)
+    sp = shape.sequence_parallel and shape.tensor_parallel > 1
+    per_microbatch = layers * tokens * layer_bytes_per_token(config, shape.seq_length, shape.tensor_parallel, sp)
     per_microbatch += 8 * tokens  # input ids
     if config.attention_backend != "flex":
         per_microbatch += shape.micro_batch_size * shape.seq_length ** 2  # the bool mask, shared by the layers
     if pipeline_parallel == 1:  # stage 0 is also the last stage: final norm, logits, targets
         vocab = config.padded_vocab_size(shape.tensor_parallel) // shape.tensor_parallel
         target = (12 * shape.target_top_k if shape.target_top_k else 4 * vocab) if shape.distill else 8
-        per_microbatch += tokens * _norm_bytes(config, p, config.hidden_size)
+        per_microbatch += tokens * _norm_bytes(config, p, config.hidden_size) / (shape.tensor_parallel if sp else 1)
         per_microbatch += shape.supervised_tokens * (p * config.hidden_size + p * vocab + target)
     in_flight = min(num_microbatches, pipeline_parallel) if pipeline_parallel > 1 else 1
     return per_microbatch * in_flight

@@ -16,8 +16,9 @@ Memory of the most loaded rank (pipeline stage 0 holds the embedding and the mos
   length, its layers and KV heads;
 * activations of the ``[prompt | x0 | xt]`` layout at the final length (P + 2A columns, every answer
   token supervised): the tensors the student's layers keep for backward (``activations.py``), with
-  megatron-LM's pipeline rule; megatron-LM's own formula
-  (``theoretical_memory_usage.compute_activation_memory_without_sp``) is printed as a note beside it.
+  megatron-LM's pipeline rule, with or without sequence parallelism (``parallel.sequence_parallel``);
+  megatron-LM's own formula (``theoretical_memory_usage.compute_activation_memory[_without_sp]``) is
+  printed as a note beside it.
 
 The static parts are exact tensor sizes (checked against the tensors a built trainer holds, in
 tests/test_plan.py), the activation count is held to the bytes a real student keeps (within 15%,
@@ -26,6 +27,7 @@ on CPU). A layout that does not fit gets suggestions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from argparse import Namespace
@@ -50,6 +52,7 @@ class Plan:
     parts: Dict[str, float] = field(default_factory=dict)  # bytes on the most loaded rank
     notes: List[str] = field(default_factory=list)
     flex_activations: Optional[float] = None  # the activations with FlexAttention, for a dense-attention plan
+    sequence_parallel_activations: Optional[float] = None  # the activations with SP, for a TP > 1 plan without
 
     @property
     def total(self) -> float:
@@ -146,27 +149,35 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
     distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
     micro_rows = micro * rows_per_answer
+    sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     shape = ActivationShape(seq, micro_rows, int(micro * supervised_per_answer), tp,
-                            cfg.loss.top_k if distill else None, distill)
+                            cfg.loss.top_k if distill else None, distill, sequence_parallel)
     microbatches = max(1, rows // micro)
-    name = f"activations ({seq} columns x {micro_rows} rows, {config.attention_backend} attention)"
+    name = (f"activations ({seq} columns x {micro_rows} rows, {config.attention_backend} attention"
+            f"{', sequence parallel' if sequence_parallel else ''})")
     out.parts[name] = activation_bytes(config, shape, pp, microbatches)
     if config.attention_backend == "dense":
         out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
-    megatron = _megatron_activation_estimate(config, seq, micro_rows, tp, pp, microbatches)
+    if tp > 1 and not sequence_parallel:
+        out.sequence_parallel_activations = activation_bytes(
+            config, dataclasses.replace(shape, sequence_parallel=True), pp, microbatches)
+    megatron = _megatron_activation_estimate(config, seq, micro_rows, tp, pp, microbatches, sequence_parallel)
     out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
                      f"column) would say {megatron / GIB:.2f} GiB")
     return out
 
 
 def _megatron_activation_estimate(config: ModelConfig, seq: int, micro: int, tp: int, pp: int,
-                                  num_microbatches: int) -> float:
-    from megatron.training.theoretical_memory_usage import compute_activation_memory_without_sp
+                                  num_microbatches: int, sequence_parallel: bool = False) -> float:
+    from megatron.training.theoretical_memory_usage import (compute_activation_memory,
+                                                            compute_activation_memory_without_sp)
 
     args = Namespace(hidden_size=config.hidden_size, micro_batch_size=micro, num_layers=config.num_layers,
                      padded_vocab_size=config.padded_vocab_size(tp), pipeline_model_parallel_size=pp,
                      seq_length=seq, tensor_model_parallel_size=tp, virtual_pipeline_model_parallel_size=None,
                      ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads)
+    if sequence_parallel:  # megatron's table-2 formula with SP (and selective recompute of attention)
+        return compute_activation_memory(args, num_microbatches=num_microbatches)
     return compute_activation_memory_without_sp(args, num_microbatches=num_microbatches)
 
 
@@ -176,6 +187,10 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
         dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
         tips.append(f"FlexAttention for the student (model.attention_backend: flex, GPU only) keeps no score "
                     f"tensor per head: activations {dense / GIB:.1f} -> {p.flex_activations / GIB:.1f} GiB")
+    if p.sequence_parallel_activations is not None:
+        dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
+        tips.append(f"sequence parallelism (parallel.sequence_parallel: true) splits the norms' and linear inputs' "
+                    f"activations over TP: activations {dense / GIB:.1f} -> {p.sequence_parallel_activations / GIB:.1f} GiB")
     if config.num_attention_heads % (p.tensor_parallel * 2) == 0 and config.query_groups % (p.tensor_parallel * 2) == 0:
         tips.append(f"more tensor parallelism (TP {p.tensor_parallel * 2}) halves weights, caches and activations")
     if config.num_layers % (p.pipeline_parallel * 2) == 0:

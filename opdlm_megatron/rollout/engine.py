@@ -18,7 +18,9 @@ later steps.
 
 Each forward runs through ``FusedDecodeForward`` (an inference-only forward over the model's own
 parameters, ``fused_forward.py``) when it supports the model, else through megatron's forward;
-``forward_impl`` chooses, and both give the same tokens (tests).
+``forward_impl`` chooses, and both give the same tokens (tests). A model built with sequence
+parallelism decodes outside it (``sequence_parallel_disabled``): a step's few columns need not split
+over the TP ranks, and the same weights give the same tokens with SP off (tests/test_rollout_parallel.py).
 
 Rows advance at their own pace (a row's block may finish in one step while another's needs four);
 finished rows leave the batch (their cache rows are dropped), so they stop costing compute.
@@ -37,7 +39,7 @@ from torch import Tensor
 from ..config.model import ModelConfig
 from ..config.precision import fp8_disabled
 from ..model import masks
-from ..model.build import attention_mask, mask_unused_vocab
+from ..model.build import attention_mask, mask_unused_vocab, sequence_parallel_disabled
 from .config import DecodeConfig
 from .fused_forward import FusedDecodeForward, unsupported_reason
 from .kv_cache import BlockKVCache
@@ -97,10 +99,12 @@ class DiffusionRolloutEngine:
             raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
         self.model = model
         self.config = config
-        self.forward_reason = unsupported_reason(model) if forward_impl != "megatron" else "forward_impl='megatron'"
-        if forward_impl == "fused" and self.forward_reason is not None:
-            raise ValueError(f"forward_impl='fused' cannot run this model: {self.forward_reason}")
-        fused = FusedDecodeForward(model) if self.forward_reason is None else None
+        with sequence_parallel_disabled(model):  # decoding runs outside sequence parallelism (generate)
+            self.forward_reason = (unsupported_reason(model) if forward_impl != "megatron"
+                                   else "forward_impl='megatron'")
+            if forward_impl == "fused" and self.forward_reason is not None:
+                raise ValueError(f"forward_impl='fused' cannot run this model: {self.forward_reason}")
+            fused = FusedDecodeForward(model) if self.forward_reason is None else None
         if fused is None and forward_impl == "auto":
             logger.info("rollout engine: megatron forward (the fused one does not support %s)", self.forward_reason)
         self.forward_impl = "fused" if fused is not None else "megatron"
@@ -135,7 +139,9 @@ class DiffusionRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with fp8_disabled(self.model):  # rounds of a few tokens are not FP8 GEMM shapes (precision.py)
+            # rounds of a few tokens are not FP8 GEMM shapes (precision.py), and need not split over
+            # the TP ranks along the sequence: decoding runs outside FP8 and sequence parallelism
+            with fp8_disabled(self.model), sequence_parallel_disabled(self.model):
                 return self._generate(prompts, decode)
         finally:
             self.model.train(was_training)

@@ -15,7 +15,8 @@ It covers the layouts this project builds on CPU and GPU without Transformer Eng
 local spec: ColumnParallel/RowParallel linears, RMSNorm or LayerNorm, GQA, RoPE, gated or plain MLP),
 at any TP (``num_query_groups >= TP``) and PP stage. ``unsupported_reason`` names anything else (TE
 layers, MoE, MLA, sequence parallelism, attention sinks, ...), and the engine then uses the megatron
-forward. Equality with that forward is tested to fp32 rounding at TP=1/2 and PP=2.
+forward. A model trained with sequence parallelism decodes here all the same: the engine switches SP
+off for its decoding (``model.build.sequence_parallel_disabled``). Equality with that forward is tested to fp32 rounding at TP=1/2 and PP=2.
 """
 
 from __future__ import annotations

@@ -245,6 +245,32 @@ class MegatronLMCpuShims(_ScopedPatches):
         return self
 
 
+@contextlib.contextmanager
+def in_process_checkpoint_writes():
+    """Synchronous dist-checkpoint saves inside the block collect their write results in a thread
+    queue. megatron-core runs a synchronous save as an asynchronous request executed in place
+    (``TorchDistSaveShardedStrategy.save``), whose writer reports through
+    ``filesystem_async.get_write_results_queue()``: on first use in a process that is a
+    ``multiprocessing.Manager().Queue()``, i.e. a server process started with ``spawn`` (a fresh
+    interpreter that imports the caller's main module: measured 8 s per process here, paid by every
+    rank of every run that saves). Everything of an in-place save stays in this process, so a
+    ``queue.Queue`` does the same job. The module's queue is restored on exit, so a genuinely
+    asynchronous save (Megatron-LM's ``--async-save``) still gets its process-safe queue; one that
+    already exists is left in place."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # one exists (or no such hook)
+        yield
+        return
+    import queue
+
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
+
+
 @dataclass(frozen=True)
 class ParallelSizes:
     """Parallel layout of a run; data parallel is whatever the world size leaves. Experts (MoE) are

@@ -37,20 +37,21 @@ def student_architecture(cfg: TrainConfig, config: ModelConfig, device_type: str
     return config
 
 
-def build_teacher_model(config: ModelConfig, objective, paths: ModelPaths):
+def build_teacher_model(config: ModelConfig, objective, paths: ModelPaths, sequence_parallel: bool = False):
     """``(model, config)``: the frozen teacher for the architecture ``config`` (its checkpoint's, or the
     student's for self-distillation) with the run's ``model.teacher_dtype``, ``model.attention_backend``
     and ``model.teacher_precision``, unloaded. Its mask type: megatron's causal type (Transformer Engine's
     fused causal attention on GPUs; no mask tensor) when the objective only scores answers with it (one
     causal forward over ``[prompt; x0]``) and ``model.teacher_causal_kernel`` allows it, else the
-    arbitrary type, which decoding cached answers and TCS's branches need."""
+    arbitrary type, which decoding cached answers and TCS's branches need. ``sequence_parallel``: the
+    run's (``parallel.sequence_parallel``), as for the student."""
     from megatron.core.transformer.enums import AttnMaskType
 
     config = config.replace(
         params_dtype=canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else config.params_dtype,
         attention_backend=paths.attention_backend or config.attention_backend)
     causal = paths.teacher_causal_kernel and objective.teacher_scores_only and config.attention_backend == "dense"
-    model = build_model(config, "teacher", precision=paths.teacher_precision,
+    model = build_model(config, "teacher", precision=paths.teacher_precision, sequence_parallel=sequence_parallel,
                         attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.arbitrary)
     return model, config
 
@@ -69,12 +70,13 @@ def build_teacher(cfg: TrainConfig, objective, student_config: ModelConfig, sour
     teacher_setting, source_setting, hint = names
     if paths.teacher_checkpoint:
         check_teacher_checkpoint(paths.teacher_checkpoint, teacher_setting)
-        model, config = build_teacher_model(config_of(paths.teacher_checkpoint), objective, paths)
+        model, config = build_teacher_model(config_of(paths.teacher_checkpoint), objective, paths,
+                                            cfg.parallel.sequence_parallel)
         load(model, paths.teacher_checkpoint)
         return FrozenTeacher(model, config, student_config)
     if source is not None:
         check_teacher_checkpoint(source, f"{source_setting} (the self-distillation teacher)", hint)
-    model, config = build_teacher_model(student_config, objective, paths)
+    model, config = build_teacher_model(student_config, objective, paths, cfg.parallel.sequence_parallel)
     if student is None:
         load(model, source)
     else:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config.checks import in_range, non_negative_int, one_of, positive_int
+from ..config.checks import boolean, in_range, non_negative_int, one_of, positive_int
 from ..config.choices import ATTENTION_BACKENDS, DIVERGENCES, LOSS_NORMALIZATIONS, NOISE_LEVELS, STATE_SELECTIONS
 from ..config.model import canonical_dtype
 from ..config.precision import PrecisionConfig
@@ -86,12 +86,17 @@ class ModelPaths:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # megatron's sequence parallelism for student and teacher (activations outside attention and MLP
+    # split over the TP ranks along the sequence); off at TP=1, as in Megatron-LM. Rollouts decode
+    # outside it (a few columns per forward).
+    sequence_parallel: bool = False
     device: str = "auto"  # auto | cuda | cpu
     distributed_optimizer: str = "auto"  # auto: on with CUDA and data parallel > 1
 
     def __post_init__(self) -> None:
         positive_int("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         positive_int("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        boolean("parallel.sequence_parallel", self.sequence_parallel)
         one_of("parallel.distributed_optimizer", self.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
 
 

@@ -37,9 +37,9 @@ from torch import Tensor
 
 from ..config.choices import LOSS_NORMALIZATIONS
 from ..config.model import ModelConfig
-from ..config.precision import fp8_sequence_multiple, pad_batch
+from ..config.precision import pad_batch
 from ..distill.teacher import TeacherTargets
-from ..model.build import attention_mask, logits_at_columns
+from ..model.build import attention_mask, logits_at_columns, sequence_multiple
 from ..model.losses import (
     DivergenceConfig,
     TeacherTopK,
@@ -121,7 +121,7 @@ class StudentStepPlan:
         self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
 
         input_ids, layout, prediction_columns = model_input(config, batch)
-        multiple = pad_multiple if pad_multiple is not None else fp8_sequence_multiple(model)
+        multiple = pad_multiple if pad_multiple is not None else sequence_multiple(model)
         input_ids, layout = pad_batch(input_ids, layout, multiple, config.pad_token_id)
         self.seq_length = input_ids.shape[1]
         if batch.groups is None:

@@ -224,7 +224,8 @@ class Trainer:
         source = None if paths.random_init else paths.student_checkpoint
         config = ModelConfig.from_dict(dict(paths.model_config)) if paths.random_init else load_model_config(source)
         config = student_architecture(cfg, config, compute_device().type)
-        student = build_model(config, "student", precision=paths.student_precision)
+        student = build_model(config, "student", precision=paths.student_precision,
+                              sequence_parallel=cfg.parallel.sequence_parallel)
         if source is not None:
             load_model_checkpoint(student, source)
         teacher = build_teacher(cfg, self.objective, config, source, student) if self.objective.needs_teacher else None

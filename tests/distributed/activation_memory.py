@@ -1,4 +1,4 @@
-"""torchrun script (2 ranks, TP=2 then PP=2): every rank measures the activation bytes its part of the
+"""torchrun script (2 ranks; TP=2, TP=2 with sequence parallelism, PP=2): every rank measures the activation bytes its part of the
 student keeps for backward and the planner's count for that rank (tests/test_plan.py); rank 0 writes
 {layout: {"rank <r> <model> top_k=<k>": estimate / measured}} over both ranks to --out."""
 
@@ -13,14 +13,14 @@ from tests.test_plan import ACTIVATION_MODELS, measure_activations
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", default="tp2,pp2")
+    parser.add_argument("--layouts", default="tp2,pp2", help="some of tp2, tp2sp, pp2")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     # one process group for both layouts (initialize_runtime then leaves it alone on close)
     dist.init_process_group(backend="gloo")
     out = {}
     for layout in args.layouts.split(","):
-        sizes = dict(tensor_model_parallel_size=2) if layout == "tp2" else dict(pipeline_model_parallel_size=2)
+        sizes = dict(tensor_model_parallel_size=2) if layout.startswith("tp2") else dict(pipeline_model_parallel_size=2)
         tp = sizes.get("tensor_model_parallel_size", 1)
         with initialize_runtime(device="cpu", seed=1, **sizes):
             rank = dist.get_rank()
@@ -29,7 +29,8 @@ def main() -> None:
                 if shape["num_attention_heads"] % tp or shape.get("num_query_groups", shape["num_attention_heads"]) % tp:
                     continue  # SmolLM2's 9 heads / 3 groups do not split over 2 ranks
                 for top_k in (None, 16):
-                    measured, estimate = measure_activations(name, top_k, 32, 64, 2)
+                    measured, estimate = measure_activations(name, top_k, 32, 64, 2,
+                                                             sequence_parallel=layout == "tp2sp")
                     ratios[f"rank {rank} {name} top_k={top_k}"] = estimate / measured
             gathered = [None, None]
             dist.all_gather_object(gathered, ratios)

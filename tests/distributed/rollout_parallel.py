@@ -1,4 +1,4 @@
-"""torchrun script: loads a TP=1 checkpoint at the given TP/PP, decodes the shared prompts with the
+"""torchrun script: loads a TP=1 checkpoint at the given TP/PP (optionally with sequence parallelism), decodes the shared prompts with the
 rollout engine (greedy and seeded sampling) and writes the results; all ranks must agree."""
 
 import argparse
@@ -17,11 +17,12 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     with initialize_runtime(args.tp, args.pp, device="cpu"):
-        model, config = build_from_checkpoint(args.ckpt, "student")
+        model, config = build_from_checkpoint(args.ckpt, "student", sequence_parallel=args.sequence_parallel)
         results = {}
         for (name, (shift, kwargs)), impl in ((case, impl) for case in CASES.items() for impl in FORWARD_IMPLS):
             engine = DiffusionRolloutEngine(model, config.replace(logit_shift=shift), forward_impl=impl)
@@ -29,6 +30,9 @@ def main() -> None:
             key = f"{name}/{impl}"
             results[key] = {k: getattr(result, k) for k in ("answer_ids", "answer_valid", "commit_step", "finished")}
             results[key]["num_forward_passes"] = result.num_forward_passes
+            # the engine decodes outside sequence parallelism and gives the model back as it was
+            assert model.config.sequence_parallel == args.sequence_parallel
+            assert model.output_layer.sequence_parallel == args.sequence_parallel
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, results)
         for rank, other in enumerate(everyone):

@@ -113,10 +113,14 @@ class ReplayRollout:
         self.calls = 0
 
     def __call__(self, model, config, prompts, decode):
+        if torch.distributed.is_initialized():
+            # a real rollout is collective (TP/PP forwards); without that lockstep one rank could run ahead
+            # and write files (the teacher-answer cache) before another has read them
+            torch.distributed.barrier()
         result = self.results[self.calls]
         self.calls += 1
         got = [row[v].tolist() for row, v in zip(result.prompt_ids, result.prompt_valid)]
-        assert got == prompts, "replayed rollout is for other prompts"
+        assert got == prompts, f"replayed rollout is for other prompts: call {self.calls}, {got} vs {prompts}"
         return result
 
 

@@ -1,14 +1,20 @@
-"""torchrun script (2 ranks): trains each objective of --objectives at TP=2 and then at PP=2 (--layouts) on
-replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step metrics to --out."""
+"""torchrun script (2 ranks): trains each objective of --objectives at TP=2, TP=2 with sequence parallelism
+and PP=2 (those of --layouts) on replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step
+metrics to --out."""
 
 import argparse
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from opdlm_megatron.runtime.platform import initialize_runtime
 from opdlm_megatron.training.config_files import train_config_from_dict
 from opdlm_megatron.training.trainer import Trainer
 from tests.distributed.train_common import ReplayRollout, tiny_train_dict
+
+
+# (name, TP, PP, sequence parallelism)
+LAYOUTS = (("tp2", 2, 1, False), ("tp2sp", 2, 1, True), ("pp2", 1, 2, False), ("tp2pp2sp", 2, 2, True))
 
 
 def main() -> None:
@@ -20,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--objectives", default="opd")
     parser.add_argument("--override", action="append", default=[], help="key=value config overrides")
-    parser.add_argument("--layouts", default="tp2,pp2")
+    parser.add_argument("--layouts", default="tp2,pp2", help=f"some of {[layout[0] for layout in LAYOUTS]}")
     args = parser.parse_args()
     recorded = torch.load(args.rollouts, weights_only=False)
     # one process group for both layouts (initialize_runtime then leaves it alone on close)
@@ -28,15 +34,21 @@ def main() -> None:
     out = {}
     for objective in args.objectives.split(","):
         results = recorded.get(objective, recorded.get("results"))
-        for name, tp, pp in [(n, tp, pp) for n, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2))
-                             if n in args.layouts.split(",")]:
+        for name, tp, pp, sp in [layout for layout in LAYOUTS if layout[0] in args.layouts.split(",")]:
             cfg = train_config_from_dict(tiny_train_dict(
                 f"{args.run_dir}/{objective}_{name}", args.data, args.ckpt, objective=objective, train=dict(steps=2),
-                parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sp),
                 checkpoint=dict(resume=False)), args.override)
             with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:
                 trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
                 history = trainer.fit()
+                models = [unwrap_model(trainer.student)] + ([trainer.teacher.model] if trainer.teacher is not None else [])
+                # what ran: SP on in both models, every norm weight marked for megatron's TP reduction
+                out[f"sequence_parallel/{objective}/{name}"] = [
+                    (m.config.sequence_parallel,
+                     all(getattr(p, "sequence_parallel", False) for n, p in m.named_parameters() if "norm" in n))
+                    for m in models]
                 trainer.close()
                 rank = rt.rank
             out[name if objective == "opd" else f"{objective}/{name}"] = history

@@ -75,7 +75,7 @@ def run(argv: List[str]) -> None:
     import torch
 
     from ...checkpoint.model import load_model_config
-    from ...runtime.platform import MegatronLMCpuShims
+    from ...runtime.platform import MegatronLMCpuShims, in_process_checkpoint_writes
     from .arguments import check_model_flags, model_flag_defaults, student_config_from_args, train_config_from_args
     from .flags import add_opd_args, pre_parse_student
     from .plugin import OPDPlugin
@@ -122,6 +122,9 @@ def run(argv: List[str]) -> None:
         provider = plugin.datasets_provider
         datasets = lambda *a, **k: provider(*a, **k)  # noqa: E731 - pretrain reads attributes off it
         datasets.is_distributed = True
-        with plugin.installed():
+        # synchronous saves write in place (platform.in_process_checkpoint_writes); --async-save keeps
+        # megatron's process-safe results queue
+        writes = contextlib.nullcontext() if args.async_save else in_process_checkpoint_writes()
+        with plugin.installed(), writes:
             pretrain(container, datasets, ModelType.encoder_or_decoder, plugin.forward_step,
                      model_provider=plugin.model_provider)

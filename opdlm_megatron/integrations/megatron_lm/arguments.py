@@ -57,7 +57,8 @@ def train_config_from_args(args) -> TrainConfig:
         for owned in ("train", "optim", "parallel", "checkpoint"):
             data.pop(owned, None)
     megatron = [f"train.global_batch_size={args.global_batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
-                f"seed={args.seed}", "checkpoint.resume=false", "logging.progress_bar=false"]
+                f"seed={args.seed}", "checkpoint.resume=false", "logging.progress_bar=false",
+                f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}"]
     if "run_dir" not in data:  # --opd-run-dir (a flag, applied below) > the YAML's > --save > a default
         megatron.append(f"run_dir={args.save or 'runs/opdlm-megatron-lm'}")
     if args.train_iters:
@@ -110,8 +111,6 @@ def check_model_flags(args, config: ModelConfig, source: str = "") -> None:
         wrong.append("--num-layers-per-virtual-pipeline-stage (virtual pipelines are not supported by OPD yet)")
     if args.context_parallel_size != 1:
         wrong.append(f"--context-parallel-size {args.context_parallel_size} (OPD's attention layouts need 1)")
-    if args.sequence_parallel:
-        wrong.append("--sequence-parallel (not supported by the OPD output-column selection)")
     if wrong:
         raise ValueError(f"Megatron-LM flags contradict the student config{' in ' + source if source else ''}: "
                          + "; ".join(wrong))

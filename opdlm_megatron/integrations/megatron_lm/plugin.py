@@ -113,6 +113,7 @@ class OPDPlugin:
         # (megatron's config check ties variable lengths to the all-to-all MoE dispatcher, MoE or not)
         model = build_model(self.config, "student", pre_process=pre_process, post_process=post_process,
                             precision=self.cfg.model.student_precision, variable_seq_lengths=True,
+                            sequence_parallel=self.cfg.parallel.sequence_parallel,
                             moe_token_dispatcher_type="alltoall")
         if not get_args().pretrained_checkpoint:
             # the starting weights are --opd-student's (pretrain() then loads --load over them when
