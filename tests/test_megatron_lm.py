@@ -88,11 +88,13 @@ def reference(assets):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, True), (1, 2, False)])
-def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, sequence_parallel, tmp_path):
-    """TP=2 runs with Megatron-LM's --sequence-parallel (the resume test below runs TP=2 without)."""
+@pytest.mark.parametrize("tp,pp,cp,sequence_parallel", [(2, 1, 1, True), (1, 2, 1, False), (1, 1, 2, False)])
+def test_pretrain_matches_the_projects_trainer(assets, reference, tp, pp, cp, sequence_parallel, tmp_path):
+    """TP=2 runs with Megatron-LM's --sequence-parallel (the resume test below runs TP=2 without); CP=2
+    with --context-parallel-size 2 (each rank half of every row's columns)."""
     stdout = run_torchrun(ENTRY, *_megatron_flags(assets, 2, "--tensor-model-parallel-size", str(tp),
                                                    "--pipeline-model-parallel-size", str(pp),
+                                                   "--context-parallel-size", str(cp),
                                                    *(["--sequence-parallel"] if sequence_parallel else []),
                                                    "--tensorboard-dir", str(tmp_path / "tb"), run_dir=tmp_path))
     got = _steps(tmp_path)

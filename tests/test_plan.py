@@ -199,7 +199,8 @@ def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, s
         model.set_input_tensor(torch.randn(plan.seq_length, rows, config.hidden_size, dtype=config.torch_dtype,
                                            device=plan.device, requires_grad=True))
     measured, supervised_tokens = _saved_for_backward(plan, model)
-    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill, sequence_parallel)
+    shape = ActivationShape(plan.seq_length, rows, supervised_tokens, tp, top_k, distill, sequence_parallel,
+                            parallel_state.get_context_parallel_world_size())
     # stage 0 of a pipeline holds no loss; the last stage's share is measured with one micro-batch in flight
     if parallel_state.is_pipeline_first_stage():
         estimate = activation_bytes(config, shape, pp, num_microbatches=1)
@@ -223,16 +224,16 @@ def test_activation_estimate_within_15_percent_of_what_the_student_keeps(name, t
 @pytest.mark.distributed
 def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path):
     """The same at TP=2 (each rank's heads, FFN and vocabulary shard), TP=2 with sequence parallelism
-    (norms and linear inputs: the rank's sequence share) and PP=2 (stage 0: its layers and the
-    embedding; stage 1: its layers, the final norm and the loss), every rank within 15% (one torchrun
-    launch for the three layouts)."""
+    (norms and linear inputs: the rank's sequence share), PP=2 (stage 0: its layers and the
+    embedding; stage 1: its layers, the final norm and the loss) and CP=2 (the rank's columns, keys
+    and values of all), every rank within 15% (one torchrun launch for the four layouts)."""
     out = tmp_path / "ratios.json"
-    run_torchrun("activation_memory.py", "--out", str(out), "--layouts=tp2,tp2sp,pp2")
+    run_torchrun("activation_memory.py", "--out", str(out), "--layouts=tp2,tp2sp,pp2,cp2")
     by_layout = json.loads(out.read_text())
-    assert sorted(by_layout) == ["pp2", "tp2", "tp2sp"]
+    assert sorted(by_layout) == ["cp2", "pp2", "tp2", "tp2sp"]
     for layout, ratios in by_layout.items():
         models = {key.split()[2] for key in ratios}
-        assert models == (set(ACTIVATION_MODELS) if layout == "pp2" else {"gpt2_like", "qwen3_like"}), layout
+        assert models == (set(ACTIVATION_MODELS) if layout in ("pp2", "cp2") else {"gpt2_like", "qwen3_like"}), layout
         assert len(ratios) == 2 * len(models) * 2  # ranks x models x top-k variants
         for key, ratio in ratios.items():
             assert ratio == pytest.approx(1.0, abs=0.15), (layout, key)

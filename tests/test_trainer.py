@@ -432,15 +432,43 @@ def test_tp2_and_pp2_match_tp1(assets, tmp_path):
             assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), ("tp2sp vs tp2", ref["step"], key)
 
 
+def test_context_parallel_matches_tp1(assets, tmp_path):
+    """CP=2: each rank forwards a zigzag half of every training row, keys and values gathered over the
+    pair. Every objective trains 3 steps as at TP=1: losses, gradient norms and the final weights to
+    rel 1e-5 (keys gathered back into column order, so attention sums in the same order)."""
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+
+    objectives = ("opd", "mdlm", "opd_tcs", "lift", "sft")  # (all ten measured alike, 2026-12-03)
+    histories, got = _against_tp1(assets, tmp_path, objectives, ["cp2"], ["tcs.route_prob=0.5", "train.steps=3"])
+    for objective in objectives:
+        attended = got[f"attended/{objective}/cp2"]  # (queries, keys) of the training forwards
+        assert attended and all(keys == 2 * queries for queries, keys in attended), (objective, attended)
+        assert [h["step"] for h in histories[objective]] == [0, 1, 2]
+        for ref, res in zip(histories[objective], got[_name(objective, "cp2")], strict=True):
+            for key in ("loss", "grad_norm"):
+                assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (objective, ref["step"], key)
+    with initialize_runtime(device="cpu"):
+        for objective in ("opd", "mdlm"):
+            ref, _ = build_from_checkpoint(str(tmp_path / objective / "checkpoints" / "step_00000003"), "student")
+            res, _ = build_from_checkpoint(str(tmp_path / f"{objective}_cp2" / "checkpoints" / "step_00000003"), "student")
+            for (name, a), (_, b) in zip(ref.named_parameters(), res.named_parameters(), strict=True):
+                # per tensor, relative to its norm (Adam's normalised steps move a near-zero-gradient
+                # element by lr whatever its gradient's last bits; measured: max 2.6e-7 absolute)
+                assert float((b - a).norm() / a.norm()) < 1e-5, (objective, name, (b - a).abs().max())
+
+
 @pytest.mark.distributed
-def test_tp2_by_pp2_with_sequence_parallelism_matches_tp1(assets, tmp_path):
-    """TP=2 x PP=2 with sequence parallelism (4 ranks on this machine's 2 cores): the pipeline hands
-    on each stage's sequence share ([S/TP, B, H]) and the result is TP=1's."""
-    histories, got = _against_tp1(assets, tmp_path, ["opd"], ["tp2pp2sp"], nproc=4)
-    assert got["sequence_parallel/opd/tp2pp2sp"][0] == (True, True)
-    for ref, res in zip(histories["opd"], got["tp2pp2sp"], strict=True):
-        for key in ("loss", "teacher_nll", "grad_norm"):
-            assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
+def test_four_rank_layouts_match_tp1(assets, tmp_path):
+    """4 ranks (on this machine's 2 cores), one launch: TP=2 x PP=2 with sequence parallelism (the
+    pipeline hands on each stage's sequence share), TP=2 with SP x CP=2 (each CP rank's columns split
+    again over TP), and PP=2 x CP=2 (the stages hand on each CP rank's columns)."""
+    histories, got = _against_tp1(assets, tmp_path, ["opd"], ["tp2pp2sp", "tp2spcp2", "pp2cp2"], nproc=4)
+    assert got["sequence_parallel/opd/tp2pp2sp"][0] == got["sequence_parallel/opd/tp2spcp2"][0] == (True, True)
+    # TP's all-reduces sum in another order than one rank (the TP tests' 1e-4); CP and PP keep 1e-5
+    for layout, rel in (("tp2pp2sp", 1e-4), ("tp2spcp2", 1e-4), ("pp2cp2", 1e-5)):
+        for ref, res in zip(histories["opd"], got[layout], strict=True):
+            for key in ("loss", "teacher_nll", "grad_norm"):
+                assert res[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (layout, ref["step"], key)
 
 
 @pytest.mark.distributed
@@ -448,7 +476,9 @@ def test_dp2_training_matches_dp1(assets, tmp_path):
     """Data parallelism changes nothing: rollouts are split over the ranks and gathered (sampling
     keyed by global row), one rollout length for all ranks, states drawn on the global batch, the
     loss normalised over the global batch, gradients reduced by megatron DDP (also with the
-    distributed optimizer), and a checkpoint taken inside a rollout resumes exactly."""
+    distributed optimizer), and a checkpoint taken inside a rollout resumes exactly. Context
+    parallelism 2 changes nothing either (the same launch): real engine rollouts, decoded alike on
+    both ranks, and half of every row's columns trained on each."""
     import json
 
     data = tiny_train_dict(str(tmp_path / "dp1"), assets["data"], assets["ckpt"], train=dict(steps=4),
@@ -461,7 +491,7 @@ def test_dp2_training_matches_dp1(assets, tmp_path):
     out = tmp_path / "dp2.pt"
     run_torchrun("train_dp.py", f"--config={config_file}", f"--run-dir={tmp_path / 'dp2'}", f"--out={out}")
     got = torch.load(out, weights_only=False)
-    for name in ("straight", "resumed"):
+    for name in ("straight", "resumed", "cp2"):
         assert [h["step"] for h in got[name]] == [0, 1, 2, 3], name
         for ref, res in zip(reference, got[name]):
             for key in ("rollout_len", "tokens", "paper_tokens", "answer_tokens", "committed_per_forward"):

@@ -35,6 +35,7 @@ from ..config.precision import PrecisionConfig, check_fp8_runtime, fp8_sequence_
 from ..runtime.platform import compute_device
 from . import vocab_parallel as vp
 from .attention import FlexCoreAttention
+from .context_parallel import keys_gathered
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
 from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
@@ -88,8 +89,11 @@ def _quiet_gpt_model_notice():
         target.removeFilter(notice)
 
 
-def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary) -> ModuleSpec:
-    """The stock megatron-core layer spec with our attention-mask handling plugged in."""
+def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+               context_parallel: bool = False) -> ModuleSpec:
+    """The stock megatron-core layer spec with our attention-mask handling plugged in; with
+    ``context_parallel`` its core attention gathers keys and values over the CP group in the
+    training forward (``context_parallel.py``)."""
     if config.transformer_impl == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -111,14 +115,17 @@ def layer_spec(config: ModelConfig, attn_mask_type: AttnMaskType = AttnMaskType.
     attention.params = {**attention.params, "attn_mask_type": attn_mask_type}
     if config.attention_backend == "flex":
         attention.submodules.core_attention = FlexCoreAttention
+    if context_parallel:
+        attention.submodules.core_attention = keys_gathered(attention.submodules.core_attention)
     return spec
 
 
-def block_spec(config: ModelConfig, transformer_config, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary):
+def block_spec(config: ModelConfig, transformer_config, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+               context_parallel: bool = False):
     """What ``GPTModel`` takes as its layer spec: ``layer_spec`` as it is, or under sequence parallelism
     with megatron's torch norms (its local spec without apex) marked for SP (``norm.py``), the block's
     final norm included."""
-    spec = layer_spec(config, attn_mask_type)
+    spec = layer_spec(config, attn_mask_type, context_parallel)
     if not transformer_config.sequence_parallel or config.transformer_impl != "local":
         return spec
     from megatron.core.transformer import transformer_block
@@ -185,14 +192,15 @@ def build_model(
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
-    if cp != 1:
-        raise ValueError(f"context parallel size {cp} is not supported by the OPD attention layouts yet")
     device = device or compute_device()
     if attn_mask_type == AttnMaskType.causal and config.attention_backend != "dense":
         raise ValueError(f"the causal attention kernel needs attention_backend 'dense', got {config.attention_backend!r}")
     if precision is not None:
         check_fp8_runtime(precision, config.transformer_impl, config.params_dtype, device, role)
         transformer_overrides = {**precision.transformer_overrides(config.num_layers), **transformer_overrides}
+    # context parallelism stays 1 in megatron's config: its CP is Transformer Engine's ring attention for
+    # causal masks; ours is the attention spec's K/V gather (context_parallel.py), used by the student's
+    # training forward only, while every other forward runs whole rows
     transformer_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -208,7 +216,7 @@ def build_model(
     with _quiet_gpt_model_notice():
         model = OPDGPTModel(
             config=transformer_config,
-            transformer_layer_spec=block_spec(config, transformer_config, attn_mask_type),
+            transformer_layer_spec=block_spec(config, transformer_config, attn_mask_type, context_parallel=cp > 1),
             vocab_size=config.padded_vocab_size(tp),
             max_sequence_length=config.max_sequence_length,
             pre_process=pre_process,
@@ -218,6 +226,10 @@ def build_model(
             **_rope_kwargs(config),
         )
     _apply_llama3_rope_scaling(model, config)
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        # RoPE follows position_ids (OPDGPTModel); megatron's own table, still computed in _preprocess and
+        # dropped there, would otherwise be cut into this rank's CP share of a whole-row length
+        model.rotary_pos_emb.cp_group = None
     model.to(device=device, dtype=config.torch_dtype)
     model.opd_role = role
     model.opd_attn_mask_type = attn_mask_type
@@ -400,8 +412,11 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
         output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, mask, chunks)
         return output, lambda out: (out.new_zeros(()), {})
 
+    # whole rows on every context-parallel rank; the schedule sizes its pipeline buffers for a CP share
+    # of seq_length, so it is told CP x the row
+    cp = parallel_state.get_context_parallel_world_size()
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=len(microbatches), seq_length=input_ids.shape[1],
+        num_microbatches=len(microbatches), seq_length=input_ids.shape[1] * cp,
         micro_batch_size=micro_batch_size, forward_only=True,
     )

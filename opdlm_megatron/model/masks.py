@@ -75,6 +75,10 @@ class AttentionLayout:
         sl = slice(start, end)
         return AttentionLayout(*(None if t is None else t[:, sl] for t in self._parts()))
 
+    def select(self, columns: Tensor) -> "AttentionLayout":
+        """The layout of the sequence columns ``columns`` (long ``[K]``), in that order."""
+        return AttentionLayout(*(None if t is None else t[:, columns.to(t.device)] for t in self._parts()))
+
     def rows(self, index: Tensor) -> "AttentionLayout":
         """The layout of the batch rows selected by ``index``."""
         return AttentionLayout(*(None if t is None else t[index] for t in self._parts()))

@@ -55,6 +55,7 @@ class ActivationShape:
     target_top_k: Optional[int] = None  # None: full-vocabulary teacher targets
     distill: bool = True  # False: cross-entropy objectives, whose targets are token ids
     sequence_parallel: bool = False  # megatron's SP (with TP > 1): norms and linear inputs split over TP
+    context_parallel: int = 1  # CP ranks: each holds seq_length / CP columns and gathers every key and value
 
 
 def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
@@ -65,10 +66,13 @@ def _norm_bytes(config: ModelConfig, p: int, width: int) -> float:
     return p * width
 
 
-def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Bytes one transformer layer keeps for backward, per token of the micro-batch. With sequence
+def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1, sequence_parallel: bool = False,
+                          cp: int = 1) -> float:
+    """Bytes one transformer layer keeps for backward, per token of the micro-batch (with context
+    parallelism: per token this rank holds; ``seq_length`` is the whole row). With sequence
     parallelism the tensors outside attention and MLP (the norms', and QKV's and FC1's inputs, which
-    megatron keeps as this rank's sequence share and gathers again in backward) are 1/TP of them."""
+    megatron keeps as this rank's sequence share and gathers again in backward) are 1/TP of them.
+    With CP the attention keeps the keys and values gathered from every CP rank: CP per own token."""
     p = config.torch_dtype.itemsize
     h, d = config.hidden_size, config.head_dim
     heads, groups = config.num_attention_heads // tp, config.query_groups // tp
@@ -86,12 +90,14 @@ def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1, seq
     if config.qk_layernorm:
         total += _norm_bytes(config, p, q_width) + _norm_bytes(config, p, kv_width)
     if config.attention_backend == "flex":
-        total += p * (q_width + 2 * kv_width) + 4 * heads
+        total += p * (q_width + 2 * kv_width * cp) + 4 * heads
     else:
         v_view = groups == heads
-        total += p * q_width * (3 - int(v_view))  # q, and K/V repeated to every query head
+        total += p * q_width * (1 + cp * (2 - int(v_view)))  # q, and K/V (all CP ranks') repeated to every head
         total += heads * seq_length * (4 + (p if p < 4 else 0))  # fp32 softmax (+ its 16-bit copy)
-        if v_view or k_norm_view:
+        if cp > 1:  # V is the gathered tensor, not a view of this rank's QKV output
+            total += p * kv_width * cp * int(v_view) + (fused_qkv - p * kv_width if k_norm_view else 0)
+        elif v_view or k_norm_view:
             total += fused_qkv - (p * kv_width if k_norm_view else 0)
     total += p * q_width  # the output projection's input
     gated = ACTIVATIONS[config.activation][1]
@@ -103,13 +109,14 @@ def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_paral
                      num_microbatches: int = 1) -> float:
     """Activation bytes on pipeline stage 0 (the most loaded: it holds the most micro-batches in flight)."""
     p = config.torch_dtype.itemsize
-    tokens = shape.seq_length * shape.micro_batch_size
+    cp = shape.context_parallel
+    tokens = shape.seq_length * shape.micro_batch_size // cp  # this rank's columns
     layers = math.ceil(config.num_layers / pipeline_parallel)
     sp = shape.sequence_parallel and shape.tensor_parallel > 1
-    per_microbatch = layers * tokens * layer_bytes_per_token(config, shape.seq_length, shape.tensor_parallel, sp)
+    per_microbatch = layers * tokens * layer_bytes_per_token(config, shape.seq_length, shape.tensor_parallel, sp, cp)
     per_microbatch += 8 * tokens  # input ids
     if config.attention_backend != "flex":
-        per_microbatch += shape.micro_batch_size * shape.seq_length ** 2  # the bool mask, shared by the layers
+        per_microbatch += shape.micro_batch_size * shape.seq_length ** 2 // cp  # the bool mask (own rows), shared
     if pipeline_parallel == 1:  # stage 0 is also the last stage: final norm, logits, targets
         vocab = config.padded_vocab_size(shape.tensor_parallel) // shape.tensor_parallel
         target = (12 * shape.target_top_k if shape.target_top_k else 4 * vocab) if shape.distill else 8

@@ -50,9 +50,11 @@ class Plan:
     pipeline_parallel: int
     data_parallel: int
     parts: Dict[str, float] = field(default_factory=dict)  # bytes on the most loaded rank
+    context_parallel: int = 1
     notes: List[str] = field(default_factory=list)
     flex_activations: Optional[float] = None  # the activations with FlexAttention, for a dense-attention plan
     sequence_parallel_activations: Optional[float] = None  # the activations with SP, for a TP > 1 plan without
+    doubled_context_parallel_activations: Optional[float] = None  # the activations at twice the CP size
 
     @property
     def total(self) -> float:
@@ -78,8 +80,10 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     """Checks the layout and estimates memory per GPU (bytes). Raises ValueError naming a bad value."""
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
-    if world_size < 1 or world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not a multiple of TP {tp} x PP {pp}")
+    cp = cfg.parallel.context_parallel_size
+    if world_size < 1 or world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP {tp} x PP {pp}"
+                         + (f" x CP {cp}" if cp > 1 else ""))
     if config.num_layers % pp:
         raise ValueError(f"num_layers {config.num_layers} is not divisible by pipeline parallel size {pp}")
     config.check_parallel(tp, pp)
@@ -89,7 +93,7 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
             raise ValueError(f"{who} asks for FP8, which needs the Transformer Engine layer spec; the checkpoint has "
                              f"transformer_impl {config.transformer_impl!r} (convert with --transformer-impl "
                              f"transformer_engine)")
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if batch % (dp * micro):
         raise ValueError(f"train.global_batch_size {batch} is not a multiple of data-parallel size {dp} x "
@@ -97,7 +101,7 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     if distributed_optimizer is None:
         distributed_optimizer = cfg.parallel.distributed_optimizer == "on" or (
             cfg.parallel.distributed_optimizer == "auto" and dp > 1 and cfg.parallel.device != "cpu")
-    out = Plan(world_size, tp, pp, dp)
+    out = Plan(world_size, tp, pp, dp, context_parallel=cp)
 
     # student: weights + fp32 main grads + Adam (+ fp32 master weights for 16-bit parameters)
     params = stage_parameters(config, tp, pp)
@@ -106,7 +110,7 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     out.parts["student weights"] = params * dtype_bytes
     out.parts["student gradients (fp32)"] = params * 4
     out.parts["optimizer (Adam" + (", distributed)" if distributed_optimizer else ")")] = \
-        params * optimizer_bytes / (dp if distributed_optimizer else 1)
+        params * optimizer_bytes / (dp * cp if distributed_optimizer else 1)  # megatron shards over DP x CP
 
     # teacher (self-distillation: the student's architecture)
     if cfg.objective not in ("mdlm", "ar"):
@@ -150,18 +154,21 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
     micro_rows = micro * rows_per_answer
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
-    shape = ActivationShape(seq, micro_rows, int(micro * supervised_per_answer), tp,
-                            cfg.loss.top_k if distill else None, distill, sequence_parallel)
+    shape = ActivationShape(seq, micro_rows, int(micro * supervised_per_answer) // cp, tp,
+                            cfg.loss.top_k if distill else None, distill, sequence_parallel, cp)
     microbatches = max(1, rows // micro)
     name = (f"activations ({seq} columns x {micro_rows} rows, {config.attention_backend} attention"
-            f"{', sequence parallel' if sequence_parallel else ''})")
+            f"{', sequence parallel' if sequence_parallel else ''}{f', CP {cp}' if cp > 1 else ''})")
     out.parts[name] = activation_bytes(config, shape, pp, microbatches)
     if config.attention_backend == "dense":
         out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
     if tp > 1 and not sequence_parallel:
         out.sequence_parallel_activations = activation_bytes(
             config, dataclasses.replace(shape, sequence_parallel=True), pp, microbatches)
-    megatron = _megatron_activation_estimate(config, seq, micro_rows, tp, pp, microbatches, sequence_parallel)
+    out.doubled_context_parallel_activations = activation_bytes(
+        config, dataclasses.replace(shape, context_parallel=2 * cp, supervised_tokens=shape.supervised_tokens // 2),
+        pp, microbatches)
+    megatron = _megatron_activation_estimate(config, seq // cp, micro_rows, tp, pp, microbatches, sequence_parallel)
     out.notes.append(f"megatron-LM's activation formula (4h GeLU MLP, 16-bit, flash attention, logits at every "
                      f"column) would say {megatron / GIB:.2f} GiB")
     return out
@@ -191,6 +198,11 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
         dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
         tips.append(f"sequence parallelism (parallel.sequence_parallel: true) splits the norms' and linear inputs' "
                     f"activations over TP: activations {dense / GIB:.1f} -> {p.sequence_parallel_activations / GIB:.1f} GiB")
+    if p.doubled_context_parallel_activations is not None:
+        dense = next(v for k, v in p.parts.items() if k.startswith("activations"))
+        tips.append(f"context parallelism (parallel.context_parallel_size: {2 * p.context_parallel}) splits every row's "
+                    f"columns over more ranks: activations {dense / GIB:.1f} -> "
+                    f"{p.doubled_context_parallel_activations / GIB:.1f} GiB")
     if config.num_attention_heads % (p.tensor_parallel * 2) == 0 and config.query_groups % (p.tensor_parallel * 2) == 0:
         tips.append(f"more tensor parallelism (TP {p.tensor_parallel * 2}) halves weights, caches and activations")
     if config.num_layers % (p.pipeline_parallel * 2) == 0:
@@ -205,7 +217,8 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
 
 
 def format_plan(p: Plan, budget: Optional[float]) -> str:
-    lines = [f"layout: world {p.world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {p.data_parallel}",
+    lines = [f"layout: world {p.world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel}"
+             + (f" x CP {p.context_parallel}" if p.context_parallel > 1 else "") + f" x DP {p.data_parallel}",
              "memory of the most loaded rank:"]
     width = max(len(name) for name in [*p.parts, "total"])
     for name, value in p.parts.items():

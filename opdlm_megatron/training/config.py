@@ -90,6 +90,9 @@ class ParallelConfig:
     # split over the TP ranks along the sequence); off at TP=1, as in Megatron-LM. Rollouts decode
     # outside it (a few columns per forward).
     sequence_parallel: bool = False
+    # each row's columns split over this many ranks in the student's training forward (keys and values
+    # gathered; model/context_parallel.py); the teacher, rollouts and evaluation run whole rows on each
+    context_parallel_size: int = 1
     device: str = "auto"  # auto | cuda | cpu
     distributed_optimizer: str = "auto"  # auto: on with CUDA and data parallel > 1
 
@@ -97,6 +100,7 @@ class ParallelConfig:
         positive_int("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         positive_int("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         boolean("parallel.sequence_parallel", self.sequence_parallel)
+        positive_int("parallel.context_parallel_size", self.context_parallel_size)
         one_of("parallel.distributed_optimizer", self.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
 
 

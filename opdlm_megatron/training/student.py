@@ -25,6 +25,11 @@ Normalisation (``normalization``):
 * ``"row"`` (the first layout): per row, the weighted sum over its supervised tokens divided by its
   ``normalizer`` count; then the mean over the rows of this rank with a supervised token (DDP then
   averages the ranks).
+
+Context parallelism: each CP rank forwards its share of every row's columns and supervises the
+answer positions predicted there; its loss is its part of the sum above, megatron's schedule scales
+it by the CP size and DDP averages over data x context parallel ranks, so the gradient is the same.
+Megatron-LM's ``[sum, count]`` pairs are summed over those ranks, hence the CP size in ``share``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from functools import partial
 from typing import Dict, Optional
 
 import torch
+from megatron.core import parallel_state
 from torch import Tensor
 
 from ..config.choices import LOSS_NORMALIZATIONS
@@ -40,6 +46,7 @@ from ..config.model import ModelConfig
 from ..config.precision import pad_batch
 from ..distill.teacher import TeacherTargets
 from ..model.build import attention_mask, logits_at_columns, sequence_multiple
+from ..model.context_parallel import ColumnSplit, keys_gathered_over_context_parallel
 from ..model.losses import (
     DivergenceConfig,
     TeacherTopK,
@@ -96,8 +103,6 @@ class StudentStepPlan:
     def __init__(self, model, config: ModelConfig, batch: SupervisedBatch, targets: Optional[TeacherTargets],
                  divergence_cfg: Optional[DivergenceConfig], micro_batch_size: int, normalization: str = "token",
                  num_rows: Optional[float] = None, pad_multiple: Optional[int] = None) -> None:
-        from megatron.core import parallel_state
-
         if normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; expected one of {LOSS_NORMALIZATIONS}")
         if batch.distill and divergence_cfg is None:
@@ -122,8 +127,17 @@ class StudentStepPlan:
 
         input_ids, layout, prediction_columns = model_input(config, batch)
         multiple = pad_multiple if pad_multiple is not None else sequence_multiple(model)
-        input_ids, layout = pad_batch(input_ids, layout, multiple, config.pad_token_id)
+        # context parallelism: each CP rank forwards a zigzag share of every row's columns (2 x CP chunks
+        # of whole multiples) and projects the supervised columns it holds (context_parallel.py)
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        input_ids, layout = pad_batch(input_ids, layout, multiple * (2 * self.cp_size if self.cp_size > 1 else 1),
+                                      config.pad_token_id)
         self.seq_length = input_ids.shape[1]
+        self.split = (ColumnSplit.zigzag(self.seq_length, parallel_state.get_context_parallel_rank(), self.cp_size)
+                      if self.cp_size > 1 else None)
+        if self.split is not None:
+            supervised = supervised & (self.split.position[prediction_columns] >= 0)
+            prediction_columns = self.split.position[prediction_columns].clamp_min(0)
         if batch.groups is None:
             plan = microbatch_rows(batch.batch_size, micro_batch_size)
         else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
@@ -171,12 +185,12 @@ class StudentStepPlan:
         if self.normalization == "token":
             total = weighted.sum() / max(self.global_normalizer, 1.0)
             contribution = total * self.dp_size
-            share = 1.0 / (self.num_microbatches * self.dp_size)
+            share = 1.0 / (self.num_microbatches * self.dp_size * self.cp_size)
         else:
             denom = self.counts.to(output.device)[global_rows].clamp_min(1).to(weighted.dtype)
             total = (weighted / denom).sum() / max(self.local_rows, 1.0)
             contribution = total
-            share = 1.0 / self.num_microbatches
+            share = 1.0 / (self.num_microbatches * self.cp_size)
         detached = total.detach().float()
         token_sum = per_token.detach().sum().float()
         stats = {
@@ -204,8 +218,14 @@ class StudentStepPlan:
     def forward_microbatch(self, mb, model):
         """megatron's ``forward_step_func`` body for one of this plan's micro-batches."""
         lay = mb["layout"].to(self.device)
-        output = logits_at_columns(model, mb["ids"].to(self.device), lay.position_ids,
-                                   attention_mask(self.config, lay), mb["columns"])
+        ids = mb["ids"].to(self.device)
+        if self.split is None:
+            output = logits_at_columns(model, ids, lay.position_ids, attention_mask(self.config, lay), mb["columns"])
+        else:  # this rank's columns; attention gathers the keys of all of them
+            queries, keys = self.split.layouts(lay)
+            with keys_gathered_over_context_parallel(self.split):
+                output = logits_at_columns(model, self.split.ids(ids), queries.position_ids,
+                                           attention_mask(self.config, queries, keys), mb["columns"])
         return output, partial(self.loss_func, mb)
 
     def summarize(self, results) -> Dict[str, float]:
@@ -216,6 +236,8 @@ class StudentStepPlan:
             totals[1] = sum(float(r["token_sum"]) for r in results)
         broadcast_from_last_stage(totals)
         data_parallel_sum(totals)
+        if self.cp_size > 1:  # each CP rank holds the loss of its own columns
+            torch.distributed.all_reduce(totals, group=parallel_state.get_context_parallel_group())
         loss = float(totals[0]) if self.normalization == "token" else float(totals[0]) / self.dp_size
         return {
             "loss": loss,

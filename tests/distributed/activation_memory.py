@@ -1,4 +1,4 @@
-"""torchrun script (2 ranks; TP=2, TP=2 with sequence parallelism, PP=2): every rank measures the activation bytes its part of the
+"""torchrun script (2 ranks; TP=2, TP=2 with sequence parallelism, PP=2, CP=2): every rank measures the activation bytes its part of the
 student keeps for backward and the planner's count for that rank (tests/test_plan.py); rank 0 writes
 {layout: {"rank <r> <model> top_k=<k>": estimate / measured}} over both ranks to --out."""
 
@@ -13,14 +13,15 @@ from tests.test_plan import ACTIVATION_MODELS, measure_activations
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", default="tp2,pp2", help="some of tp2, tp2sp, pp2")
+    parser.add_argument("--layouts", default="tp2,pp2", help="some of tp2, tp2sp, pp2, cp2")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     # one process group for both layouts (initialize_runtime then leaves it alone on close)
     dist.init_process_group(backend="gloo")
     out = {}
     for layout in args.layouts.split(","):
-        sizes = dict(tensor_model_parallel_size=2) if layout.startswith("tp2") else dict(pipeline_model_parallel_size=2)
+        sizes = {"tp2": dict(tensor_model_parallel_size=2), "tp2sp": dict(tensor_model_parallel_size=2),
+                 "pp2": dict(pipeline_model_parallel_size=2), "cp2": dict(context_parallel_size=2)}[layout]
         tp = sizes.get("tensor_model_parallel_size", 1)
         with initialize_runtime(device="cpu", seed=1, **sizes):
             rank = dist.get_rank()

@@ -13,8 +13,9 @@ from opdlm_megatron.training.trainer import Trainer
 from tests.distributed.train_common import ReplayRollout, tiny_train_dict
 
 
-# (name, TP, PP, sequence parallelism)
-LAYOUTS = (("tp2", 2, 1, False), ("tp2sp", 2, 1, True), ("pp2", 1, 2, False), ("tp2pp2sp", 2, 2, True))
+# (name, TP, PP, sequence parallelism, CP)
+LAYOUTS = (("tp2", 2, 1, False, 1), ("tp2sp", 2, 1, True, 1), ("pp2", 1, 2, False, 1), ("tp2pp2sp", 2, 2, True, 1),
+           ("cp2", 1, 1, False, 2), ("tp2spcp2", 2, 1, True, 2), ("pp2cp2", 1, 2, False, 2))
 
 
 def main() -> None:
@@ -34,15 +35,23 @@ def main() -> None:
     out = {}
     for objective in args.objectives.split(","):
         results = recorded.get(objective, recorded.get("results"))
-        for name, tp, pp, sp in [layout for layout in LAYOUTS if layout[0] in args.layouts.split(",")]:
+        for name, tp, pp, sp, cp in [layout for layout in LAYOUTS if layout[0] in args.layouts.split(",")]:
             cfg = train_config_from_dict(tiny_train_dict(
                 f"{args.run_dir}/{objective}_{name}", args.data, args.ckpt, objective=objective, train=dict(steps=2),
                 parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp),
+                              sequence_parallel=sp, context_parallel_size=cp),
                 checkpoint=dict(resume=False)), args.override)
-            with initialize_runtime(tp, pp, device="cpu", seed=cfg.seed) as rt:
+            with initialize_runtime(tp, pp, cp, device="cpu", seed=cfg.seed) as rt:
                 trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
+                # what the student's training forwards attended: (query columns, key columns) of layer 1
+                shapes = set()
+                first_stage_layer = unwrap_model(trainer.student).decoder.layers[0].self_attention.core_attention
+                hook = first_stage_layer.register_forward_pre_hook(
+                    lambda module, args: shapes.add((args[0].shape[0], args[3].shape[-1]))
+                    if torch.is_grad_enabled() and args[3] is not None else None)
                 history = trainer.fit()
+                hook.remove()
+                out[f"attended/{objective}/{name}"] = sorted(shapes)
                 models = [unwrap_model(trainer.student)] + ([trainer.teacher.model] if trainer.teacher is not None else [])
                 # what ran: SP on in both models, every norm weight marked for megatron's TP reduction
                 out[f"sequence_parallel/{objective}/{name}"] = [

@@ -58,7 +58,8 @@ def train_config_from_args(args) -> TrainConfig:
             data.pop(owned, None)
     megatron = [f"train.global_batch_size={args.global_batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                 f"seed={args.seed}", "checkpoint.resume=false", "logging.progress_bar=false",
-                f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}"]
+                f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}",
+                f"parallel.context_parallel_size={args.context_parallel_size}"]
     if "run_dir" not in data:  # --opd-run-dir (a flag, applied below) > the YAML's > --save > a default
         megatron.append(f"run_dir={args.save or 'runs/opdlm-megatron-lm'}")
     if args.train_iters:
@@ -109,8 +110,6 @@ def check_model_flags(args, config: ModelConfig, source: str = "") -> None:
         wrong.append("--calculate-per-token-loss (OPD normalises its loss itself; leave it off)")
     if args.virtual_pipeline_model_parallel_size not in (None, 1):
         wrong.append("--num-layers-per-virtual-pipeline-stage (virtual pipelines are not supported by OPD yet)")
-    if args.context_parallel_size != 1:
-        wrong.append(f"--context-parallel-size {args.context_parallel_size} (OPD's attention layouts need 1)")
     if wrong:
         raise ValueError(f"Megatron-LM flags contradict the student config{' in ' + source if source else ''}: "
                          + "; ".join(wrong))

@@ -140,11 +140,11 @@ class OPDPlugin:
         samples = load_run_samples(self.cfg, self.config)
         self.skipped_long_prompts = samples.skipped_long_prompts
         rank = torch.distributed.get_rank()
-        # one writer: the first tensor- and data-parallel rank of the last pipeline stage (it holds the loss)
+        # one writer: the first tensor-, context- and data-parallel rank of the last pipeline stage (it holds the loss)
         from megatron.core import parallel_state
 
         writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                  and parallel_state.get_data_parallel_rank() == 0)
+                  and parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0)
         logging_cfg = self.cfg.logging
         if logging_cfg.tensorboard:
             # Megatron-LM's own writer (--tensorboard-dir) already gets the OPD numbers through the loss dict
