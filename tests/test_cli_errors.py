@@ -92,6 +92,10 @@ TRAIN_CASES = {
     "malformed prompts": (["data.path={root}/broken.jsonl"], "broken.jsonl:2: invalid JSON"),
     "empty prompts": (["data.path={root}/empty.jsonl"], "empty.jsonl is empty"),
     "TP larger than the world": (["parallel.tensor_model_parallel_size=2"], "world size"),
+    "CP larger than the world": (["parallel.context_parallel_size=2"], "world size"),
+    "sequence parallelism without TP": (["parallel.sequence_parallel=true"],
+                                        "parallel.sequence_parallel splits the sequence over the tensor-parallel "
+                                        "ranks: it needs parallel.tensor_model_parallel_size > 1, got 1"),
     "fp8 on CPU": (["model.student_precision={{fp8: e4m3}}"], "student: FP8 needs the Transformer Engine layer spec"),
     "flex attention training on CPU": (["model.attention_backend=flex"],
                                        "attention_backend 'flex' trains only on CUDA GPUs"),

@@ -57,3 +57,44 @@ def test_zigzag_balances_the_attended_pairs_of_long_opd_rows(size, zigzag_at_mos
     contiguous = [float(allowed[r * seq // size:(r + 1) * seq // size].sum()) for r in range(size)]
     assert max(contiguous) / min(contiguous) > contiguous_at_least, contiguous
     assert max(zigzag) / min(zigzag) < zigzag_at_most, zigzag
+
+
+def test_long_context_benchmark_quick():
+    """benchmarks/long_context.py --quick (1,024 columns, torchrun, 2 ranks): at CP=2 a rank keeps about
+    half the activation bytes of CP=1, and the planner's count follows the measured bytes."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "long_context.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"columns=1024 cp2_over_cp1_activation_bytes=([0-9.]+) step_time_ratio=([0-9.]+) "
+                     r"estimate_ratio=([0-9.]+)", last)
+    assert m, last
+    measured, _, estimated = (float(x) for x in m.groups())
+    assert 0.4 < measured <= 0.6 and estimated == pytest.approx(measured, abs=0.05), last
+    for line in proc.stdout.splitlines()[:-1]:  # each rank's count within 15% of its measured bytes
+        kept, count = (float(x) for x in re.search(r"kept for backward\s+([0-9.]+) MiB \(count\s+([0-9.]+)", line).groups())
+        assert count == pytest.approx(kept, rel=0.15), line
+
+
+@pytest.mark.distributed
+def test_flex_attention_under_context_parallelism_forward(tmp_path):
+    """The CP path with FlexAttention (its BlockMask of a rank's query rows against every key): the
+    student step's loss, forward only (no FlexAttention backward on CPU), equals dense attention's at
+    CP=2 and both equal CP=1's."""
+    import json
+
+    from tests.conftest import run_torchrun
+
+    out = tmp_path / "losses.json"
+    run_torchrun("context_parallel_flex.py", f"--out={out}")
+    losses = json.loads(out.read_text())
+    reference = losses["dense/cp1"]
+    assert reference > 0
+    for key in ("flex/cp1", "dense/cp2", "flex/cp2"):
+        assert losses[key] == pytest.approx(reference, rel=1e-5), (key, losses)

@@ -89,7 +89,7 @@ QWEN3_8B = dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_atte
                 qk_layernorm=True, tie_word_embeddings=False, rotary_base=1000000.0, norm_epsilon=1e-6, block_size=4,
                 transformer_impl="transformer_engine")  # as converted for FP8 (the config's header)
 SHIPPED = {"smollm2_opd.yaml": (SMOLLM2, 1), "smollm2_opd_long.yaml": (SMOLLM2, 1), "smollm2_opd_families.yaml": (SMOLLM2, 1), "tiny_cpu.yaml": (TINY_MODEL, 1),
-           "qwen3_8b_opd_fp8.yaml": (QWEN3_8B, 16)}
+           "qwen3_8b_opd_fp8.yaml": (QWEN3_8B, 16), "qwen3_8b_opd_32k.yaml": (QWEN3_8B, 16)}
 
 
 def test_every_shipped_config_is_checked():
@@ -121,6 +121,29 @@ def test_shipped_configs_plan(tmp_path, config_name, capsys):
     assert "does NOT fit" in tight and "try:" in tight
 
 
+def test_32k_config_plans_from_the_hf_config_json(tmp_path, capsys):
+    """configs/qwen3_8b_opd_32k.yaml (32k-token rollouts, ~65k-column OPD rows) on 2 x 8 80 GB GPUs with
+    TP 4 + SP x CP 4, planned from Qwen3-8B's HF config.json as the converter maps it: it fits, with
+    the activations of a quarter of each row per rank."""
+    from opdlm_megatron.commands import plan
+
+    hf = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, intermediate_size=12288,
+              num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=36, vocab_size=151936,
+              max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              hidden_act="silu", attention_bias=False, torch_dtype="bfloat16", bos_token_id=151643,
+              eos_token_id=151645)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    base = ["--config", str(REPO_ROOT / "configs" / "qwen3_8b_opd_32k.yaml"), "--world-size", "16",
+            "--model-config", str(tmp_path / "config.json"), "--gpu-memory-gb", "80"]
+    capsys.readouterr()
+    assert plan.main(base) == 0, capsys.readouterr().err[-1500:]
+    out = capsys.readouterr().out
+    assert "world 16 = TP 4 x PP 1 x CP 4 x DP 1" in out and "sequence parallel, CP 4" in out and "fits" in out
+    assert plan.main(base[:-2] + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["total_bytes"] < 80 * 1024 ** 3
+
+
 # ----------------------------------------------------------------- activations against a real student
 ACTIVATION_MODELS = {
     # SmolLM2's layer shape (GQA 9/3, SwiGLU, RMSNorm) in fp32 and bf16; a Qwen3-like layer (QK-norm,
@@ -136,26 +159,20 @@ ACTIVATION_MODELS = {
 
 
 def _saved_for_backward(plan, model):
-    """Bytes autograd keeps for backward over one micro-batch's forward and loss: every saved tensor's
-    storage once, parameters excluded (what the activation estimate counts); and the micro-batch's
-    supervised tokens. On a pipeline stage without the loss, the stage's output tensor stands in."""
+    """Bytes autograd keeps for backward over one micro-batch's forward and loss
+    (``saved_activation_bytes``); and the micro-batch's supervised tokens. On a pipeline stage
+    without the loss, the stage's output tensor stands in."""
     from megatron.core import parallel_state
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    from opdlm_megatron.planning.activations import saved_activation_bytes
 
     mb = plan.microbatches[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+
+    def forward_and_loss():
         output, loss_func = plan.forward_microbatch(mb, model)
-        loss = loss_func(output)[0] if parallel_state.is_pipeline_last_stage() else output.float().sum()
-    loss.backward()  # the graph was a real training graph
-    return sum(storages.values()), int(mb["slot_valid"].sum())
+        return loss_func(output)[0] if parallel_state.is_pipeline_last_stage() else output.float().sum()
+
+    return saved_activation_bytes(model, forward_and_loss), int(mb["slot_valid"].sum())
 
 
 def measure_activations(name: str, top_k, prompt: int, answer: int, rows: int, sequence_parallel: bool = False,

@@ -124,3 +124,26 @@ def activation_bytes(config: ModelConfig, shape: ActivationShape, pipeline_paral
         per_microbatch += shape.supervised_tokens * (p * config.hidden_size + p * vocab + target)
     in_flight = min(num_microbatches, pipeline_parallel) if pipeline_parallel > 1 else 1
     return per_microbatch * in_flight
+
+
+def saved_activation_bytes(model, forward_and_loss) -> int:
+    """What the count above is held to: the bytes autograd keeps for backward while
+    ``forward_and_loss()`` (a forward of ``model`` and its scalar loss) runs - every saved tensor's
+    storage once, ``model``'s parameters excluded; the loss is then back-propagated (a real training
+    graph). Used by tests/test_plan.py and benchmarks/long_context.py."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward_and_loss()
+    loss.backward()
+    return sum(storages.values())
+

@@ -100,7 +100,7 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
                          f"train.micro_batch_size {micro}")
     if distributed_optimizer is None:
         distributed_optimizer = cfg.parallel.distributed_optimizer == "on" or (
-            cfg.parallel.distributed_optimizer == "auto" and dp > 1 and cfg.parallel.device != "cpu")
+            cfg.parallel.distributed_optimizer == "auto" and dp * cp > 1 and cfg.parallel.device != "cpu")
     out = Plan(world_size, tp, pp, dp, context_parallel=cp)
 
     # student: weights + fp32 main grads + Adam (+ fp32 master weights for 16-bit parameters)

@@ -87,8 +87,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     # megatron's sequence parallelism for student and teacher (activations outside attention and MLP
-    # split over the TP ranks along the sequence); off at TP=1, as in Megatron-LM. Rollouts decode
-    # outside it (a few columns per forward).
+    # split over the TP ranks along the sequence); needs TP > 1. Rollouts decode outside it (a few
+    # columns per forward).
     sequence_parallel: bool = False
     # each row's columns split over this many ranks in the student's training forward (keys and values
     # gathered; model/context_parallel.py); the teacher, rollouts and evaluation run whole rows on each
@@ -100,6 +100,9 @@ class ParallelConfig:
         positive_int("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         positive_int("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         boolean("parallel.sequence_parallel", self.sequence_parallel)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: it needs "
+                             "parallel.tensor_model_parallel_size > 1, got 1")
         positive_int("parallel.context_parallel_size", self.context_parallel_size)
         one_of("parallel.distributed_optimizer", self.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
 

@@ -73,8 +73,9 @@ class NonFiniteLossError(RuntimeError):
 def wrap_and_build_optimizer(student, cfg: TrainConfig, data_parallel_size: int, on_cuda: bool):
     """Wraps the student in megatron DDP and builds megatron's AdamW optimizer for it.
 
-    The distributed optimizer (optimizer state sharded over data-parallel ranks) is used when
-    ``parallel.distributed_optimizer`` is "on", or "auto" on CUDA with data parallelism. On CPU/gloo
+    The distributed optimizer (optimizer state sharded over data(-and-context)-parallel ranks,
+    ``data_parallel_size``) is used when ``parallel.distributed_optimizer`` is "on", or "auto" on CUDA
+    with more than one such rank. On CPU/gloo
     it trains correctly ("on"; tests/test_normalization.py, tests/test_trainer.py), but megatron-core
     0.19's checkpoint of it without Apex/TE (torch's Adam) does not resume exactly, so "auto" leaves
     it off there. With fp16
@@ -185,8 +186,9 @@ class Trainer:
             )
 
         self.student, self.config, self.teacher = self._build_models()
+        # megatron shards the distributed optimizer over data x context parallel ranks (their gradients agree)
         self.model, self.optimizer, self.distributed_optimizer = wrap_and_build_optimizer(
-            self.student, cfg, self.dp_size, not runtime.is_cpu)
+            self.student, cfg, self.dp_size * parallel_state.get_context_parallel_world_size(), not runtime.is_cpu)
         self.divergence = cfg.loss.divergence_config()
         if samples is None:
             samples = load_run_samples(cfg, self.config)

@@ -58,8 +58,11 @@ def train_config_from_args(args) -> TrainConfig:
             data.pop(owned, None)
     megatron = [f"train.global_batch_size={args.global_batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                 f"seed={args.seed}", "checkpoint.resume=false", "logging.progress_bar=false",
-                f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}",
-                f"parallel.context_parallel_size={args.context_parallel_size}"]
+                f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
+                f"parallel.pipeline_model_parallel_size={args.pipeline_model_parallel_size}",
+                f"parallel.context_parallel_size={args.context_parallel_size}",
+                # Megatron-LM has turned it off at TP=1 already (with a warning)
+                f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}"]
     if "run_dir" not in data:  # --opd-run-dir (a flag, applied below) > the YAML's > --save > a default
         megatron.append(f"run_dir={args.save or 'runs/opdlm-megatron-lm'}")
     if args.train_iters:
