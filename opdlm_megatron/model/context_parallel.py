@@ -77,15 +77,12 @@ def keys_gathered(core_attention: type) -> type:
 
 @dataclass(frozen=True)
 class ColumnSplit:
-    """This rank's columns of rows of ``seq_len`` columns (a multiple of ``2 x size``), zigzag.
+    """This rank's columns of rows of ``S`` columns (a multiple of ``2 x`` the CP size), zigzag.
 
     ``local``: the global column ids this rank holds, in order ``[S / size]``; ``unzigzag``: where each
     column sits in the all-gathered ranks' columns (rank 0's, then rank 1's, ...) ``[S]``; ``position``:
     the local index of each global column on this rank, -1 elsewhere ``[S]``."""
 
-    seq_len: int
-    rank: int
-    size: int
     local: Tensor
     unzigzag: Tensor
     position: Tensor
@@ -104,7 +101,7 @@ class ColumnSplit:
         position = torch.full((seq_len,), -1, dtype=torch.long)
         position[local] = torch.arange(local.numel())
         gathered = torch.cat([columns(r) for r in range(size)])
-        return ColumnSplit(seq_len, rank, size, local, torch.argsort(gathered), position)
+        return ColumnSplit(local, torch.argsort(gathered), position)
 
     def gather(self, tensor: Tensor) -> Tensor:
         """This rank's ``[S / size, ...]`` (keys or values) -> every rank's, in column order ``[S, ...]``
@@ -125,7 +122,3 @@ class ColumnSplit:
         (``model.build.attention_mask(config, queries, keys)``: the same rule, never the whole ``S x S``
         mask)."""
         return layout.select(self.local), layout
-
-
-def context_parallel_size() -> int:
-    return parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1

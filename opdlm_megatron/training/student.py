@@ -135,9 +135,10 @@ class StudentStepPlan:
         self.seq_length = input_ids.shape[1]
         self.split = (ColumnSplit.zigzag(self.seq_length, parallel_state.get_context_parallel_rank(), self.cp_size)
                       if self.cp_size > 1 else None)
-        if self.split is not None:
-            supervised = supervised & (self.split.position[prediction_columns] >= 0)
-            prediction_columns = self.split.position[prediction_columns].clamp_min(0)
+        if self.split is not None:  # the supervised positions predicted in this rank's columns, local indices
+            local_columns = self.split.position[prediction_columns]
+            supervised = supervised & (local_columns >= 0)
+            prediction_columns = local_columns.clamp_min(0)
         if batch.groups is None:
             plan = microbatch_rows(batch.batch_size, micro_batch_size)
         else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
