@@ -149,9 +149,13 @@ def test_opd_step_of_an_moe_student_equals_the_dense_reference_and_trains_its_ro
 
 
 @pytest.mark.distributed
-def test_opd_steps_of_an_moe_student_at_pp2_equal_pp1(moe_models, tmp_path):
-    """Two OPD steps of a converted Qwen3-MoE student over replayed rollouts, split over two pipeline stages
-    (torchrun, gloo): the same losses, teacher NLLs and gradient norms as on one rank."""
+@pytest.mark.parametrize("layouts,nproc", [("pp2,ep2", 2), ("pp2ep2,cp2ep2", 4)])
+def test_opd_steps_of_an_moe_student_at_pp2_and_ep2_equal_one_rank(moe_models, tmp_path, layouts, nproc):
+    """Two OPD steps (all_rounds states) of a converted Qwen3-MoE student over replayed rollouts, split over two
+    pipeline stages, over two expert-parallel ranks (each holds two of the four experts; the two data-parallel
+    ranks' rows differ in length, tokens go to their experts by all-to-all), and on 4 ranks PP 2 x EP 2 and
+    CP 2 x EP 2 (each row's columns over two ranks, the experts over the data x context parallel ranks): the
+    same losses, teacher NLLs and gradient norms as on one rank."""
     from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.training.config_files import train_config_from_dict
     from opdlm_megatron.training.trainer import Trainer
@@ -171,12 +175,14 @@ def test_opd_steps_of_an_moe_student_at_pp2_equal_pp1(moe_models, tmp_path):
     torch.save({"results": rec.results}, tmp_path / "rollouts.pt")
     out = tmp_path / "parallel.pt"
     run_torchrun("train_parallel.py", f"--ckpt={ckpt}", f"--data={data}", f"--rollouts={tmp_path / 'rollouts.pt'}",
-                 f"--run-dir={tmp_path}", f"--out={out}", "--layouts=pp2")
-    got = torch.load(out)["pp2"]
-    assert len(got) == len(history) == 2
-    for ref, res in zip(history, got):
-        for key in ("loss", "teacher_nll", "grad_norm"):
-            assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
+                 f"--run-dir={tmp_path}", f"--out={out}", f"--layouts={layouts}", nproc=nproc)
+    results = torch.load(out)
+    for layout in layouts.split(","):
+        got = results[layout]
+        assert len(got) == len(history) == 2
+        for ref, res in zip(history, got):
+            for key in ("loss", "teacher_nll", "grad_norm"):
+                assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (layout, ref["step"], key)
 
 
 def test_moe_parameter_counts_match_the_built_model(runtime):
@@ -257,3 +263,51 @@ def test_ep2_and_pp2_conversions_give_hf_logits_and_export_bitwise(moe_models, t
         original, exported = read_safetensors(moe_models[name][0]), read_safetensors(str(tmp_path / "hf" / name))
         assert sorted(exported) == sorted(original), name
         assert all(torch.equal(exported[k], original[k]) for k in original), name
+
+
+@pytest.mark.distributed
+def test_expert_parallel_ranks_with_work_of_different_lengths_keep_in_step(moe_models, tmp_path, runtime):
+    """EP=2 (torchrun, gloo; each rank holds two of the four experts): rank 0 decodes one prompt for 8 tokens while
+    rank 1 decodes three for 16, scores one answer against three and trains one micro-batch against three, so
+    rank 0 forwards idle rows while rank 1 still works (an MoE forward is a collective over the EP group). Every
+    rank's tokens, commit rounds and teacher NLLs equal one rank's decoding of the same prompts, and the step's
+    loss equals one rank's loss over all rows."""
+    from opdlm_megatron.distill.teacher import FrozenTeacher
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+    from opdlm_megatron.rollout.types import RolloutResult
+    from tests.conftest import run_torchrun
+    from tests.distributed.moe_expert_parallel import shares
+    from tests.helpers import student_forward_backward
+    from tests.test_rollout import _result_rows
+
+    ckpt = str(tmp_path / "ckpt")
+    convert(moe_models["qwen3_moe_norm_topk"][0], ckpt, block_size=4)
+    model, config = build_from_checkpoint(ckpt, "student")
+    teacher = FrozenTeacher(model, config, config)
+    expected, nll, xts = {}, {}, {}
+    g = torch.Generator().manual_seed(3)
+    for rank in (0, 1):
+        prompts, max_new = shares(rank)
+        decode = DecodeConfig(max_new_tokens=max_new, block_size=4, threshold=0.5, eos_token_ids=[])
+        expected[rank] = DiffusionRolloutEngine(model.eval(), config).generate(prompts, decode)
+        r = expected[rank]
+        nll[rank] = teacher.answer_nll(r.prompt_ids, r.prompt_valid, r.answer_ids, r.answer_valid, micro_batch_size=4)
+        masked = torch.rand(r.answer_ids.shape, generator=g) < 0.5
+        xts[rank] = torch.where(masked, torch.full_like(r.answer_ids, config.mask_token_id), r.answer_ids)
+    torch.save(xts, tmp_path / "xt.pt")
+    union = RolloutResult.concat([expected[0], expected[1]], config.pad_token_id or 0)
+    width = union.answer_ids.shape[1]
+    xt = torch.cat([torch.nn.functional.pad(xts[r], (0, width - xts[r].shape[1]), value=config.pad_token_id or 0)
+                    for r in (0, 1)])
+    reference = student_forward_backward(model.train(), config, union, xt, union.answer_ids, "ce", None,
+                                         micro_batch_size=4, normalization="token")["loss"]
+
+    out = tmp_path / "ep2.pt"
+    run_torchrun("moe_expert_parallel.py", f"--ckpt={ckpt}", f"--xt={tmp_path / 'xt.pt'}", f"--out={out}")
+    got = torch.load(out, weights_only=False)
+    assert got["local_experts"] == [2, 2]
+    for rank in (0, 1):
+        assert _result_rows(RolloutResult.from_tensors(got["rollouts"][rank])) == _result_rows(expected[rank])
+        torch.testing.assert_close(got["nll"][rank], nll[rank], rtol=1e-5, atol=1e-6)
+    assert expected[0].num_forward_passes < expected[1].num_forward_passes  # the ranks' work did differ
+    assert got["loss"] == pytest.approx(reference, rel=1e-5)

@@ -42,7 +42,8 @@ def run(args) -> int:
     if cfg.train.steps is not None:  # a schedule that cannot be built is refused before any work
         decay_steps(cfg.optim, cfg.train.steps)
     with initialize_runtime(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                            cfg.parallel.context_parallel_size, device=cfg.parallel.device, seed=cfg.seed) as runtime:
+                            cfg.parallel.context_parallel_size, device=cfg.parallel.device, seed=cfg.seed,
+                            expert_model_parallel_size=cfg.parallel.expert_model_parallel_size) as runtime:
         trainer = Trainer(cfg, runtime)
         try:
             trainer.fit()

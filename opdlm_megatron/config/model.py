@@ -309,8 +309,10 @@ class ModelConfig:
                 moe_router_topk=self.moe_router_topk,
                 moe_router_pre_softmax=self.moe_router_pre_softmax,
                 moe_router_score_function="softmax",
-                # all-gather dispatch runs on every backend (the all-to-all dispatcher creates CUDA streams)
-                moe_token_dispatcher_type="allgather",
+                # one rank: all-gather dispatch (nothing leaves the rank). Expert parallel: all-to-all, whose
+                # split sizes vary, so the ranks of the EP group may hold different rows and lengths
+                # (their rollouts, all_rounds states); model/expert_parallel.py keeps them in step
+                moe_token_dispatcher_type="alltoall" if expert_model_parallel_size > 1 else "allgather",
                 moe_grouped_gemm=False,
                 moe_expert_capacity_factor=None,  # dropless
                 # distillation trains the student's routers through the KL alone (no balancing term)

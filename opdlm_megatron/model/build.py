@@ -36,6 +36,7 @@ from ..runtime.platform import compute_device
 from . import vocab_parallel as vp
 from .attention import FlexCoreAttention
 from .context_parallel import keys_gathered
+from .expert_parallel import expert_parallel_max, idle_row
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
 from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
@@ -398,6 +399,11 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
         microbatches.append(dict(ids=input_ids[rows], layout=layout.rows(rows), rows=rows, real=real,
                                  answer_index=order, slot_valid=want.gather(1, order),
                                  columns=prediction_columns[rows].gather(1, order)))
+    # expert parallelism: every rank of the EP group runs as many forwards (MoE layers exchange tokens)
+    for _ in range(expert_parallel_max(len(microbatches)) - len(microbatches)):
+        ids, idle = idle_row(micro_batch_size, input_ids.shape[1], config.pad_token_id or 0)
+        microbatches.append(dict(ids=ids, layout=idle, idle=True, columns=torch.zeros(micro_batch_size, 1,
+                                                                                       dtype=torch.long)))
 
     def collect(mb, start: int, logits: Tensor):
         real, width = mb["real"], logits.shape[1]
@@ -407,7 +413,8 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         lay = mb["layout"].to(device)
-        chunks = ColumnChunks(mb["columns"], partial(collect, mb), max(1, chunk_tokens // micro_batch_size))
+        consumer = (lambda start, logits: None) if mb.get("idle") else partial(collect, mb)
+        chunks = ColumnChunks(mb["columns"], consumer, max(1, chunk_tokens // micro_batch_size))
         mask = None if causal_kernel else attention_mask(config, lay)
         output = logits_at_columns(model, mb["ids"].to(device), lay.position_ids, mask, chunks)
         return output, lambda out: (out.new_zeros(()), {})

@@ -25,6 +25,10 @@ key/value widths of this rank (heads x head_dim), ``f`` the FFN width of this ra
 * attention, flex: q, K/V at their own width (p (q + 2 kv)), the fp32 log-sum-exp (4 heads);
 * MLP: gated (SwiGLU/GeGLU): FC1's output (2 p f) and the activation's three f-wide tensors; else
   FC1's output and the activation output (2 p f);
+* mixture of experts (dropless, top-k of E experts of width f_e): each token runs through k experts, so
+  the MLP's tensors above at f_e, k times, plus the k dispatched copies of its input (the experts' FC1
+  inputs, p h each) and of the experts' outputs that the combine weights by the gates (p h each), and
+  the router's input (p h) and fp32 logits and gates (8 E);
 * after the last layer (on the last stage): the final norm, the hidden state gathered at the
   supervised columns (p h), the student's logits there (p V/TP) and the micro-batch's copy of the
   teacher's targets (4 V/TP, or 12 k with top-k targets; 8 for a token id), per supervised token.
@@ -101,7 +105,11 @@ def layer_bytes_per_token(config: ModelConfig, seq_length: int, tp: int = 1, seq
             total += fused_qkv - (p * kv_width if k_norm_view else 0)
     total += p * q_width  # the output projection's input
     gated = ACTIVATIONS[config.activation][1]
-    total += p * ffn * (5 if gated else 2)
+    if config.num_experts is None:
+        total += p * ffn * (5 if gated else 2)
+    else:
+        k, expert_ffn = config.moe_router_topk, config.expert_ffn_hidden_size
+        total += k * p * (2 * h + expert_ffn * (5 if gated else 2)) + p * h + 8 * config.num_experts
     return total
 
 

@@ -34,7 +34,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..config.model import ModelConfig
+from ..config.model import ACTIVATIONS, ModelConfig
 from ..objectives import get_objective
 from ..training.config import TrainConfig
 from .activations import ActivationShape, activation_bytes
@@ -51,6 +51,7 @@ class Plan:
     data_parallel: int
     parts: Dict[str, float] = field(default_factory=dict)  # bytes on the most loaded rank
     context_parallel: int = 1
+    expert_parallel: int = 1
     notes: List[str] = field(default_factory=list)
     flex_activations: Optional[float] = None  # the activations with FlexAttention, for a dense-attention plan
     sequence_parallel_activations: Optional[float] = None  # the activations with SP, for a TP > 1 plan without
@@ -61,17 +62,30 @@ class Plan:
         return sum(self.parts.values())
 
 
-def stage_parameters(config: ModelConfig, tp: int, pp: int) -> int:
+def expert_parameters_per_layer(config: ModelConfig) -> int:
+    """The weights of one layer's experts (all of them; 0 for a dense model)."""
+    if config.num_experts is None:
+        return 0
+    gated = 2 if ACTIVATIONS[config.activation][1] else 1
+    return config.num_experts * config.expert_ffn_hidden_size * config.hidden_size * (gated + 1)
+
+
+def stage_parameters(config: ModelConfig, tp: int, pp: int, ep: int = 1, experts: Optional[bool] = None) -> int:
     """Parameters held by the first pipeline stage's rank (embedding + its layers; with one stage
-    also the final norm and, untied, the output layer), per tensor-parallel rank."""
+    also the final norm and, untied, the output layer), per tensor-parallel rank; a mixture of
+    experts holds 1/EP of each layer's experts. ``experts``: True counts only the expert weights,
+    False only the rest (the optimizer shards them over different data-parallel groups)."""
     total = config.num_parameters()
     vocab_rows = config.padded_vocab_size(tp) * config.hidden_size
     layers = total - vocab_rows * (1 if config.tie_word_embeddings else 2) - config.hidden_size
-    per_layer = layers // config.num_layers
+    expert_layer = expert_parameters_per_layer(config)
+    per_layer = layers // config.num_layers - expert_layer
     stage_layers = math.ceil(config.num_layers / pp)
-    held = stage_layers * per_layer + vocab_rows  # the embedding
+    dense = stage_layers * per_layer + vocab_rows  # the embedding
     if pp == 1:
-        held += config.hidden_size + (0 if config.tie_word_embeddings else vocab_rows)
+        dense += config.hidden_size + (0 if config.tie_word_embeddings else vocab_rows)
+    expert = stage_layers * expert_layer // ep
+    held = {None: dense + expert, True: expert, False: dense}[experts]
     return math.ceil(held / tp)
 
 
@@ -81,12 +95,16 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     cp = cfg.parallel.context_parallel_size
+    ep = cfg.parallel.expert_model_parallel_size
     if world_size < 1 or world_size % (tp * pp * cp):
         raise ValueError(f"world size {world_size} is not a multiple of TP {tp} x PP {pp}"
                          + (f" x CP {cp}" if cp > 1 else ""))
+    if world_size % (tp * ep * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP {tp} x EP {ep} x PP {pp} (the experts' "
+                         f"layout)")
     if config.num_layers % pp:
         raise ValueError(f"num_layers {config.num_layers} is not divisible by pipeline parallel size {pp}")
-    config.check_parallel(tp, pp)
+    config.check_parallel(tp, pp, ep)
     for who, precision in (("model.student_precision", cfg.model.student_precision),
                            ("model.teacher_precision", cfg.model.teacher_precision)):
         if precision.enabled and config.transformer_impl != "transformer_engine":
@@ -101,23 +119,28 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     if distributed_optimizer is None:
         distributed_optimizer = cfg.parallel.distributed_optimizer == "on" or (
             cfg.parallel.distributed_optimizer == "auto" and dp * cp > 1 and cfg.parallel.device != "cpu")
-    out = Plan(world_size, tp, pp, dp, context_parallel=cp)
+    out = Plan(world_size, tp, pp, dp, context_parallel=cp, expert_parallel=ep)
 
     # student: weights + fp32 main grads + Adam (+ fp32 master weights for 16-bit parameters)
-    params = stage_parameters(config, tp, pp)
+    params = stage_parameters(config, tp, pp, ep)
     dtype_bytes = BYTES[config.params_dtype]
     optimizer_bytes = 8 + (4 if dtype_bytes < 4 else 0)
     out.parts["student weights"] = params * dtype_bytes
     out.parts["student gradients (fp32)"] = params * 4
+    # megatron shards the dense weights' state over DP x CP, the experts' over the expert data-parallel
+    # ranks (world / (TP x EP x PP): the ranks that hold the same experts)
+    expert_dp = world_size // (tp * ep * pp)
+    sharded = (stage_parameters(config, tp, pp, ep, experts=False) / (dp * cp)
+               + stage_parameters(config, tp, pp, ep, experts=True) / expert_dp)
     out.parts["optimizer (Adam" + (", distributed)" if distributed_optimizer else ")")] = \
-        params * optimizer_bytes / (dp * cp if distributed_optimizer else 1)  # megatron shards over DP x CP
+        (sharded if distributed_optimizer else params) * optimizer_bytes
 
     # teacher (self-distillation: the student's architecture)
     if cfg.objective not in ("mdlm", "ar"):
         teacher = teacher or config
         teacher_dtype = cfg.model.teacher_dtype or teacher.params_dtype
         per = 1 if cfg.model.teacher_precision.fp8_param else BYTES.get(teacher_dtype, 4)
-        out.parts["teacher weights"] = stage_parameters(teacher, tp, pp) * per
+        out.parts["teacher weights"] = stage_parameters(teacher, tp, pp, ep if teacher.num_experts else 1) * per
 
     # lengths at the end of the curriculum
     answer = cfg.curriculum.max_length
@@ -160,6 +183,10 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     name = (f"activations ({seq} columns x {micro_rows} rows, {config.attention_backend} attention"
             f"{', sequence parallel' if sequence_parallel else ''}{f', CP {cp}' if cp > 1 else ''})")
     out.parts[name] = activation_bytes(config, shape, pp, microbatches)
+    if config.num_experts is not None and ep > 1:
+        # one layer's all-to-all at a time: the k routed copies of this rank's tokens sent and received
+        out.parts["MoE all-to-all buffers (one layer)"] = (2 * config.moe_router_topk * seq * micro_rows // cp
+                                                          * config.hidden_size * dtype_bytes)
     if config.attention_backend == "dense":
         out.flex_activations = activation_bytes(config.replace(attention_backend="flex"), shape, pp, microbatches)
     if tp > 1 and not sequence_parallel:
@@ -203,7 +230,13 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
         tips.append(f"context parallelism (parallel.context_parallel_size: {2 * p.context_parallel}) splits every row's "
                     f"columns over more ranks: activations {dense / GIB:.1f} -> "
                     f"{p.doubled_context_parallel_activations / GIB:.1f} GiB")
-    if config.num_attention_heads % (p.tensor_parallel * 2) == 0 and config.query_groups % (p.tensor_parallel * 2) == 0:
+    more_ep = 2 * p.expert_parallel
+    if config.num_experts is not None and config.num_experts % more_ep == 0 and \
+            p.world_size % (p.tensor_parallel * more_ep * p.pipeline_parallel) == 0:
+        tips.append(f"more expert parallelism (parallel.expert_model_parallel_size: {more_ep}) halves the experts "
+                    f"each rank holds, with their gradients and optimizer state")
+    if config.num_experts is None and config.num_attention_heads % (p.tensor_parallel * 2) == 0 and \
+            config.query_groups % (p.tensor_parallel * 2) == 0:
         tips.append(f"more tensor parallelism (TP {p.tensor_parallel * 2}) halves weights, caches and activations")
     if config.num_layers % (p.pipeline_parallel * 2) == 0:
         tips.append(f"more pipeline parallelism (PP {p.pipeline_parallel * 2}) halves the per-stage layers")
@@ -218,7 +251,10 @@ def suggestions(p: Plan, cfg: TrainConfig, config: ModelConfig, budget: float) -
 
 def format_plan(p: Plan, budget: Optional[float]) -> str:
     lines = [f"layout: world {p.world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel}"
-             + (f" x CP {p.context_parallel}" if p.context_parallel > 1 else "") + f" x DP {p.data_parallel}",
+             + (f" x CP {p.context_parallel}" if p.context_parallel > 1 else "") + f" x DP {p.data_parallel}"
+             + (f" (experts: EP {p.expert_parallel} x expert DP "
+                f"{p.world_size // (p.tensor_parallel * p.expert_parallel * p.pipeline_parallel)})"
+                if p.expert_parallel > 1 else ""),
              "memory of the most loaded rank:"]
     width = max(len(name) for name in [*p.parts, "total"])
     for name, value in p.parts.items():

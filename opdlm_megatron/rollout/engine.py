@@ -24,6 +24,10 @@ over the TP ranks, and the same weights give the same tokens with SP off (tests/
 
 Rows advance at their own pace (a row's block may finish in one step while another's needs four);
 finished rows leave the batch (their cache rows are dropped), so they stop costing compute.
+
+Expert parallelism: the ranks of an EP group decode their own prompts, and every forward of an MoE
+model exchanges tokens among them, so a rank whose rows have all ended forwards an idle pad token
+while the others still decode (``model/expert_parallel.py``; one all-reduce of a flag per step).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..config.model import ModelConfig
 from ..config.precision import fp8_disabled
 from ..model import masks
 from ..model.build import attention_mask, mask_unused_vocab, sequence_parallel_disabled
+from ..model.expert_parallel import ExpertParallelLockstep, idle_row
 from .config import DecodeConfig
 from .fused_forward import FusedDecodeForward, unsupported_reason
 from .kv_cache import BlockKVCache
@@ -187,8 +192,14 @@ class DiffusionRolloutEngine:
         cache = BlockKVCache(self.model, P + A, hooks=self.runner.fused is None) if decode.use_cache else None
         forwards = 0
         prefill = True
+        lockstep = ExpertParallelLockstep()
         with cache if cache is not None else contextlib.nullcontext():
-            while rows.ids.numel() > 0:
+            while lockstep.still_decoding(rows.ids.numel() > 0):
+                if rows.ids.numel() == 0:  # this rank is done, another rank of its EP group is not
+                    if cache is not None:
+                        cache.release()
+                    self._idle_forward(pad_id)
+                    continue
                 R = rows.ids.numel()
                 current_cols = P + rows.block[:, None] * b + slot  # [R, b]
                 if cache is not None:
@@ -295,6 +306,13 @@ class DiffusionRolloutEngine:
     def _mask(self, queries: masks.AttentionLayout, keys: Optional[masks.AttentionLayout] = None):
         # the fused forward takes the dense mask whatever the model's attention backend
         return queries.dense_mask(keys) if self.runner.fused is not None else attention_mask(self.config, queries, keys)
+
+    def _idle_forward(self, pad_id: int) -> None:
+        """One pad token through every stage, outputs unused: takes part in the MoE layers' token
+        exchanges of the EP group (expert parallelism) and changes nothing."""
+        ids, layout = idle_row(1, 1, pad_id)
+        layout = layout.to(self.device)
+        self.runner.forward(ids.to(self.device), layout.position_ids, self._mask(layout))
 
     def _full_forward(self, rows: _Rows, current_cols: Tensor):
         """Naive baseline: the whole sequence (future blocks [MASK]) under the block-causal mask."""

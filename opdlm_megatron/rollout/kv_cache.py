@@ -61,6 +61,11 @@ class BlockKVCache:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Removes the hooks and frees the buffers (also before the ``with`` block ends: a rank that
+        has finished decoding but keeps forwarding idle rows for expert parallelism)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -13,15 +13,20 @@ while it is entered (``Runtime`` enters it and ``Runtime.close`` leaves it):
    RNG tracker forks (tensor-parallel dropout, initialisation) keep their meaning on CPU.
 4. ``device="cuda"`` in tensor factories and ``Tensor.cuda()`` / ``Tensor.to("cuda")`` (pipeline
    schedules allocate their token counters this way): a ``TorchFunctionMode`` maps them to CPU.
-5. ``torch.cuda.current_stream`` -> a stream whose ``wait_event``/``wait_stream``/``synchronize``
-   are no-ops (DDP's ``start_grad_sync`` waits on the current stream before every grad reduce).
+5. ``torch.cuda.current_stream`` / ``Stream()`` -> a stream whose ``wait_event``/``wait_stream``/
+   ``synchronize`` are no-ops, ``torch.cuda.stream(...)`` -> a null context (DDP's ``start_grad_sync``
+   waits on the current stream before every grad reduce; the all-to-all MoE token dispatcher, which
+   expert parallelism uses, copies its split sizes on a side stream it creates when built).
 6. ``Tensor.type()`` (no arguments) reports CPU tensors under their CUDA type names
    (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): megatron's optimizers and grad clipping
    assert/branch on those names (``optimizer/clip_grads.py`` ``assert param.grad.type() ==
    'torch.cuda.FloatTensor'``, ``distrib_optimizer.py`` / ``optimizer.py`` param-type switches).
+7. The all-to-all MoE token dispatcher's ``maybe_move_tensor_to_cpu(t, as_numpy=True)`` returns a
+   host array for a CPU tensor too: megatron converts only CUDA tensors (the split sizes it copies to
+   the host for ``all_to_all_single``), and torch's collective takes a sequence of ints, not a tensor.
 
 Megatron-LM's ``pretrain()`` (``megatron/training``) assumes more of CUDA; ``MegatronLMCpuShims``
-adds what it needs (7-10 in its docstring) around a ``pretrain()`` call on a machine without CUDA
+adds what it needs (8-11 in its docstring) around a ``pretrain()`` call on a machine without CUDA
 (``megatron_lm/__init__.py``). ``cpu_shim_suspended`` lifts the ``TorchFunctionMode`` of 4 around
 hot loops that place nothing (the fused decoding forward).
 
@@ -80,10 +85,17 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for ``torch.cuda.current_stream()`` on CPU, where work is synchronous."""
+    """Stands in for ``torch.cuda.current_stream()`` / ``Stream()`` on CPU, where work is synchronous
+    (its events, too, have always happened)."""
 
     def wait_event(self, *_args) -> None:
         pass
+
+    def record_event(self, *_args) -> "_NullStream":
+        return self
+
+    def query(self) -> bool:
+        return True
 
     def wait_stream(self, *_args) -> None:
         pass
@@ -152,6 +164,7 @@ class CpuShims(_ScopedPatches):
         if self._stack is not None:
             raise RuntimeError("CpuShims is already active")
         from megatron.core.tensor_parallel import random as mcore_random
+        from megatron.core.transformer.moe import token_dispatcher
 
         stack = contextlib.ExitStack()
         patch = self._patcher(stack)
@@ -164,6 +177,8 @@ class CpuShims(_ScopedPatches):
 
         patch(torch.cuda, "current_device", lambda: _CPU)
         patch(torch.cuda, "current_stream", lambda *a, **k: _NULL_STREAM)
+        patch(torch.cuda, "Stream", lambda *a, **k: _NULL_STREAM)
+        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         patch(torch.cuda, "get_rng_state", get_rng_state)
         patch(torch.cuda, "set_rng_state", set_rng_state)
@@ -171,6 +186,14 @@ class CpuShims(_ScopedPatches):
         patch(torch.cuda.random, "get_rng_state", get_rng_state)
         patch(mcore_random, "_get_cuda_rng_state", get_rng_state)
         patch(mcore_random, "_set_cuda_rng_state", set_rng_state)
+        host_copy = token_dispatcher.maybe_move_tensor_to_cpu
+
+        def host_split_sizes(tensor, as_numpy=False, record_stream=False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return host_copy(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        patch(token_dispatcher, "maybe_move_tensor_to_cpu", host_split_sizes)
         stack.enter_context(_CudaToCpuMode())
         global _ACTIVE_SHIMS
         _ACTIVE_SHIMS += 1
@@ -187,18 +210,18 @@ class MegatronLMCpuShims(_ScopedPatches):
     """What Megatron-LM's ``pretrain()`` (``megatron/training``) needs on top of ``CpuShims`` to run on
     CPU over gloo, entered only around a ``pretrain()`` call on a machine without CUDA:
 
-    7. ``torch.cuda.is_available`` -> True and ``device_count`` -> 1: ``initialize_megatron`` asserts
+    8. ``torch.cuda.is_available`` -> True and ``device_count`` -> 1: ``initialize_megatron`` asserts
        the first (``pretrain`` has no ``allow_no_cuda``) and only builds the model-parallel groups and
        seeds megatron's RNG tracker when the second is positive; every placement they imply is
        redirected by 1-6. ``torch.accelerator.current_accelerator`` -> None keeps torch's own
        checks (the optimizers' graph-capture check) from initialising CUDA.
-    8. ``torch.cuda.set_device`` / ``Stream`` / ``stream`` / ``set_stream`` / ``empty_cache`` and the memory
+    9. ``torch.cuda.set_device`` / ``set_stream`` / ``empty_cache`` and the memory
        statistics ``training_log`` / ``report_memory`` read -> no-ops, zeros; the device properties
        -> a "cpu" device of compute capability 0.0 (``validate_args`` reads it for TP > 1, and then
        wants ``CUDA_DEVICE_MAX_CONNECTIONS=1``, which is set while the shims are entered).
-    9. ``megatron.core.datasets.utils.compile_helpers`` -> no-op: it runs ``make`` on a Makefile the
+    10. ``megatron.core.datasets.utils.compile_helpers`` -> no-op: it runs ``make`` on a Makefile the
        wheel does not ship; the prebuilt ``helpers_cpp`` it would build is in the wheel.
-    10. ``megatron.training.training.set_jit_fusion_options`` -> no-op: its warm-up runs the fused
+    11. ``megatron.training.training.set_jit_fusion_options`` -> no-op: its warm-up runs the fused
         bias-GeLU/SwiGLU kernels on ``device="cuda"`` tensors, which OPD does not use.
     """
 
@@ -219,9 +242,7 @@ class MegatronLMCpuShims(_ScopedPatches):
         # torch's own code asks the accelerator API, which would then try to initialise CUDA
         patch(torch.accelerator, "current_accelerator", lambda *a, **k: None)
         patch(torch.cuda, "set_device", lambda *a, **k: None)
-        patch(torch.cuda, "Stream", lambda *a, **k: _NULL_STREAM)
         patch(torch.cuda, "set_stream", lambda *a, **k: None)
-        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         patch(torch.cuda, "empty_cache", lambda: None)
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
             patch(torch.cuda, name, zero)

@@ -93,6 +93,9 @@ class ParallelConfig:
     # each row's columns split over this many ranks in the student's training forward (keys and values
     # gathered; model/context_parallel.py); the teacher, rollouts and evaluation run whole rows on each
     context_parallel_size: int = 1
+    # mixture-of-experts models: the experts split over this many data-parallel ranks (megatron's
+    # expert_model_parallel_size; all-to-all token dispatch, the ranks kept in step: model/expert_parallel.py)
+    expert_model_parallel_size: int = 1
     device: str = "auto"  # auto | cuda | cpu
     distributed_optimizer: str = "auto"  # auto: on with CUDA and data parallel > 1
 
@@ -104,6 +107,7 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: it needs "
                              "parallel.tensor_model_parallel_size > 1, got 1")
         positive_int("parallel.context_parallel_size", self.context_parallel_size)
+        positive_int("parallel.expert_model_parallel_size", self.expert_model_parallel_size)
         one_of("parallel.distributed_optimizer", self.distributed_optimizer, DISTRIBUTED_OPTIMIZER)
 
 

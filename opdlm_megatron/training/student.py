@@ -47,6 +47,7 @@ from ..config.precision import pad_batch
 from ..distill.teacher import TeacherTargets
 from ..model.build import attention_mask, logits_at_columns, sequence_multiple
 from ..model.context_parallel import ColumnSplit, keys_gathered_over_context_parallel
+from ..model.expert_parallel import expert_parallel_max, idle_row
 from ..model.losses import (
     DivergenceConfig,
     TeacherTopK,
@@ -144,7 +145,9 @@ class StudentStepPlan:
         else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
             plan = microbatch_groups(batch.groups, micro_batch_size,
                                      equal_rows=parallel_state.get_pipeline_model_parallel_world_size() > 1)
-        self.num_microbatches = len(plan)
+        # expert parallelism: every rank of the EP group runs as many micro-batches (an MoE forward and
+        # backward exchange tokens among them); the missing ones are idle (model/expert_parallel.py)
+        self.num_microbatches = expert_parallel_max(len(plan))
         self.rows_per_microbatch = max(len(rows) for rows, _ in plan)
         self.device = next(model.parameters()).device
         self.excluded = unused_vocab_columns(config).to(self.device)
@@ -161,12 +164,18 @@ class StudentStepPlan:
                 plan=self, ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order,
                 slot_valid=slot_valid, columns=prediction_columns[rows].gather(1, order),
             ))
+        for _ in range(self.num_microbatches - len(plan)):
+            ids, idle = idle_row(self.rows_per_microbatch, self.seq_length, config.pad_token_id or 0)
+            self.microbatches.append(dict(plan=self, ids=ids, layout=idle, idle=True,
+                                          columns=torch.zeros(self.rows_per_microbatch, 1, dtype=torch.long)))
 
     def loss_func(self, mb, output: Tensor):
         """(loss to back-propagate, statistics): ``loss`` (this micro-batch's share of the step's loss),
         ``token_sum`` (unweighted per-token losses), and Megatron-LM's ``[sum, count]`` logging pairs
         ``opd loss`` (sum over micro-batches and data-parallel ranks = the step's loss) and
         ``opd per-token loss`` (the unweighted mean over supervised tokens)."""
+        if mb.get("idle"):
+            return self._idle_loss(output)
         batch, targets = self.batch, self.targets
         slot_valid = mb["slot_valid"].to(output.device)
         which_row, which_slot = slot_valid.nonzero(as_tuple=True)
@@ -202,6 +211,16 @@ class StudentStepPlan:
             stats.update(loss=total.detach(), token_sum=per_token.detach().sum())
         # megatron divides each micro-batch's loss by num_microbatches; ours is already normalised
         return contribution * self.num_microbatches, stats
+
+    def _idle_loss(self, output: Tensor):
+        """An idle micro-batch's zero loss: its backward still runs through the MoE layers' exchanges."""
+        zero = output.sum() * 0.0
+        share = 1.0 / (self.num_microbatches * (self.dp_size if self.normalization == "token" else 1) * self.cp_size)
+        stats = {"opd loss": torch.stack([zero.detach().float(), zero.new_tensor(share).float()]),
+                 "opd per-token loss": torch.stack([zero.detach().float(), zero.new_tensor(0.0).float()])}
+        if not self.megatron_lm_logging:
+            stats.update(loss=zero.detach(), token_sum=zero.detach())
+        return zero, stats
 
     def _corrected(self, per_token: Tensor, student_logits: Tensor, rows: Tensor, positions: Tensor, device) -> Tensor:
         """``D(q) + w (D(q_alt) - D(q))`` where the targets carry a second target (TCS's routed positions)."""

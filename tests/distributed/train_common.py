@@ -106,7 +106,8 @@ class RecordingRollout:
 
 
 class ReplayRollout:
-    """Returns recorded results in order (checks the prompts match)."""
+    """Returns recorded results in order (checks the prompts match); a data-parallel rank that asks for its
+    share of a recorded rollout's prompts (``decode.row_offset`` on) gets those rows."""
 
     def __init__(self, results: List[RolloutResult]) -> None:
         self.results = list(results)
@@ -120,6 +121,10 @@ class ReplayRollout:
         result = self.results[self.calls]
         self.calls += 1
         got = [row[v].tolist() for row, v in zip(result.prompt_ids, result.prompt_valid)]
+        if len(prompts) < len(got):  # this data-parallel rank's share
+            start = decode.row_offset
+            got = got[start:start + len(prompts)]
+            result = result.rows(torch.arange(start, start + len(prompts)))
         assert got == prompts, f"replayed rollout is for other prompts: call {self.calls}, {got} vs {prompts}"
         return result
 

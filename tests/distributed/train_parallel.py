@@ -1,5 +1,5 @@
-"""torchrun script (2 ranks): trains each objective of --objectives at TP=2, TP=2 with sequence parallelism
-and PP=2 (those of --layouts) on replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step
+"""torchrun script (2 or 4 ranks): trains each objective of --objectives at the layouts of --layouts (TP=2, TP=2
+with sequence parallelism, PP=2, CP=2, EP=2 for mixtures of experts, and combinations) on replayed TP=1 rollouts; rank 0 writes each (objective, layout)'s per-step
 metrics to --out."""
 
 import argparse
@@ -13,9 +13,11 @@ from opdlm_megatron.training.trainer import Trainer
 from tests.distributed.train_common import ReplayRollout, tiny_train_dict
 
 
-# (name, TP, PP, sequence parallelism, CP)
-LAYOUTS = (("tp2", 2, 1, False, 1), ("tp2sp", 2, 1, True, 1), ("pp2", 1, 2, False, 1), ("tp2pp2sp", 2, 2, True, 1),
-           ("cp2", 1, 1, False, 2), ("tp2spcp2", 2, 1, True, 2), ("pp2cp2", 1, 2, False, 2))
+# (name, TP, PP, sequence parallelism, CP, EP)
+LAYOUTS = (("tp2", 2, 1, False, 1, 1), ("tp2sp", 2, 1, True, 1, 1), ("pp2", 1, 2, False, 1, 1),
+           ("tp2pp2sp", 2, 2, True, 1, 1), ("cp2", 1, 1, False, 2, 1), ("tp2spcp2", 2, 1, True, 2, 1),
+           ("pp2cp2", 1, 2, False, 2, 1), ("ep2", 1, 1, False, 1, 2), ("pp2ep2", 1, 2, False, 1, 2),
+           ("cp2ep2", 1, 1, False, 2, 2))
 
 
 def main() -> None:
@@ -35,13 +37,13 @@ def main() -> None:
     out = {}
     for objective in args.objectives.split(","):
         results = recorded.get(objective, recorded.get("results"))
-        for name, tp, pp, sp, cp in [layout for layout in LAYOUTS if layout[0] in args.layouts.split(",")]:
+        for name, tp, pp, sp, cp, ep in [layout for layout in LAYOUTS if layout[0] in args.layouts.split(",")]:
             cfg = train_config_from_dict(tiny_train_dict(
                 f"{args.run_dir}/{objective}_{name}", args.data, args.ckpt, objective=objective, train=dict(steps=2),
                 parallel=dict(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp, context_parallel_size=cp),
+                              sequence_parallel=sp, context_parallel_size=cp, expert_model_parallel_size=ep),
                 checkpoint=dict(resume=False)), args.override)
-            with initialize_runtime(tp, pp, cp, device="cpu", seed=cfg.seed) as rt:
+            with initialize_runtime(tp, pp, cp, device="cpu", seed=cfg.seed, expert_model_parallel_size=ep) as rt:
                 trainer = Trainer(cfg, rt, rollout_fn=ReplayRollout(results))
                 # what the student's training forwards attended: (query columns, key columns) of layer 1
                 shapes = set()
