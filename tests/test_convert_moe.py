@@ -3,6 +3,7 @@ MoE layers (local spec, SequentialMLP, dropless top-k routing) on CPU. Reference
 original model and its safetensors files (round trips bit for bit in fp32)."""
 
 import json
+import re
 import math
 import os
 
@@ -311,3 +312,64 @@ def test_expert_parallel_ranks_with_work_of_different_lengths_keep_in_step(moe_m
         torch.testing.assert_close(got["nll"][rank], nll[rank], rtol=1e-5, atol=1e-6)
     assert expected[0].num_forward_passes < expected[1].num_forward_passes  # the ranks' work did differ
     assert got["loss"] == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_megatron_lm_pretrain_of_an_moe_student_at_ep2_matches_the_projects_trainer(moe_models, tmp_path):
+    """Megatron-LM's real ``pretrain()`` with ``--expert-model-parallel-size 2`` (torchrun, gloo; its MoE flags
+    filled from the student's config) trains a converted Qwen3-MoE student with the losses and gradient norms of
+    the project's own trainer on one rank (the same prompts, seeds and real rollouts)."""
+    import yaml
+
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.training.config_files import train_config_from_dict
+    from opdlm_megatron.training.trainer import Trainer
+    from tests.conftest import run_torchrun
+    from tests.distributed.train_common import tiny_train_dict, write_token_prompts
+    from tests.test_megatron_lm import ENTRY, LR, _megatron_flags, _steps
+
+    ckpt = str(tmp_path / "ckpt")
+    convert(moe_models["qwen3_moe_norm_topk"][0], ckpt, block_size=4)
+    data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=6, vocab=VOCAB)
+    cfg = train_config_from_dict(tiny_train_dict(
+        str(tmp_path / "own"), data, ckpt, train=dict(steps=2),
+        optim=dict(lr=LR, min_lr=LR, warmup_steps=0, weight_decay=0.0, clip_grad=1.0), checkpoint=dict(resume=False)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt)
+        reference = [(h["step"] + 1, h["loss"], h["grad_norm"]) for h in trainer.fit()]
+        trainer.close()
+    opd = tiny_train_dict(str(tmp_path / "ref"), data, ckpt)
+    for owned in ("train", "optim", "parallel", "checkpoint"):
+        opd.pop(owned)
+    (tmp_path / "opd.yaml").write_text(yaml.safe_dump(opd))
+    assets = dict(ckpt=ckpt, opd_yaml=str(tmp_path / "opd.yaml"))
+    stdout = run_torchrun(ENTRY, *_megatron_flags(assets, 2, "--expert-model-parallel-size", "2",
+                                                  run_dir=tmp_path / "mlm"))
+    got = _steps(tmp_path / "mlm")
+    assert [g[0] for g in got] == [1, 2], stdout[-3000:]
+    assert re.search(r"num_experts \.+ 4\n", stdout) and re.search(r"moe_router_topk \.+ 2\n", stdout), stdout[:3000]
+    for (it, loss, norm), (_, ref_loss, ref_norm) in zip(got, reference):
+        assert loss == pytest.approx(ref_loss, rel=1e-4), (it, loss, ref_loss)
+        assert norm == pytest.approx(ref_norm, rel=1e-4), (it, norm, ref_norm)
+
+
+def test_bad_expert_parallel_training_layouts_are_refused_in_one_line(moe_models, tmp_path, capsys):
+    """opdlm-train: EP 2 without torchrun (one process), EP 0: one line, exit 2, no run directory (a dense
+    student at EP 2 and experts EP does not divide: test_moe_layouts_are_checked)."""
+    import yaml
+
+    from opdlm_megatron.commands import train as cli
+    from tests.distributed.train_common import tiny_train_dict, write_token_prompts
+    from tests.test_cli_hardening import _refused
+
+    moe = str(tmp_path / "moe")
+    convert(moe_models["qwen3_moe_norm_topk"][0], moe, block_size=4)
+    data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=4, vocab=VOCAB)
+    capsys.readouterr()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_dict(str(tmp_path / "run"), data, moe)))
+    for ep, message in ((2, "launch a multiple of 2 ranks"),
+                        (0, "parallel.expert_model_parallel_size must be a positive integer")):
+        _refused(cli.main, ["--config", config, f"parallel.expert_model_parallel_size={ep}",
+                            "parallel.device=cpu"], "opdlm-train", message, capsys)
+        assert not os.path.exists(tmp_path / "run")

@@ -26,7 +26,7 @@ while it is entered (``Runtime`` enters it and ``Runtime.close`` leaves it):
    the host for ``all_to_all_single``), and torch's collective takes a sequence of ints, not a tensor.
 
 Megatron-LM's ``pretrain()`` (``megatron/training``) assumes more of CUDA; ``MegatronLMCpuShims``
-adds what it needs (8-11 in its docstring) around a ``pretrain()`` call on a machine without CUDA
+adds what it needs (8-12 in its docstring) around a ``pretrain()`` call on a machine without CUDA
 (``megatron_lm/__init__.py``). ``cpu_shim_suspended`` lifts the ``TorchFunctionMode`` of 4 around
 hot loops that place nothing (the fused decoding forward).
 
@@ -219,9 +219,11 @@ class MegatronLMCpuShims(_ScopedPatches):
        statistics ``training_log`` / ``report_memory`` read -> no-ops, zeros; the device properties
        -> a "cpu" device of compute capability 0.0 (``validate_args`` reads it for TP > 1, and then
        wants ``CUDA_DEVICE_MAX_CONNECTIONS=1``, which is set while the shims are entered).
-    10. ``megatron.core.datasets.utils.compile_helpers`` -> no-op: it runs ``make`` on a Makefile the
+    10. ``torch._dynamo.config.disable`` -> True: megatron's ``torch.compile``'d fusions (the MoE router's)
+        would trace against the CUDA that 8 claims; they are GPU speed-ups and run eagerly instead.
+    11. ``megatron.core.datasets.utils.compile_helpers`` -> no-op: it runs ``make`` on a Makefile the
        wheel does not ship; the prebuilt ``helpers_cpp`` it would build is in the wheel.
-    11. ``megatron.training.training.set_jit_fusion_options`` -> no-op: its warm-up runs the fused
+    12. ``megatron.training.training.set_jit_fusion_options`` -> no-op: its warm-up runs the fused
         bias-GeLU/SwiGLU kernels on ``device="cuda"`` tensors, which OPD does not use.
     """
 
@@ -243,6 +245,9 @@ class MegatronLMCpuShims(_ScopedPatches):
         patch(torch.accelerator, "current_accelerator", lambda *a, **k: None)
         patch(torch.cuda, "set_device", lambda *a, **k: None)
         patch(torch.cuda, "set_stream", lambda *a, **k: None)
+        # megatron's torch.compile'd fusions (the MoE router's) would trace on a CUDA that claims to exist;
+        # they are GPU speed-ups, so they run eagerly here
+        patch(torch._dynamo.config, "disable", True)
         patch(torch.cuda, "empty_cache", lambda: None)
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
             patch(torch.cuda, name, zero)

@@ -76,7 +76,8 @@ def run(argv: List[str]) -> None:
 
     from ...checkpoint.model import load_model_config
     from ...runtime.platform import MegatronLMCpuShims, in_process_checkpoint_writes
-    from .arguments import check_model_flags, model_flag_defaults, student_config_from_args, train_config_from_args
+    from .arguments import (check_model_flags, model_flag_defaults, moe_flags, student_config_from_args,
+                            train_config_from_args)
     from .flags import add_opd_args, pre_parse_student
     from .plugin import OPDPlugin
 
@@ -95,6 +96,7 @@ def run(argv: List[str]) -> None:
         argv = list(argv) + ["--group-query-attention"]
         if "--num-query-groups" not in argv:
             argv += ["--num-query-groups", str(base_config.query_groups)]
+    argv = list(argv) + moe_flags(base_config, argv)
     defaults = {**model_flag_defaults(base_config), "dataloader_type": "external", "eval_interval": 10 ** 9}
     shims = MegatronLMCpuShims() if on_cpu else contextlib.nullcontext()
     saved_argv = sys.argv

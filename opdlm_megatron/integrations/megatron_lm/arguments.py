@@ -61,6 +61,7 @@ def train_config_from_args(args) -> TrainConfig:
                 f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
                 f"parallel.pipeline_model_parallel_size={args.pipeline_model_parallel_size}",
                 f"parallel.context_parallel_size={args.context_parallel_size}",
+                f"parallel.expert_model_parallel_size={args.expert_model_parallel_size}",
                 # Megatron-LM has turned it off at TP=1 already (with a warning)
                 f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}"]
     if "run_dir" not in data:  # --opd-run-dir (a flag, applied below) > the YAML's > --save > a default
@@ -92,23 +93,52 @@ def student_config_from_args(args, cfg: TrainConfig) -> ModelConfig:
 
 
 def model_flag_defaults(config: ModelConfig) -> Dict:
-    """Megatron-LM model flags (``args_defaults``) that describe ``config``'s architecture."""
+    """Megatron-LM model flags (``args_defaults``: flags whose default is None) that describe ``config``'s
+    architecture."""
     return dict(
         num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
         num_attention_heads=config.num_attention_heads, num_query_groups=config.query_groups,
         kv_channels=config.head_dim, max_position_embeddings=config.max_sequence_length,
         seq_length=config.max_sequence_length, tokenizer_type="NullTokenizer", vocab_size=config.vocab_size,
+        num_experts=config.num_experts,
+        moe_ffn_hidden_size=config.expert_ffn_hidden_size if config.num_experts is not None else None,
     )
+
+
+def moe_flags(config: ModelConfig, argv: List[str]) -> List[str]:
+    """The flags a mixture-of-experts student adds to Megatron-LM's command line where it does not name them:
+    those with a non-None default (``args_defaults`` cannot set them): top-k, the router's softmax, no
+    load-balancing loss (the routers train through the KL alone), all-to-all dispatch (Megatron-LM's checks
+    tie variable sequence lengths to it, and expert parallelism needs it)."""
+    if config.num_experts is None:
+        return []
+    wanted = [("--moe-router-topk", [str(config.moe_router_topk)]),
+              ("--moe-router-load-balancing-type", ["none"]),
+              ("--moe-token-dispatcher-type", ["alltoall"])]
+    if config.moe_router_pre_softmax:
+        wanted.append(("--moe-router-pre-softmax", []))
+    out: List[str] = []
+    for flag, values in wanted:
+        if flag not in argv:
+            out += [flag, *values]
+    return out
 
 
 def check_model_flags(args, config: ModelConfig, source: str = "") -> None:
     """Megatron-LM flags must not contradict the student's architecture (one line per mismatch)."""
     expected = {k: v for k, v in model_flag_defaults(config).items()
                 if k not in ("seq_length", "tokenizer_type", "vocab_size")}
+    if config.num_experts is not None:
+        expected.update(moe_router_topk=config.moe_router_topk, moe_router_pre_softmax=config.moe_router_pre_softmax)
     if config.query_groups != config.num_attention_heads and not args.group_query_attention:
         expected["group_query_attention"] = True
     wrong = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (student: {v!r})" for k, v in expected.items()
              if getattr(args, k, None) is not None and getattr(args, k) != v]
+    if config.num_experts is not None:
+        balancing = getattr(args, "moe_router_load_balancing_type", "none")
+        if (balancing if isinstance(balancing, str) else " ".join(balancing)) != "none":
+            wrong.append(f"--moe-router-load-balancing-type {balancing!r} (OPD trains the routers through the KL "
+                         f"alone: none)")
     if args.calculate_per_token_loss:
         wrong.append("--calculate-per-token-loss (OPD normalises its loss itself; leave it off)")
     if args.virtual_pipeline_model_parallel_size not in (None, 1):
