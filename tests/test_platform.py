@@ -14,9 +14,19 @@ from opdlm_megatron.runtime.platform import CpuShims, ParallelSizes, initialize_
 def test_shims_are_scoped():
     from megatron.core.tensor_parallel import random as mcore_random
 
+    from megatron.core.transformer.moe import token_dispatcher
+
     originals = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.get_rng_state,
-                 mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state)
+                 mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state, torch.cuda.Stream,
+                 torch.cuda.stream, token_dispatcher.maybe_move_tensor_to_cpu)
     with CpuShims():
+        # the all-to-all MoE dispatcher's side stream and host split sizes; Stream stays a type (code imported
+        # meanwhile annotates with `torch.cuda.Stream | None`)
+        side = torch.cuda.Stream()
+        assert side == torch.cuda.current_stream() and (torch.cuda.Stream | None) is not None
+        with torch.cuda.stream(side):
+            side.record_event().synchronize()
+        assert token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True).tolist() == [1, 2]
         assert torch.cuda.current_device() == torch.device("cpu")
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         assert torch.ones(1).cuda().device.type == "cpu"
@@ -28,7 +38,8 @@ def test_shims_are_scoped():
         assert torch.ones(1).type(torch.float64).dtype == torch.float64
     assert torch.ones(1).type() == "torch.FloatTensor"
     after = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.get_rng_state,
-             mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state)
+             mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state, torch.cuda.Stream,
+             torch.cuda.stream, token_dispatcher.maybe_move_tensor_to_cpu)
     assert after == originals
     if not torch.cuda.is_available():
         with pytest.raises((RuntimeError, AssertionError)):

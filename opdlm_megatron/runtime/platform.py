@@ -85,8 +85,18 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for ``torch.cuda.current_stream()`` / ``Stream()`` on CPU, where work is synchronous
-    (its events, too, have always happened)."""
+    """Stands in for ``torch.cuda.current_stream()`` and for the ``torch.cuda.Stream`` class on CPU, where
+    work is synchronous (its events, too, have always happened). A class, not a function: code imported
+    while the shims are entered may use ``torch.cuda.Stream`` as a type (``torch.cuda.Stream | None``)."""
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def __eq__(self, other) -> bool:  # one synchronous stream: every stand-in is the same stream
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
 
     def wait_event(self, *_args) -> None:
         pass
@@ -177,7 +187,7 @@ class CpuShims(_ScopedPatches):
 
         patch(torch.cuda, "current_device", lambda: _CPU)
         patch(torch.cuda, "current_stream", lambda *a, **k: _NULL_STREAM)
-        patch(torch.cuda, "Stream", lambda *a, **k: _NULL_STREAM)
+        patch(torch.cuda, "Stream", _NullStream)
         patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         patch(torch.cuda, "get_rng_state", get_rng_state)
