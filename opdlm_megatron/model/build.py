@@ -36,7 +36,7 @@ from ..runtime.platform import compute_device
 from . import vocab_parallel as vp
 from .attention import FlexCoreAttention
 from .context_parallel import keys_gathered
-from .expert_parallel import expert_parallel_max, idle_row
+from .expert_parallel import expert_parallel_max, idle_microbatch
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
 from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
@@ -401,9 +401,7 @@ def forward_answer_columns(model, config: ModelConfig, input_ids: Tensor, layout
                                  columns=prediction_columns[rows].gather(1, order)))
     # expert parallelism: every rank of the EP group runs as many forwards (MoE layers exchange tokens)
     for _ in range(expert_parallel_max(len(microbatches)) - len(microbatches)):
-        ids, idle = idle_row(micro_batch_size, input_ids.shape[1], config.pad_token_id or 0)
-        microbatches.append(dict(ids=ids, layout=idle, idle=True, columns=torch.zeros(micro_batch_size, 1,
-                                                                                       dtype=torch.long)))
+        microbatches.append(idle_microbatch(micro_batch_size, input_ids.shape[1], config.pad_token_id or 0))
 
     def collect(mb, start: int, logits: Tensor):
         real, width = mb["real"], logits.shape[1]

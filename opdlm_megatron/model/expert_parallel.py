@@ -68,3 +68,10 @@ def idle_row(rows: int, columns: int, pad_token_id: int) -> "tuple[Tensor, Atten
     (every query sees at least itself, so no softmax row is empty)."""
     ids = torch.full((rows, columns), int(pad_token_id), dtype=torch.long)
     return ids, causal_layout(torch.ones(rows, columns, dtype=torch.bool))
+
+
+def idle_microbatch(rows: int, columns: int, pad_token_id: int) -> dict:
+    """An idle micro-batch for the forward-step functions over micro-batch dicts (``ids``, ``layout``,
+    the output ``columns`` to project: one per row), marked ``idle`` so that nothing reads its output."""
+    ids, layout = idle_row(rows, columns, pad_token_id)
+    return dict(ids=ids, layout=layout, idle=True, columns=torch.zeros(rows, 1, dtype=torch.long))

@@ -70,23 +70,24 @@ def expert_parameters_per_layer(config: ModelConfig) -> int:
     return config.num_experts * config.expert_ffn_hidden_size * config.hidden_size * (gated + 1)
 
 
-def stage_parameters(config: ModelConfig, tp: int, pp: int, ep: int = 1, experts: Optional[bool] = None) -> int:
+def stage_expert_parameters(config: ModelConfig, pp: int, ep: int) -> int:
+    """The expert weights among the first stage's parameters (1/EP of each of its layers' experts;
+    0 for a dense model), before the tensor-parallel split."""
+    return math.ceil(config.num_layers / pp) * expert_parameters_per_layer(config) // ep
+
+
+def stage_parameters(config: ModelConfig, tp: int, pp: int, ep: int = 1) -> int:
     """Parameters held by the first pipeline stage's rank (embedding + its layers; with one stage
     also the final norm and, untied, the output layer), per tensor-parallel rank; a mixture of
-    experts holds 1/EP of each layer's experts. ``experts``: True counts only the expert weights,
-    False only the rest (the optimizer shards them over different data-parallel groups)."""
+    experts holds 1/EP of each layer's experts (``stage_expert_parameters``)."""
     total = config.num_parameters()
     vocab_rows = config.padded_vocab_size(tp) * config.hidden_size
     layers = total - vocab_rows * (1 if config.tie_word_embeddings else 2) - config.hidden_size
-    expert_layer = expert_parameters_per_layer(config)
-    per_layer = layers // config.num_layers - expert_layer
-    stage_layers = math.ceil(config.num_layers / pp)
-    dense = stage_layers * per_layer + vocab_rows  # the embedding
+    per_layer = layers // config.num_layers - expert_parameters_per_layer(config)
+    held = math.ceil(config.num_layers / pp) * per_layer + vocab_rows  # the embedding
     if pp == 1:
-        dense += config.hidden_size + (0 if config.tie_word_embeddings else vocab_rows)
-    expert = stage_layers * expert_layer // ep
-    held = {None: dense + expert, True: expert, False: dense}[experts]
-    return math.ceil(held / tp)
+        held += config.hidden_size + (0 if config.tie_word_embeddings else vocab_rows)
+    return math.ceil((held + stage_expert_parameters(config, pp, ep)) / tp)
 
 
 def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Optional[ModelConfig] = None,
@@ -130,8 +131,8 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # megatron shards the dense weights' state over DP x CP, the experts' over the expert data-parallel
     # ranks (world / (TP x EP x PP): the ranks that hold the same experts)
     expert_dp = world_size // (tp * ep * pp)
-    sharded = (stage_parameters(config, tp, pp, ep, experts=False) / (dp * cp)
-               + stage_parameters(config, tp, pp, ep, experts=True) / expert_dp)
+    experts = stage_expert_parameters(config, pp, ep) / tp
+    sharded = (params - experts) / (dp * cp) + experts / expert_dp
     out.parts["optimizer (Adam" + (", distributed)" if distributed_optimizer else ")")] = \
         (sharded if distributed_optimizer else params) * optimizer_bytes
 

@@ -47,7 +47,7 @@ from ..config.precision import pad_batch
 from ..distill.teacher import TeacherTargets
 from ..model.build import attention_mask, logits_at_columns, sequence_multiple
 from ..model.context_parallel import ColumnSplit, keys_gathered_over_context_parallel
-from ..model.expert_parallel import expert_parallel_max, idle_row
+from ..model.expert_parallel import expert_parallel_max, idle_microbatch
 from ..model.losses import (
     DivergenceConfig,
     TeacherTopK,
@@ -165,9 +165,8 @@ class StudentStepPlan:
                 slot_valid=slot_valid, columns=prediction_columns[rows].gather(1, order),
             ))
         for _ in range(self.num_microbatches - len(plan)):
-            ids, idle = idle_row(self.rows_per_microbatch, self.seq_length, config.pad_token_id or 0)
-            self.microbatches.append(dict(plan=self, ids=ids, layout=idle, idle=True,
-                                          columns=torch.zeros(self.rows_per_microbatch, 1, dtype=torch.long)))
+            self.microbatches.append(dict(plan=self, **idle_microbatch(self.rows_per_microbatch, self.seq_length,
+                                                                       config.pad_token_id or 0)))
 
     def loss_func(self, mb, output: Tensor):
         """(loss to back-propagate, statistics): ``loss`` (this micro-batch's share of the step's loss),
