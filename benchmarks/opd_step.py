@@ -20,6 +20,13 @@ Builds a randomly initialised student/teacher pair and runs the trainer (one rol
 The last line reads ``step_over_parts=X student_flops_vs_matmul=Y loss_columns_time_saved=Z
 logits_bytes_ratio=W`` (Z: 1 - time(now) / time(every column) of student step + teacher targets;
 W: bytes of student + teacher logits now / before).
+
+``--moe`` times instead whole OPD steps of a mixture-of-experts student (``--experts`` experts of width
+``--expert-ffn``, top ``--topk``; default 8 experts of 2 x hidden, top 2) against a dense student with
+the same active parameters (FFN width top-k x expert width), the same prompts and rollout lengths; under
+``torchrun --nproc-per-node 2`` also the MoE student at expert parallel size 2 (each rank holds half the
+experts; tokens travel by all-to-all) against EP 1 (both data-parallel over the two ranks). Last line:
+``moe_over_dense=X ep2_over_ep1=Y`` (step time ratios; Y is n/a on one process).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opdlm_megatron.model.build import build as model_module  # noqa: E402
+from opdlm_megatron.model import build as model_module  # noqa: E402
 from opdlm_megatron.training import student as student_module  # noqa: E402
 from opdlm_megatron.data.samples import Sample  # noqa: E402
 from opdlm_megatron.runtime.platform import initialize_runtime  # noqa: E402
@@ -57,6 +64,10 @@ def parse_args():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--moe", action="store_true", help="MoE vs dense (and EP 2 vs EP 1 under torchrun)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--expert-ffn", type=int, default=None, help="each expert's FFN width (default 2 x hidden)")
     return p.parse_args()
 
 
@@ -120,30 +131,76 @@ def output_columns(every_column: bool):
         model_module.logits_at_columns, student_module.logits_at_columns = saved
 
 
-def main() -> None:
-    args = parse_args()
-    from opdlm_megatron.training.trainer import Trainer
-
-    model_config = dict(
+def dense_model_config(args) -> dict:
+    return dict(
         num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
         num_attention_heads=args.heads, num_query_groups=max(1, args.heads // 2), vocab_size=args.vocab,
         max_sequence_length=max(256, 2 * (args.prompt_len + args.rollout_len)), eos_token_ids=[2], block_size=4,
     )
-    g = torch.Generator().manual_seed(0)
-    samples = [Sample(torch.randint(3, args.vocab, (args.prompt_len,), generator=g).tolist())
-               for _ in range(8 * args.prompts)]
-    run_dir = tempfile.mkdtemp(prefix="opd_step_")
-    cfg = train_config_from_dict(dict(
+
+
+def step_config(args, model_config: dict, run_dir: str, dp: int = 1, ep: int = 1):
+    return train_config_from_dict(dict(
         objective="opd", run_dir=run_dir, seed=0,
         train=dict(steps=100, global_batch_size=args.prompts, micro_batch_size=args.micro_batch_size),
         model=dict(random_init=True, model_config=model_config),
-        parallel=dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, device=args.device),
+        parallel=dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, device=args.device,
+                      expert_model_parallel_size=ep),
         data=dict(source="token_ids", path="unused"),
         # threshold 1.0 with a random model: the rollout always runs the full length (stable timings)
         rollout=dict(tasks_per_rollout=args.prompts, threshold=1.0, temperature=1.0),
         curriculum=dict(min_length=args.rollout_len, max_length=args.rollout_len, warmup_rollouts=1),
         checkpoint=dict(resume=False), logging=dict(progress_bar=False),
     ))
+
+
+def moe_main(args, samples) -> None:
+    """Step times: dense vs MoE of the same active parameters; under torchrun (2 ranks) MoE at EP 2 vs EP 1."""
+    import torch.distributed as dist
+
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.training.trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo" if args.device == "cpu" or not torch.cuda.is_available() else "nccl")
+    expert_ffn = args.expert_ffn or 2 * args.hidden
+    dense = dense_model_config(args)
+    dense["ffn_hidden_size"] = args.topk * expert_ffn  # the MoE student's active FFN width
+    moe = dict(dense, num_experts=args.experts, moe_router_topk=args.topk, moe_ffn_hidden_size=expert_ffn)
+    runs = [("dense", dense, 1), ("moe_ep1", moe, 1)] + ([("moe_ep2", moe, 2)] if world == 2 else [])
+    times, rank = {}, 0
+    for name, model_config, ep in runs:
+        cfg = step_config(args, model_config, tempfile.mkdtemp(prefix=f"opd_step_{name}_"), ep=ep)
+        with initialize_runtime(args.tp, args.pp, device=args.device, seed=0, expert_model_parallel_size=ep) as rt:
+            trainer = Trainer(cfg, rt, samples=samples)
+            for _ in range(2):  # warm-up
+                trainer.train_step()
+            times[name], metrics = timed(trainer.train_step, args.repeats)
+            trainer.close()
+            rank = rt.rank
+        if rank == 0:
+            config = ModelConfig(**model_config)
+            share = (f" busiest expert {metrics['moe/expert_share_max']:.3f} idlest {metrics['moe/expert_share_min']:.3f}"
+                     if "moe/expert_share_max" in metrics else "")
+            print(f"{name}: parameters {config.num_parameters() / 1e6:.2f}M (active "
+                  f"{config.num_parameters(active=True) / 1e6:.2f}M) EP {ep} step {times[name]:.3f}s{share}")
+    if rank == 0:
+        ep2 = f"{times['moe_ep2'] / times['moe_ep1']:.3f}" if "moe_ep2" in times else "n/a"
+        print(f"moe_over_dense={times['moe_ep1'] / times['dense']:.3f} ep2_over_ep1={ep2}")
+
+
+def main() -> None:
+    args = parse_args()
+    from opdlm_megatron.training.trainer import Trainer
+
+    model_config = dense_model_config(args)
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.randint(3, args.vocab, (args.prompt_len,), generator=g).tolist())
+               for _ in range(8 * args.prompts)]
+    if args.moe:
+        return moe_main(args, samples)
+    cfg = step_config(args, model_config, tempfile.mkdtemp(prefix="opd_step_"))
     with initialize_runtime(args.tp, args.pp, device=args.device, seed=0) as rt:
         trainer = Trainer(cfg, rt, samples=samples)
         for _ in range(2):  # warm-up

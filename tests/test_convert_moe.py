@@ -33,6 +33,8 @@ MOE_MODELS = {
                                                      tie_word_embeddings=False)),
     "mixtral_top2_of_3": ("MixtralConfig", dict(intermediate_size=40, num_local_experts=3, num_experts_per_tok=2,
                                                 tie_word_embeddings=False)),
+    "mixtral_top2_of_4": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                                tie_word_embeddings=True)),
 }
 
 
@@ -147,16 +149,37 @@ def test_opd_step_of_an_moe_student_equals_the_dense_reference_and_trains_its_ro
         trainer.close()
     assert first["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert moved and teacher_still and math.isfinite(second["grad_norm"])
+    # the routing of the student's training forwards (3 experts): dropless, not one expert idle or all-taking
+    assert first["moe/dropped_share"] == 0.0
+    assert 0 < first["moe/expert_share_min"] <= 1 / 3 <= first["moe/expert_share_max"] < 1
+    assert "moe/load_balancing_loss" not in first  # off by default
+
+    # with the load-balancing loss on: the same KL (it is not part of the reported loss), another gradient
+    balanced = train_config_from_dict(tiny_train_dict(str(tmp_path / "balanced"), data, ckpt, train=dict(steps=1),
+                                                      checkpoint=dict(resume=False),
+                                                      loss=dict(state_selection="trajectory"),
+                                                      moe=dict(load_balancing="aux_loss", aux_loss_coeff=1.0)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(balanced, rt, rollout_fn=naive_rollout)
+        step = trainer.train_step()
+        assert trainer.student.config.moe_aux_loss_coeff == 1.0 and trainer.teacher.model.config.moe_aux_loss_coeff == 0
+        trainer.close()
+    assert step["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert step["moe/load_balancing_loss"] >= 1.0 - 1e-6  # the switch loss is >= 1, = 1 only when balanced
+    assert step["grad_norm"] != pytest.approx(first["grad_norm"], rel=1e-3)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layouts,nproc", [("pp2,ep2", 2), ("pp2ep2,cp2ep2", 4)])
-def test_opd_steps_of_an_moe_student_at_pp2_and_ep2_equal_one_rank(moe_models, tmp_path, layouts, nproc):
-    """Two OPD steps (all_rounds states) of a converted Qwen3-MoE student over replayed rollouts, split over two
+@pytest.mark.parametrize("layouts,nproc,name", [("pp2,ep2,tp2sp", 2, "mixtral_top2_of_4"),
+                                               ("pp2ep2,cp2ep2", 4, "qwen3_moe_norm_topk")])
+def test_opd_steps_of_an_moe_student_at_pp2_and_ep2_equal_one_rank(moe_models, tmp_path, layouts, nproc, name):
+    """Two OPD steps (all_rounds states) of a converted Mixtral student over replayed rollouts, split over two
     pipeline stages, over two expert-parallel ranks (each holds two of the four experts; the two data-parallel
-    ranks' rows differ in length, tokens go to their experts by all-to-all), and on 4 ranks PP 2 x EP 2 and
-    CP 2 x EP 2 (each row's columns over two ranks, the experts over the data x context parallel ranks): the
-    same losses, teacher NLLs and gradient norms as on one rank."""
+    ranks' rows differ in length, tokens go to their experts by all-to-all), over two tensor-parallel ranks
+    with sequence parallelism (each routes its share of the columns; the experts split over the TP ranks), and
+    of a Qwen3-MoE student on 4 ranks at PP 2 x EP 2 and CP 2 x EP 2 (each row's columns over two ranks, the
+    experts over the data x context parallel ranks): the same losses, teacher NLLs and gradient norms as on one
+    rank; every layout's routing drops nothing."""
     from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.training.config_files import train_config_from_dict
     from opdlm_megatron.training.trainer import Trainer
@@ -164,7 +187,7 @@ def test_opd_steps_of_an_moe_student_at_pp2_and_ep2_equal_one_rank(moe_models, t
     from tests.distributed.train_common import RecordingRollout, naive_rollout, tiny_train_dict, write_token_prompts
 
     ckpt = str(tmp_path / "ckpt")
-    convert(moe_models["qwen3_moe_norm_topk"][0], ckpt, block_size=4)
+    convert(moe_models[name][0], ckpt, block_size=4)
     data = write_token_prompts(str(tmp_path / "prompts.jsonl"), num=4, vocab=VOCAB)
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "pp1"), data, ckpt, train=dict(steps=2),
                                                  checkpoint=dict(resume=False)))
@@ -184,6 +207,8 @@ def test_opd_steps_of_an_moe_student_at_pp2_and_ep2_equal_one_rank(moe_models, t
         for ref, res in zip(history, got):
             for key in ("loss", "teacher_nll", "grad_norm"):
                 assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (layout, ref["step"], key)
+            assert res["moe/dropped_share"] == 0.0, layout
+            assert res["moe/expert_share_min"] <= 0.25 <= res["moe/expert_share_max"], layout
 
 
 def test_moe_parameter_counts_match_the_built_model(runtime):
@@ -202,19 +227,105 @@ def test_moe_parameter_counts_match_the_built_model(runtime):
 
 
 def test_moe_layouts_are_checked():
-    """Experts split over expert-parallel ranks (EP must divide them); TP > 1 needs megatron's sequence parallelism
-    for MoE layers, which the OPD layouts do not have yet; EP on a dense model is refused."""
+    """Experts split over expert-parallel ranks (EP must divide them); an MoE student trains at TP > 1 only
+    with sequence parallelism (megatron's MoE layer; decoding and the teacher run at TP 2 without it); EP on a
+    dense model is refused; the router's training terms are checked, and refused for a dense student."""
     from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.training.build import student_architecture
+    from opdlm_megatron.training.config_files import train_config_from_dict
 
     config = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=250,
                          num_experts=4, moe_router_topk=2)
     config.check_parallel(1, 2, 4)
+    config.check_parallel(2, 1, 2)
     with pytest.raises(ValueError, match="num_experts 4 is not divisible by expert parallel size 3"):
         config.check_parallel(1, 1, 3)
-    with pytest.raises(ValueError, match="tensor parallel size 1 .* got TP 2"):
-        config.check_parallel(2, 1, 1)
     with pytest.raises(ValueError, match="expert parallel size 2 needs a mixture-of-experts model"):
         config.replace(num_experts=None).check_parallel(1, 1, 2)
+
+    def run(**sections):
+        return train_config_from_dict(dict(model=dict(random_init=True, model_config={"x": 1}), **sections))
+
+    tp2 = dict(tensor_model_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor parallel size 2 only with parallel.sequence_parallel=true"):
+        student_architecture(run(parallel=tp2), config, "cpu")
+    assert student_architecture(run(parallel=dict(tp2, sequence_parallel=True)), config, "cpu").num_experts == 4
+    balancing = dict(load_balancing="aux_loss", aux_loss_coeff=1e-2)
+    with pytest.raises(ValueError, match="this student is dense"):
+        student_architecture(run(moe=balancing), config.replace(num_experts=None), "cpu")
+    assert run(moe=dict(balancing, z_loss_coeff=1e-3)).moe.transformer_overrides() == dict(
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+    for bad, message in ((dict(load_balancing="aux_loss"), "disagree: a balancing loss needs a coefficient > 0"),
+                         (dict(aux_loss_coeff=0.1), "'none' takes 0"),
+                         (dict(load_balancing="sinkhorn", aux_loss_coeff=0.1), "moe.load_balancing"),
+                         (dict(z_loss_coeff=-1), "moe.z_loss_coeff must be a number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            run(moe=bad)
+
+
+def test_megatron_lm_router_flags_fill_the_moe_section():
+    """Under Megatron-LM its router flags are the ``moe`` section (one balancing type, one coefficient); the
+    balancing algorithms that are not a loss are refused."""
+    from argparse import Namespace
+
+    from opdlm_megatron.integrations.megatron_lm.arguments import _router_terms
+
+    args = Namespace(moe_router_load_balancing_type=["seq_aux_loss"], moe_aux_loss_coeff=[1e-3], moe_z_loss_coeff=None)
+    assert _router_terms(args) == dict(load_balancing="seq_aux_loss", aux_loss_coeff=1e-3, z_loss_coeff=0.0)
+    with pytest.raises(ValueError, match="--moe-router-load-balancing-type aux_loss seq_aux_loss: OPD takes one"):
+        _router_terms(Namespace(**{**vars(args), "moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss"]}))
+    with pytest.raises(ValueError, match="sinkhorn: OPD's routers take none, aux_loss"):
+        _router_terms(Namespace(**{**vars(args), "moe_router_load_balancing_type": "sinkhorn"}))
+
+
+def test_router_statistics_equal_a_float64_routing_of_the_same_inputs(runtime):
+    """The per-step router statistics (tokens per expert, dropped share, the load-balancing and z losses megatron's
+    router computes) equal a float64 top-k routing of the routers' inputs: two micro-batches through each MoE layer
+    in training mode; an eval-mode forward in between (a rollout) is not counted."""
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.training.config import MoEConfig
+    from opdlm_megatron.training.router_stats import RouterStatistics
+    from tests.helpers import tiny_config
+
+    config = tiny_config(num_layers=2, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48)
+    moe = MoEConfig(load_balancing="aux_loss", aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
+    model = build_model(config, "student", init_method_std=0.5, **moe.transformer_overrides())
+    stats = RouterStatistics.for_student(model, config, moe)
+    seen = []
+    hooks = [layer.mlp.router.register_forward_pre_hook(lambda module, args: seen.append(
+        (module.layer_number, args[0].detach().double(), module.weight.detach().double()))) for layer in model.decoder.layers]
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for micro in range(2):
+        for layer in model.decoder.layers:
+            layer.mlp(torch.randn(5 + micro, 3, config.hidden_size, generator=g))
+    model.eval()
+    with torch.no_grad():
+        model.decoder.layers[0].mlp(torch.randn(7, 2, config.hidden_size, generator=g))
+    for hook in hooks:
+        hook.remove()
+    got = stats.collect()
+    counts = torch.zeros(2, 4, dtype=torch.float64)
+    balance, z = torch.zeros(2), torch.zeros(2)
+    for layer_number, hidden, weight in seen[:4]:  # the training forwards (the eval one is seen[4])
+        logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
+        top = torch.zeros_like(logits).scatter(1, logits.topk(2, dim=1).indices, 1.0)
+        counts[layer_number - 1] += top.sum(0)
+        tokens = logits.shape[0]
+        scores = logits.softmax(dim=1)
+        balance[layer_number - 1] += (scores.sum(0) * top.sum(0)).sum() * 4 / (2 * tokens * tokens) / 2
+        z[layer_number - 1] += torch.logsumexp(logits, dim=1).square().mean() / 2
+    assert torch.equal(stats.last_tokens_per_expert, counts)
+    shares = counts / counts.sum(dim=1, keepdim=True)
+    assert got["moe/expert_share_max"] == pytest.approx(float(shares.max()))
+    assert got["moe/expert_share_min"] == pytest.approx(float(shares.min()))
+    assert got["moe/dropped_share"] == 0.0
+    assert got["moe/load_balancing_loss"] == pytest.approx(float(balance.mean()), rel=1e-5)
+    assert got["moe/z_loss"] == pytest.approx(float(z.mean()), rel=1e-5)
+    assert float(shares.max()) > 0.25 > float(shares.min())  # the random router is not uniform: a real check
+    again = stats.collect()  # counts and megatron's tracker were reset
+    assert math.isnan(again["moe/z_loss"]) and "moe/expert_share_max" not in again
+    stats.close()
 
 
 def test_bad_expert_parallel_conversions_are_refused_in_one_line(moe_models, tmp_path, capsys):

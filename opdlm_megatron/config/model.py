@@ -176,14 +176,6 @@ class ModelConfig:
         if self.num_experts is not None:
             if self.num_experts % ep != 0:
                 raise ValueError(f"num_experts {self.num_experts} is not divisible by expert parallel size {ep}")
-            if tp != 1:
-                # megatron's MoE layer runs at TP > 1 only with sequence parallelism; training has it, but
-                # rollouts decode outside it (a few columns per forward), where the MoE token dispatch
-                # over TP would not hold. Experts split over expert-parallel ranks instead.
-                raise ValueError(f"mixture-of-experts models run at tensor parallel size 1 (megatron's MoE layer "
-                                 f"needs sequence parallelism at TP > 1, which decoding does not use), got TP {tp}; "
-                                 f"split the experts with expert parallelism (parallel.expert_model_parallel_size) "
-                                 f"instead")
 
     # ------------------------------------------------------------------------------- vocabulary
     @property

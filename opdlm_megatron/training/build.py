@@ -3,6 +3,8 @@
 
 * ``student_architecture``: the student checkpoint's ``ModelConfig`` with the run's block size, dtype and
   attention backend, refused where it cannot train (FlexAttention has no backward on CPU).
+* ``build_student_model``: this rank's part of the student (precision, sequence parallelism, the MoE
+  router's training terms).
 * ``build_teacher``: the frozen teacher in the student's process groups - from its own checkpoint, or
   (self-distillation) the student's starting weights, read again from their checkpoint or copied from
   the freshly built student.
@@ -34,7 +36,26 @@ def student_architecture(cfg: TrainConfig, config: ModelConfig, device_type: str
     if config.attention_backend == "flex" and device_type != "cuda":
         raise ValueError(f"attention_backend 'flex' trains only on CUDA GPUs (FlexAttention has no backward on "
                          f"{device_type}); set model.attention_backend=dense")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if config.num_experts is not None and tp > 1 and not cfg.parallel.sequence_parallel:
+        # megatron's MoE layer refuses to train at TP > 1 without it (each TP rank would route the whole
+        # sequence); rollouts and the teacher run outside it, in eval mode, where the dispatcher's gather
+        # over the TP ranks is still correct
+        raise ValueError(f"a mixture-of-experts student trains at tensor parallel size {tp} only with "
+                         f"parallel.sequence_parallel=true (megatron's MoE layer); set it, or split the experts "
+                         f"with parallel.expert_model_parallel_size instead")
+    if config.num_experts is None and cfg.moe.router_losses_on:
+        raise ValueError(f"moe.load_balancing {cfg.moe.load_balancing!r} and moe.z_loss_coeff {cfg.moe.z_loss_coeff!r} "
+                         f"train a mixture-of-experts router; this student is dense (leave them at none / 0)")
     return config
+
+
+def build_student_model(cfg: TrainConfig, config: ModelConfig, **build_kwargs):
+    """This rank's part of the student for the run: its FP8 settings, sequence parallelism and (MoE) the
+    router's training terms (``moe``); ``build_kwargs`` add what one loop needs (pipeline stage flags)."""
+    overrides = cfg.moe.transformer_overrides() if config.num_experts is not None else {}
+    return build_model(config, "student", precision=cfg.model.student_precision,
+                       sequence_parallel=cfg.parallel.sequence_parallel, **overrides, **build_kwargs)
 
 
 def build_teacher_model(config: ModelConfig, objective, paths: ModelPaths, sequence_parallel: bool = False):

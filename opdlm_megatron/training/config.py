@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 NAN_POLICIES = ("skip", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 DISTRIBUTED_OPTIMIZER = ("auto", "on", "off")
+MOE_LOAD_BALANCING = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss")
 
 
 @dataclass
@@ -221,6 +222,42 @@ class LossConfig:
 
 
 @dataclass
+class MoEConfig:
+    """The student router's training terms (mixture-of-experts students; megatron's router computes them).
+    Off by default: the student starts from the teacher's routers, which pretraining balanced already, and
+    a balancing term pulls the routing toward uniform load rather than toward the teacher, whose output
+    distribution is all OPD matches. Megatron's recipes pretrain these families with ``aux_loss`` at 1e-3
+    (Qwen3-MoE) to 1e-2 (Mixtral); set them here to keep balancing on while distilling. The frozen teacher
+    never computes them (it routes in eval mode). Logged per step either way: the share of routed tokens
+    of the busiest and the idlest expert and the share dropped (0: dropless), plus these losses when on."""
+
+    # none | aux_loss (per micro-batch) | seq_aux_loss (per sequence) | global_aux_loss (over the global batch)
+    load_balancing: str = "none"
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0  # router z-loss (ST-MoE); 0: off
+
+    def __post_init__(self) -> None:
+        one_of("moe.load_balancing", self.load_balancing, MOE_LOAD_BALANCING)
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"moe.{name} must be a number >= 0, got {value!r}")
+        if (self.load_balancing == "none") != (self.aux_loss_coeff == 0):
+            raise ValueError(f"moe.load_balancing {self.load_balancing!r} and moe.aux_loss_coeff "
+                             f"{self.aux_loss_coeff!r} disagree: a balancing loss needs a coefficient > 0, "
+                             f"and 'none' takes 0")
+
+    @property
+    def router_losses_on(self) -> bool:
+        return self.load_balancing != "none" or self.z_loss_coeff > 0
+
+    def transformer_overrides(self) -> dict:
+        """The student's TransformerConfig fields for these terms."""
+        return dict(moe_router_load_balancing_type=self.load_balancing, moe_aux_loss_coeff=float(self.aux_loss_coeff),
+                    moe_z_loss_coeff=float(self.z_loss_coeff) if self.z_loss_coeff > 0 else None)
+
+
+@dataclass
 class TrainLoopConfig:
     """Optimizer steps and batch sizes. ``global_batch_size`` samples (all data-parallel ranks
     together) make one optimizer step (paper: 8), split into micro-batches of ``micro_batch_size``
@@ -324,6 +361,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     tcs: TCSConfig = field(default_factory=TCSConfig)
     lift: LIFTConfig = field(default_factory=LIFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -45,7 +45,6 @@ from ..checkpoint.training import (
 from ..config.model import ModelConfig
 from ..data.samples import Sample, check_token_ids
 from ..distill.answers import RolloutFn, engine_rollout
-from ..model.build import build_model
 from ..objectives import get_objective
 from ..runtime.console import attach_log_file, error_message
 from ..runtime.distributed import broadcast_object
@@ -53,9 +52,10 @@ from ..runtime.exit_signals import ExitSignals
 from ..runtime.outputs import check_output
 from ..runtime.platform import compute_device
 from ..runtime.run_lock import RunDirectoryLock
-from .build import build_teacher, load_run_samples, step_record, student_architecture
+from .build import build_student_model, build_teacher, load_run_samples, step_record, student_architecture
 from .config import TrainConfig
 from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
+from .router_stats import RouterStatistics
 from .schedules import LRSchedule
 from .step_data import RolloutBuffer, StepData
 from .student import student_step
@@ -190,6 +190,7 @@ class Trainer:
         self.model, self.optimizer, self.distributed_optimizer = wrap_and_build_optimizer(
             self.student, cfg, self.dp_size * parallel_state.get_context_parallel_world_size(), not runtime.is_cpu)
         self.divergence = cfg.loss.divergence_config()
+        self.router_stats = RouterStatistics.for_student(self.student, self.config, cfg.moe)  # None: dense
         if samples is None:
             samples = load_run_samples(cfg, self.config)
         else:
@@ -226,8 +227,7 @@ class Trainer:
         source = None if paths.random_init else paths.student_checkpoint
         config = ModelConfig.from_dict(dict(paths.model_config)) if paths.random_init else load_model_config(source)
         config = student_architecture(cfg, config, compute_device().type)
-        student = build_model(config, "student", precision=paths.student_precision,
-                              sequence_parallel=cfg.parallel.sequence_parallel)
+        student = build_student_model(cfg, config)
         if source is not None:
             load_model_checkpoint(student, source)
         teacher = build_teacher(cfg, self.objective, config, source, student) if self.objective.needs_teacher else None
@@ -248,6 +248,7 @@ class Trainer:
             out = student_step(self.model, self.config, batch, targets, self.divergence,
                                cfg.train.micro_batch_size, normalization=cfg.loss.normalization)
         loss = float(out["loss"])
+        routing = self.router_stats.collect() if self.router_stats is not None else {}
 
         grad_norm = None
         with self.timers.phase("optimizer"):
@@ -272,6 +273,7 @@ class Trainer:
                 self.optimizer.zero_grad()
         metrics = step_record(inputs.metrics, loss, out["token_mean"], not trained, grad_norm, lr, paper_tokens,
                               self.skipped_long_prompts)
+        metrics.update(routing)
         metrics["loss_spike"] = float(self.spikes.update(loss))
         if metrics["loss_spike"] and self.rank == 0:
             logger.warning("step %d: loss spike: %.4g is above %g x the median of the last (up to %d) losses", step,
@@ -415,6 +417,8 @@ class Trainer:
         return True
 
     def close(self) -> None:
+        if self.router_stats is not None:
+            self.router_stats.close()
         self.metrics.close()
         self._release_locks()
 

@@ -19,12 +19,16 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--impls", default=",".join(FORWARD_IMPLS), help="decoding forwards to run")
+    parser.add_argument("--cases", default=",".join(CASES), help="decoding cases to run")
     args = parser.parse_args()
+    cases = {name: CASES[name] for name in args.cases.split(",")}
 
     with initialize_runtime(args.tp, args.pp, device="cpu"):
         model, config = build_from_checkpoint(args.ckpt, "student", sequence_parallel=args.sequence_parallel)
         results = {}
-        for (name, (shift, kwargs)), impl in ((case, impl) for case in CASES.items() for impl in FORWARD_IMPLS):
+        for (name, (shift, kwargs)), impl in ((case, impl) for case in cases.items()
+                                                  for impl in args.impls.split(",")):
             engine = DiffusionRolloutEngine(model, config.replace(logit_shift=shift), forward_impl=impl)
             result = engine.generate(PROMPTS, decode_config(**kwargs))
             key = f"{name}/{impl}"

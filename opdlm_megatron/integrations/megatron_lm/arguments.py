@@ -54,7 +54,7 @@ def train_config_from_args(args) -> TrainConfig:
         if not isinstance(data, dict):
             raise ValueError(f"--opd-config {args.opd_config} must hold a mapping")
         # Megatron-LM owns these; a value in the YAML would silently disagree with the flags
-        for owned in ("train", "optim", "parallel", "checkpoint"):
+        for owned in ("train", "optim", "parallel", "checkpoint", "moe"):
             data.pop(owned, None)
     megatron = [f"train.global_batch_size={args.global_batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                 f"seed={args.seed}", "checkpoint.resume=false", "logging.progress_bar=false",
@@ -64,12 +64,31 @@ def train_config_from_args(args) -> TrainConfig:
                 f"parallel.expert_model_parallel_size={args.expert_model_parallel_size}",
                 # Megatron-LM has turned it off at TP=1 already (with a warning)
                 f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}"]
+    if args.num_experts is not None:  # the router's training terms: --moe-router-load-balancing-type etc.
+        megatron += [f"moe.{key}={value}" for key, value in _router_terms(args).items()]
     if "run_dir" not in data:  # --opd-run-dir (a flag, applied below) > the YAML's > --save > a default
         megatron.append(f"run_dir={args.save or 'runs/opdlm-megatron-lm'}")
     if args.train_iters:
         megatron.append(f"train.steps={args.train_iters}")
     data = apply_overrides(data, megatron)
     return train_config_from_dict(data, _flag_overrides(args) + list(args.opd_set))
+
+
+def _router_terms(args) -> Dict[str, object]:
+    """The ``moe`` section from Megatron-LM's router flags (one load-balancing type, one coefficient)."""
+    def single(flag: str, value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != 1:
+                raise ValueError(f"--{flag} {' '.join(map(str, value))}: OPD takes one value")
+            value = value[0]
+        return value
+
+    balancing = single("moe-router-load-balancing-type", args.moe_router_load_balancing_type)
+    coeff = single("moe-aux-loss-coeff", args.moe_aux_loss_coeff)
+    if balancing in ("sinkhorn", "quantile_balancing"):
+        raise ValueError(f"--moe-router-load-balancing-type {balancing}: OPD's routers take none, aux_loss, "
+                         f"seq_aux_loss or global_aux_loss")
+    return dict(load_balancing=balancing, aux_loss_coeff=float(coeff), z_loss_coeff=float(args.moe_z_loss_coeff or 0.0))
 
 
 def student_config_from_args(args, cfg: TrainConfig) -> ModelConfig:
@@ -108,8 +127,9 @@ def model_flag_defaults(config: ModelConfig) -> Dict:
 def moe_flags(config: ModelConfig, argv: List[str]) -> List[str]:
     """The flags a mixture-of-experts student adds to Megatron-LM's command line where it does not name them:
     those with a non-None default (``args_defaults`` cannot set them): top-k, the router's softmax, no
-    load-balancing loss (the routers train through the KL alone), all-to-all dispatch (Megatron-LM's checks
-    tie variable sequence lengths to it, and expert parallelism needs it)."""
+    load-balancing loss (the ``moe`` section's default: the routers train through the KL alone; the flags
+    set it in this path), all-to-all dispatch (Megatron-LM's checks tie variable sequence lengths to it,
+    and expert parallelism needs it)."""
     if config.num_experts is None:
         return []
     wanted = [("--moe-router-topk", [str(config.moe_router_topk)]),
@@ -134,11 +154,6 @@ def check_model_flags(args, config: ModelConfig, source: str = "") -> None:
         expected["group_query_attention"] = True
     wrong = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (student: {v!r})" for k, v in expected.items()
              if getattr(args, k, None) is not None and getattr(args, k) != v]
-    if config.num_experts is not None:
-        balancing = getattr(args, "moe_router_load_balancing_type", "none")
-        if (balancing if isinstance(balancing, str) else " ".join(balancing)) != "none":
-            wrong.append(f"--moe-router-load-balancing-type {balancing!r} (OPD trains the routers through the KL "
-                         f"alone: none)")
     if args.calculate_per_token_loss:
         wrong.append("--calculate-per-token-loss (OPD normalises its loss itself; leave it off)")
     if args.virtual_pipeline_model_parallel_size not in (None, 1):

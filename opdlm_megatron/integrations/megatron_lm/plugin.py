@@ -45,11 +45,11 @@ from ...checkpoint.model import load_model_checkpoint, load_model_config
 from ...config.model import ModelConfig
 from ...distill.answers import engine_rollout
 from ...distill.teacher import FrozenTeacher
-from ...model.build import build_model
 from ...objectives import get_objective
-from ...training.build import build_teacher, load_run_samples, step_record
+from ...training.build import build_student_model, build_teacher, load_run_samples, step_record
 from ...training.config import TrainConfig
 from ...training.metrics import MetricsLogger
+from ...training.router_stats import RouterStatistics
 from ...training.step_data import StepData
 from ...training.student import StudentStepPlan, forward_step
 
@@ -98,12 +98,13 @@ class OPDPlugin:
         self.data: Optional[StepData] = None
         self.metrics: Optional[MetricsLogger] = None
         self.student = None
+        self.router_stats = None
         self.forward_step = forward_step
 
     # ---------------------------------------------------------------------- pretrain() hooks
     def model_provider(self, pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None,
                        pg_collection=None, **_unused):
-        """The student, built by ``model.build_model`` (the project's own trainer builds the same).
+        """The student, built by ``training.build.build_student_model`` (the project's own trainer builds the same).
         ``variable_seq_lengths``: OPD sequences ([prompt | x0 | xt]) change length every step, so the
         pipeline exchanges shapes instead of assuming ``--seq-length``."""
         from megatron.training import get_args
@@ -111,10 +112,8 @@ class OPDPlugin:
         if vp_stage not in (None, 0):
             raise ValueError("virtual pipeline stages are not supported by OPD")
         # (megatron's config check ties variable lengths to the all-to-all MoE dispatcher, MoE or not)
-        model = build_model(self.config, "student", pre_process=pre_process, post_process=post_process,
-                            precision=self.cfg.model.student_precision, variable_seq_lengths=True,
-                            sequence_parallel=self.cfg.parallel.sequence_parallel,
-                            moe_token_dispatcher_type="alltoall")
+        model = build_student_model(self.cfg, self.config, pre_process=pre_process, post_process=post_process,
+                                    variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
         if not get_args().pretrained_checkpoint:
             # the starting weights are --opd-student's (pretrain() then loads --load over them when
             # resuming); with --pretrained-checkpoint, pretrain() loads that instead, as usual
@@ -132,6 +131,8 @@ class OPDPlugin:
         args = get_args()
         student = unwrap_model(model[0])
         self.student = student
+        # tokens per expert (Megatron-LM's training_log reports the router losses itself)
+        self.router_stats = RouterStatistics.for_student(student, self.config, self.cfg.moe)
         if args.save:
             self._describe_save_dir(args.save)
         teacher = None
@@ -216,10 +217,14 @@ class OPDPlugin:
         result = original(forward_step_func, data_iterator, model, *rest, iteration=iteration, **kwargs)
         self.data.done_step()
         loss_dict, skipped, grad_norm = result[0], result[1], result[5]
+        routing = self.router_stats.collect(read_router_losses=False) if self.router_stats is not None else {}
         if loss_dict:  # the last pipeline stage logs
             record = step_record(inputs.metrics, loss_dict["opd loss"], loss_dict["opd per-token loss"], bool(skipped),
                                  grad_norm, optimizer_lr(rest), paper_tokens, self.skipped_long_prompts)
+            record.update(routing)
             self.metrics.log(record, step)
+            for key, value in routing.items():
+                loss_dict[f"opd {key.replace('/', ' ').replace('_', ' ')}"] = torch.tensor(value)
             for key in ("committed_per_forward", "rollout_len", "teacher_nll", "answer_tokens",
                         "partially_masked_share"):
                 value = inputs.metrics.get(key)
