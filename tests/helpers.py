@@ -183,14 +183,15 @@ def save_word_tokenizer(directory, size: int = 250, chat_template: bool = True):
     return hf
 
 
-def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128) -> str:
-    """A tiny random student checkpoint (250-token vocabulary, EOS 2) with ``save_word_tokenizer``'s
-    chat tokenizer in ``<ckpt>/tokenizer``, as the CLI tests' fixtures use it; returns the path."""
+def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128, **overrides) -> str:
+    """A tiny random student checkpoint (250-token vocabulary, EOS 2; ``overrides``: other ModelConfig
+    fields) with ``save_word_tokenizer``'s chat tokenizer in ``<ckpt>/tokenizer``, as the CLI tests'
+    fixtures use it; returns the path."""
     from opdlm_megatron.checkpoint.model import save_model_checkpoint
     from opdlm_megatron.model.build import build_model
     from opdlm_megatron.runtime.platform import initialize_runtime
 
-    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=max_sequence_length)
+    config = tiny_config(vocab_size=250, eos_token_ids=[2], max_sequence_length=max_sequence_length, **overrides)
     with initialize_runtime(device="cpu", seed=seed):
         save_model_checkpoint(build_model(config, "student"), str(ckpt), config)
     save_word_tokenizer(os.path.join(str(ckpt), "tokenizer"))

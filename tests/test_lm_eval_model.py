@@ -5,6 +5,7 @@ YAMLs (no hub): generate_until gives opdlm-eval's accuracy on the same data, mul
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -130,6 +131,57 @@ def test_generate_until_matches_opdlm_eval(tiny_task, tmp_path, monkeypatch):
     run_torchrun("lm_eval_cli.py", "--checkpoint", tiny_task["ckpt"], "--tasks", "tiny_qa", "--include-path", include,
                  "--model-args", "max_gen_toks=8", "--tp", "2", "--output", str(out))
     assert json.load(open(out))["results"]["tiny_qa"]["exact_match,none"] == ours
+
+
+def test_moe_checkpoints_run_through_opdlm_eval_generate_and_lm_eval(tmp_path, monkeypatch):
+    """A mixture-of-experts student (4 experts, top 2) through the three front ends: ``opdlm-generate`` writes
+    the completions ``opdlm-eval`` scored, and lm-eval's generate_until with those completions as references
+    scores what opdlm-eval scores."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from opdlm_megatron.commands import generate
+    from opdlm_megatron.eval.lm_eval_model import OPDLMEvalModel
+    from opdlm_megatron.evaluate import main as opdlm_eval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ckpt = save_tiny_student(tmp_path / "moe", seed=3, num_layers=2, num_experts=4, moe_router_topk=2,
+                             moe_ffn_hidden_size=48)
+    questions = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "reference": "x"}) + "\n" for q in questions))
+    common = ["--student", ckpt, "--task", "jsonl", "--max-new-tokens", "8", "--no-chat-template", "--match", "exact",
+              "--no-teacher", "--no-progress"]
+    assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "probe")]) == 0
+    answers = [json.loads(line)["completion"] for line in open(tmp_path / "probe" / "samples.jsonl")]
+    assert generate.main(["--checkpoint", ckpt, "--prompts", str(data), "--out", str(tmp_path / "gen.jsonl"),
+                          "--max-new-tokens", "8", "--device", "cpu"]) in (None, 0)
+    generated = [json.loads(line)["completion_ids"] for line in open(tmp_path / "gen.jsonl")]
+    # each prompt decoded alone through the engine (generate batches them: dropless routing keeps rows apart)
+    from transformers import AutoTokenizer
+
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ckpt, "tokenizer"))
+    with initialize_runtime(device="cpu", seed=0):
+        model, config = build_from_checkpoint(ckpt, "student")
+        engine = DiffusionRolloutEngine(model, config)
+        for question, ids in zip(questions, generated, strict=True):
+            alone = engine.generate([generate.encode_prompt(tokenizer, {"prompt": question}, False)],
+                                    DecodeConfig(max_new_tokens=8, threshold=0.9))
+            assert alone.answer_ids[0][alone.answer_valid[0]].tolist() == ids, question
+    data.write_text("".join(json.dumps({"prompt": q, "reference": answers[i] if i % 2 == 0 else "w7"}) + "\n"
+                            for i, q in enumerate(questions)))
+    assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "eval")]) == 0
+    ours = json.load(open(tmp_path / "eval" / "summary.json"))["results"]["student tau=0.9"]["accuracy"]
+    assert ours == 0.5
+    include = _write_task(tmp_path, "moe_qa", str(data), (
+        "output_type: generate_until\ndoc_to_text: \"Question: {{prompt}}\\nAnswer:\"\ndoc_to_target: \"{{reference}}\"\n"
+        "generation_kwargs:\n  until: [\"</s>\"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"))
+    with initialize_runtime(device="cpu", seed=0):
+        model = OPDLMEvalModel(ckpt, kind="student", max_gen_toks=8)
+        results = lm_eval.simple_evaluate(model=model, tasks=["moe_qa"], task_manager=TaskManager(include_path=include))
+    assert results["results"]["moe_qa"]["exact_match,none"] == ours
 
 
 @pytest.mark.parametrize("kind", ["student", "ar"])
