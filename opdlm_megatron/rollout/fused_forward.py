@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import Tensor
 
+from ..model.quantization import quantization_of
+
 
 def _plain_linear(module) -> bool:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -46,6 +48,8 @@ def unsupported_reason(model) -> Optional[str]:
         (cfg.sequence_parallel, "sequence parallelism"),
         (cfg.context_parallel_size != 1, "context parallelism"),
         (cfg.num_moe_experts is not None, "mixture of experts"),
+        (quantization_of(model) is not None, f"ModelOpt {quantization_of(model)} quantization (the quantizers "
+                                             f"sit in megatron's linear layers)"),
         (cfg.multi_latent_attention, "multi-latent attention"),
         (cfg.apply_residual_connection_post_layernorm, "residual after the layernorm"),
         (cfg.fp32_residual_connection, "fp32 residual connection"),
