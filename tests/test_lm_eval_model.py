@@ -95,35 +95,45 @@ def _write_task(root, name: str, data_file: str, body: str) -> str:
     return str(directory)
 
 
-def test_generate_until_matches_opdlm_eval(tiny_task, tmp_path, monkeypatch):
+QUESTIONS = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+
+
+def _opdlm_eval_then_lm_eval(ckpt: str, tmp_path, task: str, before_scoring=None):
+    """opdlm-eval's completions of QUESTIONS (``before_scoring(data, completions)`` may check them), then the
+    same questions with every other completion as its reference: opdlm-eval scores 0.5, and lm-eval's
+    generate_until through the OPDLM model scores the same. Returns (include path, the lm-eval model, score)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from opdlm_megatron.eval.lm_eval_model import OPDLMEvalModel
     from opdlm_megatron.evaluate import main as opdlm_eval
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    questions = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"prompt": q, "reference": "x"}) + "\n" for q in questions))
-    common = ["--student", tiny_task["ckpt"], "--task", "jsonl", "--max-new-tokens", "8", "--no-chat-template",
-              "--match", "exact", "--no-teacher", "--no-progress"]
+    data.write_text("".join(json.dumps({"prompt": q, "reference": "x"}) + "\n" for q in QUESTIONS))
+    common = ["--student", ckpt, "--task", "jsonl", "--max-new-tokens", "8", "--no-chat-template", "--match", "exact",
+              "--no-teacher", "--no-progress"]
     assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "probe")]) == 0
     answers = [json.loads(line)["completion"] for line in open(tmp_path / "probe" / "samples.jsonl")]
+    if before_scoring is not None:
+        before_scoring(data, answers)
     data.write_text("".join(json.dumps({"prompt": q, "reference": answers[i] if i % 2 == 0 else "w7"}) + "\n"
-                            for i, q in enumerate(questions)))
+                            for i, q in enumerate(QUESTIONS)))
     assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "eval")]) == 0
     ours = json.load(open(tmp_path / "eval" / "summary.json"))["results"]["student tau=0.9"]["accuracy"]
     assert ours == 0.5
-
-    include = _write_task(tmp_path, "tiny_qa", str(data), (
+    include = _write_task(tmp_path, task, str(data), (
         "output_type: generate_until\ndoc_to_text: \"Question: {{prompt}}\\nAnswer:\"\ndoc_to_target: \"{{reference}}\"\n"
         "generation_kwargs:\n  until: [\"</s>\"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"))
     with initialize_runtime(device="cpu", seed=0):
-        model = OPDLMEvalModel(tiny_task["ckpt"], kind="student", max_gen_toks=8)
-        results = lm_eval.simple_evaluate(model=model, tasks=["tiny_qa"], task_manager=TaskManager(include_path=include))
-    score = results["results"]["tiny_qa"]["exact_match,none"]
-    assert score == ours
+        model = OPDLMEvalModel(ckpt, kind="student", max_gen_toks=8)
+        results = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=TaskManager(include_path=include))
+    assert results["results"][task]["exact_match,none"] == ours
+    return include, model, ours
+
+
+def test_generate_until_matches_opdlm_eval(tiny_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    include, model, ours = _opdlm_eval_then_lm_eval(tiny_task["ckpt"], tmp_path, "tiny_qa")
     assert model.forwards > 0 and model.generated_tokens > 0
 
     # the same under torchrun at TP=2: rank 0 drives lm-eval, rank 1 follows
@@ -134,54 +144,32 @@ def test_generate_until_matches_opdlm_eval(tiny_task, tmp_path, monkeypatch):
 
 
 def test_moe_checkpoints_run_through_opdlm_eval_generate_and_lm_eval(tmp_path, monkeypatch):
-    """A mixture-of-experts student (4 experts, top 2) through the three front ends: ``opdlm-generate`` writes
-    the completions ``opdlm-eval`` scored, and lm-eval's generate_until with those completions as references
-    scores what opdlm-eval scores."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    """A mixture-of-experts student (4 experts, top 2) through the three front ends: ``opdlm-generate``'s tokens
+    equal each prompt decoded alone by the engine (it batches them: dropless routing keeps rows apart), and
+    opdlm-eval and lm-eval's generate_until score it alike."""
+    from transformers import AutoTokenizer
 
     from opdlm_megatron.commands import generate
-    from opdlm_megatron.eval.lm_eval_model import OPDLMEvalModel
-    from opdlm_megatron.evaluate import main as opdlm_eval
+    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ckpt = save_tiny_student(tmp_path / "moe", seed=3, num_layers=2, num_experts=4, moe_router_topk=2,
                              moe_ffn_hidden_size=48)
-    questions = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"prompt": q, "reference": "x"}) + "\n" for q in questions))
-    common = ["--student", ckpt, "--task", "jsonl", "--max-new-tokens", "8", "--no-chat-template", "--match", "exact",
-              "--no-teacher", "--no-progress"]
-    assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "probe")]) == 0
-    answers = [json.loads(line)["completion"] for line in open(tmp_path / "probe" / "samples.jsonl")]
-    assert generate.main(["--checkpoint", ckpt, "--prompts", str(data), "--out", str(tmp_path / "gen.jsonl"),
-                          "--max-new-tokens", "8", "--device", "cpu"]) in (None, 0)
-    generated = [json.loads(line)["completion_ids"] for line in open(tmp_path / "gen.jsonl")]
-    # each prompt decoded alone through the engine (generate batches them: dropless routing keeps rows apart)
-    from transformers import AutoTokenizer
 
-    from opdlm_megatron.rollout import DecodeConfig, DiffusionRolloutEngine
+    def generate_alone_and_batched(data, answers):
+        assert generate.main(["--checkpoint", ckpt, "--prompts", str(data), "--out", str(tmp_path / "gen.jsonl"),
+                              "--max-new-tokens", "8", "--device", "cpu"]) in (None, 0)
+        generated = [json.loads(line)["completion_ids"] for line in open(tmp_path / "gen.jsonl")]
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(ckpt, "tokenizer"))
+        with initialize_runtime(device="cpu", seed=0):
+            model, config = build_from_checkpoint(ckpt, "student")
+            engine = DiffusionRolloutEngine(model, config)
+            for question, ids in zip(QUESTIONS, generated, strict=True):
+                alone = engine.generate([generate.encode_prompt(tokenizer, {"prompt": question}, False)],
+                                        DecodeConfig(max_new_tokens=8, threshold=0.9))
+                assert alone.answer_ids[0][alone.answer_valid[0]].tolist() == ids, question
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ckpt, "tokenizer"))
-    with initialize_runtime(device="cpu", seed=0):
-        model, config = build_from_checkpoint(ckpt, "student")
-        engine = DiffusionRolloutEngine(model, config)
-        for question, ids in zip(questions, generated, strict=True):
-            alone = engine.generate([generate.encode_prompt(tokenizer, {"prompt": question}, False)],
-                                    DecodeConfig(max_new_tokens=8, threshold=0.9))
-            assert alone.answer_ids[0][alone.answer_valid[0]].tolist() == ids, question
-    data.write_text("".join(json.dumps({"prompt": q, "reference": answers[i] if i % 2 == 0 else "w7"}) + "\n"
-                            for i, q in enumerate(questions)))
-    assert opdlm_eval([*common, "--data", str(data), "--out", str(tmp_path / "eval")]) == 0
-    ours = json.load(open(tmp_path / "eval" / "summary.json"))["results"]["student tau=0.9"]["accuracy"]
-    assert ours == 0.5
-    include = _write_task(tmp_path, "moe_qa", str(data), (
-        "output_type: generate_until\ndoc_to_text: \"Question: {{prompt}}\\nAnswer:\"\ndoc_to_target: \"{{reference}}\"\n"
-        "generation_kwargs:\n  until: [\"</s>\"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"))
-    with initialize_runtime(device="cpu", seed=0):
-        model = OPDLMEvalModel(ckpt, kind="student", max_gen_toks=8)
-        results = lm_eval.simple_evaluate(model=model, tasks=["moe_qa"], task_manager=TaskManager(include_path=include))
-    assert results["results"]["moe_qa"]["exact_match,none"] == ours
+    _opdlm_eval_then_lm_eval(ckpt, tmp_path, "moe_qa", generate_alone_and_batched)
 
 
 @pytest.mark.parametrize("kind", ["student", "ar"])
