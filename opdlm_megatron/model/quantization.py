@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 from typing import Callable, Optional
 
+from ..runtime.platform import compute_device
+
 QUANT_FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 CUDA_ONLY_FORMATS = ("nvfp4",)
 
@@ -47,10 +49,11 @@ def quantization_recipe(fmt: str, device_type: str) -> dict:
     return copy.deepcopy(getattr(modelopt_quantization(), QUANT_FORMATS[fmt]))
 
 
-def quantize(model, fmt: str, forward_loop: Optional[Callable] = None, device_type: str = "cpu"):
+def quantize(model, fmt: str, forward_loop: Optional[Callable] = None, device_type: Optional[str] = None):
     """Quantizes ``model`` in place with ModelOpt's ``fmt`` recipe, calibrated over the forwards
-    ``forward_loop(model)`` runs (None: weights only); marks it (``opd_quantization``) and returns it."""
-    recipe = quantization_recipe(fmt, device_type)
+    ``forward_loop(model)`` runs (None: weights only); marks it (``opd_quantization``) and returns it.
+    ``device_type``: where it runs (None: where models go, ``compute_device``)."""
+    recipe = quantization_recipe(fmt, device_type or compute_device().type)
     model = modelopt_quantization().quantize(model, recipe, forward_loop)
     model.opd_quantization = fmt
     return model

@@ -18,7 +18,7 @@ from .engine import DiffusionRolloutEngine
 
 
 def quantize_on_rollouts(model, config: ModelConfig, fmt: str, prompts: Sequence[Sequence[int]],
-                         decode: Optional[DecodeConfig] = None, batch_size: int = 8, device_type: str = "cpu"):
+                         decode: Optional[DecodeConfig] = None, batch_size: int = 8):
     """Quantizes ``model`` (in place, returned) to ``fmt``, calibrated on the forwards of decoding ``prompts``
     (``batch_size`` at a time) with ``decode`` (default: the engine's, the model's block size)."""
     if not prompts:
@@ -30,4 +30,4 @@ def quantize_on_rollouts(model, config: ModelConfig, fmt: str, prompts: Sequence
             engine.generate(prompts[start:start + batch_size], decode)
 
     model.eval()
-    return quantize(model, fmt, decode_prompts, device_type)
+    return quantize(model, fmt, decode_prompts)
