@@ -53,6 +53,7 @@ setup(
             "opdlm-convert-layout=opdlm_megatron.commands.convert_layout:main",
             "opdlm-plan=opdlm_megatron.commands.plan:main",
             "opdlm-pretrain-megatron-lm=opdlm_megatron.commands.pretrain_megatron_lm:main",
+            "opdlm-quantize=opdlm_megatron.commands.quantize:main",
         ]
     },
 )

@@ -339,7 +339,7 @@ def test_help_of_every_console_script_imports_no_torch_and_warns_nothing():
     """``--help`` answers without importing torch or megatron (what made it take 5-7 s with 11 warning
     lines), under the console script's own name. (Wall times: benchmarks/cli_startup.py.)"""
     scripts = _console_scripts()
-    assert len(scripts) == 10
+    assert len(scripts) == 11
     for name, module, function in scripts:
         code = (f"import sys; sys.argv = [{name!r}, '--help']\n"
                 f"from {module} import {function}\n"

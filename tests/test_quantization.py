@@ -152,3 +152,195 @@ def test_quantized_student_at_tp2_and_pp2_equals_tp1(runtime, tmp_path, tp, pp):
     if pp == 1:
         assert torch.allclose(got["logits"], logits, rtol=1e-4, atol=1e-4), (got["logits"] - logits).abs().max()
     assert torch.equal(got["answer_ids"], expected.answer_ids) and torch.equal(got["commit_step"], expected.commit_step)
+
+
+# ----------------------------------------------------------------- checkpoints and opdlm-quantize
+def _logits(model, prompt):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1])[None], None)
+
+
+def _buffers(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if "quantizer" in k}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq"])
+def test_a_quantized_checkpoint_reloads_as_the_same_quantized_student(runtime, tmp_path, fmt):
+    """Saved and rebuilt from its config: the same quantizer ranges (and SmoothQuant scales, and the smoothed
+    weights), bit for bit, hence the same logits; ModelOpt's pickled per-layer state is not in the checkpoint.
+    The checkpoint refuses an unquantized model, and the teacher's places refuse it."""
+    from megatron.core import dist_checkpointing
+
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint, load_model_checkpoint, save_model_checkpoint
+    from opdlm_megatron.checkpoint.training import check_teacher_checkpoint
+    from opdlm_megatron.config.model import ModelConfig
+    from opdlm_megatron.rollout.calibration import quantize_on_rollouts
+
+    model, config = _student(seed=3)
+    quantize_on_rollouts(model, config, fmt, PROMPTS, DECODE)
+    ckpt = str(tmp_path / "q")
+    save_model_checkpoint(model, ckpt, config)
+    assert ModelConfig.load(ckpt).quantization == fmt
+    saved_keys = set(dist_checkpointing.load_tensors_metadata(ckpt))
+    assert not any(k.endswith("_extra_state") for k in saved_keys)
+    assert any(k.endswith("input_quantizer._amax") for k in saved_keys)
+
+    reloaded, reloaded_config = build_from_checkpoint(ckpt, "student")
+    reloaded.eval()
+    assert reloaded_config.quantization == fmt
+    expected, got = _buffers(model), _buffers(reloaded)
+    assert set(expected) == set(got) and expected
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    for key, value in model.state_dict().items():
+        if key.endswith("weight") and value is not None:
+            assert torch.equal(reloaded.state_dict()[key], value), key
+    for prompt in PROMPTS:
+        assert torch.equal(_logits(reloaded, prompt), _logits(model, prompt))
+    assert not torch.allclose(_logits(reloaded, PROMPTS[0]), _logits(build_model(config, "student").eval(), PROMPTS[0]))
+
+    with pytest.raises(ValueError, match=f"is quantized to {fmt} and the model it is loaded into is not quantized"):
+        load_model_checkpoint(build_model(config, "student"), ckpt)
+    with pytest.raises(ValueError, match=rf"model.teacher_checkpoint {ckpt} is quantized \({fmt}, ModelOpt\)"):
+        check_teacher_checkpoint(ckpt, "model.teacher_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def quantize_assets(tmp_path_factory):
+    from tests.helpers import save_tiny_student
+    import json
+
+    root = tmp_path_factory.mktemp("quantize")
+    ckpt = save_tiny_student(root / "student", seed=5)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + 2 * i} w{30 - i}"}) + "\n" for i in range(6)))
+    return dict(root=root, ckpt=ckpt, prompts=str(prompts))
+
+
+def _encoded_prompts(assets):
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from opdlm_megatron.commands.generate import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(assets["ckpt"], "tokenizer"))
+    return [encode_prompt(tokenizer, json.loads(line), False) for line in open(assets["prompts"])]
+
+
+CLI_DECODE = ["--max-new-tokens", "8", "--threshold", "0.5", "--batch-size", "4", "--device", "cpu"]
+
+
+def _quantized_in_process(assets, fmt):
+    """The reference: the input checkpoint quantized in this process on the same prompts and decoding."""
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.rollout.calibration import quantize_on_rollouts
+
+    model, config = build_from_checkpoint(assets["ckpt"], "student")
+    model.eval()
+    decode = DecodeConfig(max_new_tokens=8, threshold=0.5, eos_token_ids=config.eos_token_ids or None)
+    quantize_on_rollouts(model, config, fmt, _encoded_prompts(assets), decode, batch_size=4)
+    return model, config
+
+
+def test_opdlm_quantize_writes_a_checkpoint_that_generate_eval_and_lm_eval_run(quantize_assets, tmp_path, monkeypatch):
+    """``opdlm-quantize`` (FP8) = quantizing in process on the same prompts (ranges, logits); its checkpoint
+    keeps the tokenizer, and opdlm-generate (= the engine on the in-process quantized student), opdlm-eval and
+    lm-eval's generate_until (the same score) run it."""
+    import json
+    import os
+
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.commands import generate, quantize
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from tests.test_lm_eval_model import _opdlm_eval_then_lm_eval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = str(tmp_path / "fp8")
+    quantize.main(["--checkpoint", quantize_assets["ckpt"], "--prompts", quantize_assets["prompts"], "--out", out,
+                   "--format", "fp8", *CLI_DECODE])
+    assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
+    with initialize_runtime(device="cpu", seed=0):
+        expected, config = _quantized_in_process(quantize_assets, "fp8")
+        got, got_config = build_from_checkpoint(out, "student")
+        got.eval()
+        assert got_config.quantization == "fp8"
+        want, have = quantized_ranges(expected), quantized_ranges(got)
+        assert set(want) == set(have)
+        for name, ranges in want.items():
+            assert have[name] == pytest.approx(ranges, rel=1e-6), name
+        prompts = _encoded_prompts(quantize_assets)
+        assert torch.equal(_logits(got, prompts[0]), _logits(expected, prompts[0]))
+        decoded = DiffusionRolloutEngine(expected, config).generate(prompts, DecodeConfig(max_new_tokens=8))
+    assert generate.main(["--checkpoint", out, "--prompts", quantize_assets["prompts"], "--out",
+                          str(tmp_path / "gen.jsonl"), "--max-new-tokens", "8", "--device", "cpu"]) in (None, 0)
+    lines = [json.loads(line) for line in open(tmp_path / "gen.jsonl")]
+    for row, line in enumerate(lines):
+        assert line["completion_ids"] == decoded.answer_ids[row][decoded.answer_valid[row]].tolist()
+    _opdlm_eval_then_lm_eval(out, tmp_path, "quantized_qa")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq"])
+def test_opdlm_quantize_at_tp2_saves_what_tp1_quantizes(quantize_assets, tmp_path, fmt):
+    """Quantized at TP 2 (the ranges synchronised over the TP ranks, the per-channel ones sharded with their
+    weights), saved, reloaded at TP 1: the ranges and logits of quantizing at TP 1."""
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from tests.conftest import run_torchrun
+
+    out = str(tmp_path / fmt)
+    run_torchrun("quantize_cli.py", "--checkpoint", quantize_assets["ckpt"], "--prompts", quantize_assets["prompts"],
+                 "--out", out, "--format", fmt, "--tp", "2", *CLI_DECODE)
+    with initialize_runtime(device="cpu", seed=0):
+        expected, _ = _quantized_in_process(quantize_assets, fmt)
+        got, _ = build_from_checkpoint(out, "student")
+        got.eval()
+        want, have = _buffers(expected), _buffers(got)
+        assert set(want) == set(have)
+        for key, value in want.items():
+            assert torch.allclose(have[key], value, rtol=1e-5, atol=1e-7), (key, (have[key] - value).abs().max())
+        prompt = _encoded_prompts(quantize_assets)[0]
+        assert torch.allclose(_logits(got, prompt), _logits(expected, prompt), rtol=1e-4, atol=1e-4)
+
+
+def test_opdlm_quantize_refuses_bad_input_in_one_line(quantize_assets, tmp_path, capsys):
+    """NVFP4 on CPU, a format ModelOpt lacks here, an already quantized checkpoint, the input as output, a
+    quantized teacher for opdlm-eval: one line, exit 2, nothing written."""
+    from opdlm_megatron.commands import quantize
+    from opdlm_megatron.evaluate import main as opdlm_eval
+
+    def refused(main, argv, program, message):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{program}: error: ") and message in err[0], err
+
+    base = ["--checkpoint", quantize_assets["ckpt"], "--prompts", quantize_assets["prompts"], *CLI_DECODE]
+    out = tmp_path / "q"
+    refused(quantize.main, [*base, "--out", str(out), "--format", "nvfp4"], "opdlm-quantize",
+            "quantization format 'nvfp4' runs on CUDA GPUs only")
+    with pytest.raises(SystemExit) as exit_:  # argparse: the choices
+        quantize.main([*base, "--out", str(out), "--format", "int4"])
+    assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+    refused(quantize.main, [*base, "--out", quantize_assets["ckpt"], "--format", "fp8"], "opdlm-quantize",
+            f"--out {quantize_assets['ckpt']} is --checkpoint")
+    assert not out.exists()
+    quantize.main([*base, "--out", str(out), "--format", "fp8"])
+    capsys.readouterr()
+    refused(quantize.main, ["--checkpoint", str(out), "--prompts", quantize_assets["prompts"], "--out",
+                            str(tmp_path / "twice"), "--format", "int8_sq", *CLI_DECODE], "opdlm-quantize",
+            f"--checkpoint {out} is already quantized (fp8)")
+    assert not (tmp_path / "twice").exists()
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"prompt": "w5 w6", "reference": "w7"}\n')
+    common = ["--task", "jsonl", "--data", str(data), "--max-new-tokens", "4", "--no-chat-template", "--no-progress",
+              "--out", str(tmp_path / "eval")]
+    refused(opdlm_eval, ["--student", str(out), *common], "opdlm-eval",
+            f"--student (the default teacher) {out} is quantized (fp8)")
+    refused(opdlm_eval, ["--student", quantize_assets["ckpt"], "--teacher", str(out), *common], "opdlm-eval",
+            f"--teacher {out} is quantized (fp8); the teacher must be the unquantized AR model")
+    assert not (tmp_path / "eval").exists()

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config.model import CONFIG_FILE_NAME, ModelConfig
+from ..model.quantization import checkpoint_sharded_state_dict, quantization_of
 from ..runtime.distributed import global_rank
 from ..runtime.platform import in_process_checkpoint_writes
 from .atomic import atomic_directory_save
@@ -49,8 +50,8 @@ def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_stat
     from megatron.core import dist_checkpointing, parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    pinned = config.replace(padded_vocab=config.padded_vocab_size(tp))
-    model_state = model.sharded_state_dict()
+    pinned = config.replace(padded_vocab=config.padded_vocab_size(tp), quantization=quantization_of(model))
+    model_state = checkpoint_sharded_state_dict(model)
     sharded = dict(model_state)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_SHARDING_METADATA)
@@ -102,7 +103,8 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
             raise ValueError(f"{directory} is a Megatron-LM checkpoint: resume it with Megatron-LM's --load")
         load_megatron_lm_model(model, directory, strict=strict)
         return {}
-    model_state = model.sharded_state_dict()
+    _check_quantization(model, directory)
+    model_state = checkpoint_sharded_state_dict(model)
     sharded = dict(model_state)
     if optimizer is not None:
         _allocate_distributed_optimizer_state(optimizer)
@@ -124,6 +126,17 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
         with torch.no_grad():  # fp32 parameters' optimizer shards are views of the (grad-requiring) weights
             optimizer.load_state_dict(optimizer_state)
     return extra
+
+
+def _check_quantization(model, directory: str) -> None:
+    """A checkpoint loads only into a model quantized as it was (an INT8 SmoothQuant checkpoint's weights are
+    rescaled: without its smoothing scales they would be silently wrong)."""
+    saved = load_model_config(directory).quantization
+    if saved != quantization_of(model):
+        def name(fmt):
+            return f"quantized to {fmt}" if fmt else "not quantized"
+        raise ValueError(f"checkpoint {directory} is {name(saved)} and the model it is loaded into is "
+                         f"{name(quantization_of(model))}: build the model from the checkpoint's config")
 
 
 def _allocate_distributed_optimizer_state(optimizer) -> None:

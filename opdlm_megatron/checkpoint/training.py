@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config.model import ModelConfig
+from ..config.model import CONFIG_FILE_NAME, ModelConfig
 from ..rollout.types import RolloutResult
 from ..runtime.distributed import global_rank
 from .model import is_checkpoint, load_model_checkpoint, save_model_checkpoint
@@ -123,7 +123,14 @@ AUTOREGRESSIVE_OBJECTIVES = ("ar",)
 
 def check_teacher_checkpoint(directory: str, setting: str, hint: str = "") -> None:
     """Raises a ValueError when ``directory`` (named by config ``setting``) is a block-diffusion
-    student: the teacher must be the AR model (a converted checkpoint or one trained with ``ar``)."""
+    student: the teacher must be the AR model (a converted checkpoint or one trained with ``ar``), or a
+    quantized checkpoint (the teacher stays in its training precision)."""
+    config_file = os.path.join(directory, CONFIG_FILE_NAME)
+    quantization = ModelConfig.load(directory).quantization if os.path.isfile(config_file) else None
+    if quantization is not None:
+        raise ValueError(f"{setting} {directory} is quantized ({quantization}, ModelOpt); the teacher is the frozen "
+                         f"model in its training precision: give the unquantized checkpoint"
+                         + (f" - {hint}" if hint else ""))
     objective = trained_objective(directory)
     if objective is not None and objective not in AUTOREGRESSIVE_OBJECTIVES:
         raise ValueError(

@@ -10,6 +10,8 @@ DTYPE_CHOICES = sorted(DTYPE_ALIASES) + sorted(DTYPE_NAMES)
 LAYER_NORMS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("dense", "flex")
+# NVIDIA ModelOpt's quantization recipes a student takes (model/quantization.py maps them)
+QUANT_FORMATS = ("fp8", "int8_sq", "nvfp4")
 
 # the loss (model/losses.py, training/student.py) and the supervised states (distill/states.py)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")

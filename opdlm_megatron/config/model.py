@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .choices import ATTENTION_BACKENDS, DTYPE_ALIASES, DTYPE_NAMES, LAYER_NORMS, TRANSFORMER_IMPLS
+from .choices import ATTENTION_BACKENDS, DTYPE_ALIASES, DTYPE_NAMES, LAYER_NORMS, QUANT_FORMATS, TRANSFORMER_IMPLS
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (F.gelu, True), "gelu": (F.gelu, False), "silu": (F.silu, False)}
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -90,6 +90,10 @@ class ModelConfig:
     transformer_impl: str = "local"
     attention_backend: str = "dense"
     params_dtype: str = "float32"
+    # The ModelOpt format the student's linear layers are (fake-)quantized to (QUANT_FORMATS; None: not
+    # quantized). Written by opdlm-quantize and quantization-aware runs: a model built from this config gets
+    # the format's quantizers, whose ranges the checkpoint then supplies (model/quantization.py).
+    quantization: Optional[str] = None
     # Free-form extra TransformerConfig keyword arguments (e.g. recompute settings).
     extra_transformer_config: dict = field(default_factory=dict)
     # Where the weights came from (informational; e.g. the HF architecture name).
@@ -132,6 +136,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention_backend {self.attention_backend!r}; expected one of {ATTENTION_BACKENDS}"
             )
+        if self.quantization is not None and self.quantization not in QUANT_FORMATS:
+            raise ValueError(f"ModelConfig.quantization {self.quantization!r} is not one of {list(QUANT_FORMATS)}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "

@@ -40,6 +40,7 @@ from .expert_parallel import expert_parallel_max, idle_microbatch
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
 from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
+from .quantization import insert_quantizers
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -235,6 +236,8 @@ def build_model(
     model.opd_role = role
     model.opd_attn_mask_type = attn_mask_type
     model.opd_config = config
+    if config.quantization is not None:  # a quantized checkpoint's model: its quantizers, ranges to be loaded
+        insert_quantizers(model, config.quantization, device.type)
     if role == "teacher":
         model.eval()
         model.requires_grad_(False)

@@ -17,17 +17,33 @@ Formats (ModelOpt's recipes; the output layer, routers and embeddings stay unqua
 
 A quantized model decodes through megatron's forward (the fused decoding forward reads the raw weights and
 would skip the quantizers: ``rollout/fused_forward.unsupported_reason`` names it).
+
+Checkpoints: the format is the model config's ``quantization``; the quantizers' ranges (``_amax``) and
+SmoothQuant's smoothing scales (``_pre_quant_scale``) are buffers of the linear layers, saved and loaded as
+tensors through megatron's sharded state dict like the weights. ModelOpt's own serialized state (the linear
+layers' ``_extra_state``: ``torch.save`` bytes) is neither written nor read: a model built from a quantized
+config gets its quantizers back from the recipe (``insert_quantizers``) and the checkpoint fills them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 from typing import Callable, Optional
 
+import torch
+
+from ..config.choices import QUANT_FORMATS as FORMAT_NAMES
 from ..runtime.platform import compute_device
 
+# each format's recipe in modelopt.torch.quantization
 QUANT_FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+assert tuple(QUANT_FORMATS) == FORMAT_NAMES
 CUDA_ONLY_FORMATS = ("nvfp4",)
+
+logger = logging.getLogger(__name__)
 
 
 def modelopt_quantization():
@@ -54,11 +70,71 @@ def quantize(model, fmt: str, forward_loop: Optional[Callable] = None, device_ty
     ``forward_loop(model)`` runs (None: weights only); marks it (``opd_quantization``) and returns it.
     ``device_type``: where it runs (None: where models go, ``compute_device``)."""
     recipe = quantization_recipe(fmt, device_type or compute_device().type)
-    model = modelopt_quantization().quantize(model, recipe, forward_loop)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # ModelOpt prints its progress ("Inserted 51 quantizers")
+        model = modelopt_quantization().quantize(model, recipe, forward_loop)
+    for line in printed.getvalue().splitlines():
+        logger.info("modelopt: %s", line)
     model.opd_quantization = fmt
+    if getattr(model, "opd_config", None) is not None:  # what a checkpoint of it records
+        model.opd_config = model.opd_config.replace(quantization=fmt)
+    return model
+
+
+def insert_quantizers(model, fmt: str, device_type: Optional[str] = None):
+    """Gives ``model`` the quantizers of ``fmt`` with placeholder ranges, for a checkpoint to fill.
+
+    ModelOpt creates a quantizer's range buffers (and SmoothQuant its smoothing scales and smoothed
+    weights) while it calibrates, so the calibration here feeds every megatron linear layer one input of
+    ones, directly (any TP / PP stage / expert layout, no model forward); everything it sets - ranges,
+    scales, the weights SmoothQuant rescaled - is replaced by the checkpoint's tensors on load."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.utils import get_pg_size
+
+    def feed_ones(quantized) -> None:
+        for module in quantized.modules():
+            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or module.weight is None:
+                continue
+            parallel_input = isinstance(module, RowParallelLinear) and module.input_is_parallel
+            width = module.input_size_per_partition if parallel_input else module.input_size
+            # sequence parallelism splits the sequence over the TP ranks: one row per rank
+            rows = get_pg_size(module.tp_group) if getattr(module, "sequence_parallel", False) else 1
+            module(torch.ones(rows, 1, width, dtype=module.weight.dtype, device=module.weight.device))
+
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        quantize(model, fmt, feed_ones, device_type)
+    model.train(training)
     return model
 
 
 def quantization_of(model) -> Optional[str]:
     """The format ``model`` was quantized to, None when it was not."""
     return getattr(model, "opd_quantization", None)
+
+
+def checkpoint_sharded_state_dict(model) -> dict:
+    """``model``'s sharded state dict as checkpoints save and load it. For a quantized model: without
+    ModelOpt's serialized per-layer state (``_extra_state``: pickled bytes, never read back; the config's
+    format rebuilds the quantizers, ``insert_quantizers``), and with SwiGLU's per-channel weight ranges
+    (INT8 SmoothQuant's ``linear_fc1.weight_quantizer._amax``, one row per output row) split into their gate
+    and up halves as megatron splits the weight, so that they reload at another TP size (ModelOpt shards
+    them as one block of rows, which puts the halves in TP-dependent order)."""
+    state = model.sharded_state_dict()
+    if quantization_of(model) is None:
+        return state
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    gated = getattr(model.config, "gated_linear_unit", False)
+    result = {}
+    for key, value in state.items():
+        if key.endswith("._extra_state"):
+            continue
+        if (gated and key.endswith(".mlp.linear_fc1.weight_quantizer._amax") and isinstance(value, ShardedTensor)
+                and value.prepend_axis_num == 0 and value.local_shape[0] > 1):
+            value = apply_swiglu_sharded_factory(value, ())
+        result[key] = value
+    return result
+
