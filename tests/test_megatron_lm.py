@@ -248,3 +248,35 @@ def test_pretrained_checkpoint_in_megatron_lm_layout_starts_the_run(assets, refe
     assert it == 1
     assert loss == pytest.approx(reference[0][1], rel=1e-4)
     assert norm == pytest.approx(reference[0][2], rel=1e-4)
+
+
+@pytest.mark.distributed
+def test_quantization_aware_pretrain_matches_the_projects_trainer(assets, reference, tmp_path):
+    """``quantization: {format: fp8}`` under Megatron-LM at TP 2: the student calibrated in model_provider on
+    its own decoding, then trained fake-quantized: the losses and gradient norms of the project's trainer at
+    TP 1 with the same section; the run's --save describes a quantized student."""
+    from opdlm_megatron.training.trainer import Trainer
+
+    section = dict(format="fp8", calibration_prompts=3)
+    cfg = train_config_from_dict(tiny_train_dict(
+        str(tmp_path / "own"), assets["data"], assets["ckpt"], train=dict(steps=2), quantization=section,
+        optim=dict(lr=LR, min_lr=LR, warmup_steps=0, weight_decay=0.0, clip_grad=1.0), checkpoint=dict(resume=False)))
+    with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
+        trainer = Trainer(cfg, rt)
+        quantized = [(h["step"] + 1, h["loss"], h["grad_norm"]) for h in trainer.fit()]
+        trainer.close()
+    # the same run unquantized (the module's reference) trains other numbers
+    assert quantized[0][2] != pytest.approx(reference[0][2], rel=1e-4)
+    opd = yaml.safe_load(open(assets["opd_yaml"]))
+    opd["quantization"] = section
+    opd_yaml = tmp_path / "opd_fp8.yaml"
+    opd_yaml.write_text(yaml.safe_dump(opd))
+    flags = _megatron_flags(dict(assets, opd_yaml=str(opd_yaml)), 2, "--tensor-model-parallel-size", "2",
+                            "--save", str(tmp_path / "save"), "--save-interval", "2", run_dir=tmp_path / "run")
+    stdout = run_torchrun(ENTRY, *flags)
+    got = _steps(tmp_path / "run")
+    assert [g[0] for g in got] == [1, 2], stdout[-3000:]
+    for (it, loss, norm), (_, ref_loss, ref_norm) in zip(got, quantized, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-4), it
+        assert norm == pytest.approx(ref_norm, rel=1e-4), it
+    assert ModelConfig.load(str(tmp_path / "save")).quantization == "fp8"

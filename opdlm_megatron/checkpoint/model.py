@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config.model import CONFIG_FILE_NAME, ModelConfig
-from ..model.quantization import checkpoint_sharded_state_dict, quantization_of
+from ..model.quantization import quantization_exclude_of, quantization_of
 from ..runtime.distributed import global_rank
 from ..runtime.platform import in_process_checkpoint_writes
 from .atomic import atomic_directory_save
@@ -50,8 +50,9 @@ def save_model_checkpoint(model, directory: str, config: ModelConfig, extra_stat
     from megatron.core import dist_checkpointing, parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    pinned = config.replace(padded_vocab=config.padded_vocab_size(tp), quantization=quantization_of(model))
-    model_state = checkpoint_sharded_state_dict(model)
+    pinned = config.replace(padded_vocab=config.padded_vocab_size(tp), quantization=quantization_of(model),
+                            quantization_exclude=quantization_exclude_of(model))
+    model_state = model.sharded_state_dict()
     sharded = dict(model_state)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_SHARDING_METADATA)
@@ -104,7 +105,7 @@ def load_model_checkpoint(model, directory: str, strict: bool = True, optimizer=
         load_megatron_lm_model(model, directory, strict=strict)
         return {}
     _check_quantization(model, directory)
-    model_state = checkpoint_sharded_state_dict(model)
+    model_state = model.sharded_state_dict()
     sharded = dict(model_state)
     if optimizer is not None:
         _allocate_distributed_optimizer_state(optimizer)

@@ -94,6 +94,7 @@ class ModelConfig:
     # quantized). Written by opdlm-quantize and quantization-aware runs: a model built from this config gets
     # the format's quantizers, whose ranges the checkpoint then supplies (model/quantization.py).
     quantization: Optional[str] = None
+    quantization_exclude: list = field(default_factory=list)  # module-name patterns left unquantized
     # Free-form extra TransformerConfig keyword arguments (e.g. recompute settings).
     extra_transformer_config: dict = field(default_factory=dict)
     # Where the weights came from (informational; e.g. the HF architecture name).

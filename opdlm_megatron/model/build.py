@@ -40,7 +40,7 @@ from .expert_parallel import expert_parallel_max, idle_microbatch
 from .masks import AttentionLayout, right_padded
 from .microbatches import microbatch_rows
 from .norm import SequenceParallelTorchNorm, with_sequence_parallel_norms
-from .quantization import insert_quantizers
+from .quantization import checkpoint_sharded_state, insert_quantizers
 
 ROLES = ("student", "teacher")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -56,6 +56,11 @@ class OPDGPTModel(GPTModel):
             table = self.rotary_pos_emb.get_emb(self.max_sequence_length).to(device)
             self._opd_rope_table = table
         return table
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's, as every checkpoint holds it (the project's, Megatron-LM's): for a quantized student,
+        ModelOpt's state as tensors only (``quantization.checkpoint_sharded_state``)."""
+        return checkpoint_sharded_state(self, super().sharded_state_dict(prefix, sharded_offsets, metadata))
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         outputs = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -237,7 +242,7 @@ def build_model(
     model.opd_attn_mask_type = attn_mask_type
     model.opd_config = config
     if config.quantization is not None:  # a quantized checkpoint's model: its quantizers, ranges to be loaded
-        insert_quantizers(model, config.quantization, device.type)
+        insert_quantizers(model, config.quantization, device.type, config.quantization_exclude)
     if role == "teacher":
         model.eval()
         model.requires_grad_(False)

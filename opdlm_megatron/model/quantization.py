@@ -31,7 +31,7 @@ import contextlib
 import copy
 import io
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -65,23 +65,31 @@ def quantization_recipe(fmt: str, device_type: str) -> dict:
     return copy.deepcopy(getattr(modelopt_quantization(), QUANT_FORMATS[fmt]))
 
 
-def quantize(model, fmt: str, forward_loop: Optional[Callable] = None, device_type: Optional[str] = None):
+def quantize(model, fmt: str, forward_loop: Optional[Callable] = None, device_type: Optional[str] = None,
+             exclude: Sequence[str] = ()):
     """Quantizes ``model`` in place with ModelOpt's ``fmt`` recipe, calibrated over the forwards
     ``forward_loop(model)`` runs (None: weights only); marks it (``opd_quantization``) and returns it.
-    ``device_type``: where it runs (None: where models go, ``compute_device``)."""
+    ``device_type``: where it runs (None: where models go, ``compute_device``). ``exclude``: fnmatch
+    patterns of megatron module names whose linear layers stay unquantized (``decoder.layers.0.*``,
+    ``*linear_fc2``), beside those ModelOpt's recipe leaves alone (the output layer, routers)."""
     recipe = quantization_recipe(fmt, device_type or compute_device().type)
+    for pattern in exclude:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"quantization exclude patterns are module-name patterns (strings), got {pattern!r}")
+        recipe["quant_cfg"].append({"quantizer_name": f"{pattern}.*quantizer", "enable": False})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # ModelOpt prints its progress ("Inserted 51 quantizers")
         model = modelopt_quantization().quantize(model, recipe, forward_loop)
     for line in printed.getvalue().splitlines():
         logger.info("modelopt: %s", line)
     model.opd_quantization = fmt
+    model.opd_quantization_exclude = list(exclude)
     if getattr(model, "opd_config", None) is not None:  # what a checkpoint of it records
-        model.opd_config = model.opd_config.replace(quantization=fmt)
+        model.opd_config = model.opd_config.replace(quantization=fmt, quantization_exclude=list(exclude))
     return model
 
 
-def insert_quantizers(model, fmt: str, device_type: Optional[str] = None):
+def insert_quantizers(model, fmt: str, device_type: Optional[str] = None, exclude: Sequence[str] = ()):
     """Gives ``model`` the quantizers of ``fmt`` with placeholder ranges, for a checkpoint to fill.
 
     ModelOpt creates a quantizer's range buffers (and SmoothQuant its smoothing scales and smoothed
@@ -104,7 +112,7 @@ def insert_quantizers(model, fmt: str, device_type: Optional[str] = None):
     training = model.training
     model.eval()
     with torch.no_grad():
-        quantize(model, fmt, feed_ones, device_type)
+        quantize(model, fmt, feed_ones, device_type, exclude)
     model.train(training)
     return model
 
@@ -114,14 +122,18 @@ def quantization_of(model) -> Optional[str]:
     return getattr(model, "opd_quantization", None)
 
 
-def checkpoint_sharded_state_dict(model) -> dict:
-    """``model``'s sharded state dict as checkpoints save and load it. For a quantized model: without
-    ModelOpt's serialized per-layer state (``_extra_state``: pickled bytes, never read back; the config's
-    format rebuilds the quantizers, ``insert_quantizers``), and with SwiGLU's per-channel weight ranges
-    (INT8 SmoothQuant's ``linear_fc1.weight_quantizer._amax``, one row per output row) split into their gate
-    and up halves as megatron splits the weight, so that they reload at another TP size (ModelOpt shards
-    them as one block of rows, which puts the halves in TP-dependent order)."""
-    state = model.sharded_state_dict()
+def quantization_exclude_of(model) -> list:
+    """The module-name patterns ``model``'s quantization left unquantized."""
+    return list(getattr(model, "opd_quantization_exclude", []))
+
+
+def checkpoint_sharded_state(model, state: dict) -> dict:
+    """``state`` (``model``'s megatron sharded state dict) as checkpoints hold it: unchanged for an unquantized
+    model. For a quantized one: without ModelOpt's serialized per-layer state (``_extra_state``: pickled bytes,
+    never read back; the config's format rebuilds the quantizers, ``insert_quantizers``), and with SwiGLU's
+    per-channel weight ranges (INT8 SmoothQuant's ``linear_fc1.weight_quantizer._amax``, one per output row)
+    split into their gate and up halves as megatron splits the weight, so that they reload at another TP
+    size (ModelOpt shards them as one block of rows: the halves' order would depend on TP)."""
     if quantization_of(model) is None:
         return state
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -137,4 +149,3 @@ def checkpoint_sharded_state_dict(model) -> dict:
             value = apply_swiglu_sharded_factory(value, ())
         result[key] = value
     return result
-

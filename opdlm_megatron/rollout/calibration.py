@@ -18,9 +18,10 @@ from .engine import DiffusionRolloutEngine
 
 
 def quantize_on_rollouts(model, config: ModelConfig, fmt: str, prompts: Sequence[Sequence[int]],
-                         decode: Optional[DecodeConfig] = None, batch_size: int = 8):
+                         decode: Optional[DecodeConfig] = None, batch_size: int = 8, exclude: Sequence[str] = ()):
     """Quantizes ``model`` (in place, returned) to ``fmt``, calibrated on the forwards of decoding ``prompts``
-    (``batch_size`` at a time) with ``decode`` (default: the engine's, the model's block size)."""
+    (``batch_size`` at a time) with ``decode`` (default: the engine's, the model's block size); ``exclude``:
+    module-name patterns left unquantized (``model/quantization.quantize``)."""
     if not prompts:
         raise ValueError("quantization calibration needs at least one prompt")
 
@@ -29,5 +30,8 @@ def quantize_on_rollouts(model, config: ModelConfig, fmt: str, prompts: Sequence
         for start in range(0, len(prompts), batch_size):
             engine.generate(prompts[start:start + batch_size], decode)
 
+    training = model.training
     model.eval()
-    return quantize(model, fmt, decode_prompts)
+    quantize(model, fmt, decode_prompts, exclude=exclude)
+    model.train(training)
+    return model

@@ -18,15 +18,18 @@ and its checkpoint layout (``integrations/megatron_lm/``).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from ..checkpoint.model import load_model_checkpoint, load_model_config
 from ..checkpoint.training import check_teacher_checkpoint
 from ..config.model import ModelConfig, canonical_dtype
-from ..data.samples import SampleList, check_token_ids, load_samples, load_tokenizer
+from ..data.samples import Sample, SampleList, check_token_ids, load_samples, load_tokenizer
 from ..distill.teacher import FrozenTeacher
 from ..model.build import build_model
+from ..model.quantization import insert_quantizers
+from ..rollout.calibration import quantize_on_rollouts
 from .config import ModelPaths, TrainConfig
+from .schedules import rollout_decode_config, rollout_length
 
 
 def student_architecture(cfg: TrainConfig, config: ModelConfig, device_type: str) -> ModelConfig:
@@ -44,6 +47,13 @@ def student_architecture(cfg: TrainConfig, config: ModelConfig, device_type: str
         raise ValueError(f"a mixture-of-experts student trains at tensor parallel size {tp} only with "
                          f"parallel.sequence_parallel=true (megatron's MoE layer); set it, or split the experts "
                          f"with parallel.expert_model_parallel_size instead")
+    q = cfg.quantization
+    if config.quantization is not None and (q.format, list(q.exclude)) != (config.quantization,
+                                                                          list(config.quantization_exclude)):
+        raise ValueError(f"the student checkpoint is quantized ({config.quantization}, exclude "
+                         f"{config.quantization_exclude}); quantization.format {q.format!r} and quantization.exclude "
+                         f"{q.exclude} must say the same (quantization-aware training goes on from its ranges), or "
+                         f"start from the unquantized student")
     if config.num_experts is None and cfg.moe.router_losses_on:
         raise ValueError(f"moe.load_balancing {cfg.moe.load_balancing!r} and moe.z_loss_coeff {cfg.moe.z_loss_coeff!r} "
                          f"train a mixture-of-experts router; this student is dense (leave them at none / 0)")
@@ -58,6 +68,26 @@ def build_student_model(cfg: TrainConfig, config: ModelConfig, **build_kwargs):
                        sequence_parallel=cfg.parallel.sequence_parallel, **overrides, **build_kwargs)
 
 
+def quantize_student(cfg: TrainConfig, student, config: ModelConfig, samples: Sequence[Sample],
+                     calibrate: bool = True) -> None:
+    """Quantization-aware training (``quantization``): fake-quantizes ``student`` in place to the run's
+    format, its ranges calibrated on the student decoding the first ``quantization.calibration_prompts``
+    prompts of ``samples`` as the first rollout decodes (every rank decodes the same prompts, so any layout
+    calibrates alike); with ``calibrate`` False (a resumed run) the ranges are left for the checkpoint. A
+    student checkpoint that is already quantized (``opdlm-quantize``) was built with its quantizers and
+    ranges (``student_architecture`` checked that the formats agree). Before the optimizer is built: SmoothQuant
+    rescales the weights."""
+    q = cfg.quantization
+    if q.format is None or config.quantization is not None:
+        return
+    if not calibrate:
+        insert_quantizers(student, q.format, exclude=q.exclude)
+        return
+    prompts = [list(sample.prompt_ids) for sample in samples[:q.calibration_prompts]]
+    decode = rollout_decode_config(cfg, 0, rollout_length(0, cfg.curriculum), cfg.end_of_turn_ids(config))
+    quantize_on_rollouts(student, config, q.format, prompts, decode, cfg.rollout.tasks_per_rollout, q.exclude)
+
+
 def build_teacher_model(config: ModelConfig, objective, paths: ModelPaths, sequence_parallel: bool = False):
     """``(model, config)``: the frozen teacher for the architecture ``config`` (its checkpoint's, or the
     student's for self-distillation) with the run's ``model.teacher_dtype``, ``model.attention_backend``
@@ -70,7 +100,8 @@ def build_teacher_model(config: ModelConfig, objective, paths: ModelPaths, seque
 
     config = config.replace(
         params_dtype=canonical_dtype(paths.teacher_dtype) if paths.teacher_dtype else config.params_dtype,
-        attention_backend=paths.attention_backend or config.attention_backend)
+        attention_backend=paths.attention_backend or config.attention_backend,
+        quantization=None, quantization_exclude=[])  # the teacher stays in its own precision
     causal = paths.teacher_causal_kernel and objective.teacher_scores_only and config.attention_backend == "dense"
     model = build_model(config, "teacher", precision=paths.teacher_precision, sequence_parallel=sequence_parallel,
                         attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.arbitrary)

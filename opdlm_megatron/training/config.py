@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config.checks import boolean, in_range, non_negative_int, one_of, positive_int
-from ..config.choices import ATTENTION_BACKENDS, DIVERGENCES, LOSS_NORMALIZATIONS, NOISE_LEVELS, STATE_SELECTIONS
+from ..config.choices import (ATTENTION_BACKENDS, DIVERGENCES, LOSS_NORMALIZATIONS, NOISE_LEVELS, QUANT_FORMATS,
+                              STATE_SELECTIONS)
 from ..config.model import canonical_dtype
 from ..config.precision import PrecisionConfig
 from ..data.config import DataConfig
@@ -258,6 +259,31 @@ class MoEConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """Quantization-aware training with NVIDIA ModelOpt: the student's linear layers are fake-quantized to
+    ``format`` (``fp8``, ``int8_sq``; ``nvfp4`` on CUDA GPUs) for the whole run, its rollouts decode in that
+    precision (on-policy in the deployment precision) and the KL's gradient reaches the weights through the
+    quantizers (straight-through); the teacher stays in its own precision. Before the first step the
+    quantizers' ranges are calibrated on the student decoding the run's first ``calibration_prompts``
+    prompts with the rollout's decoding rule (a resumed run takes them from its checkpoint), and then stay
+    fixed. ``exclude``: fnmatch patterns of megatron module names whose linear layers stay unquantized
+    (``decoder.layers.0.*``, ``*linear_fc2``); ModelOpt's recipes already leave the output layer, the
+    embeddings and the routers unquantized. Checkpoints record the format: they load as quantized students
+    (``opdlm-eval``, ``opdlm-generate``, the lm-eval model)."""
+
+    format: Optional[str] = None  # None: off
+    calibration_prompts: int = 64
+    exclude: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            one_of("quantization.format", self.format, QUANT_FORMATS)
+        positive_int("quantization.calibration_prompts", self.calibration_prompts)
+        if not isinstance(self.exclude, list) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"quantization.exclude must be a list of module-name patterns, got {self.exclude!r}")
+
+
+@dataclass
 class TrainLoopConfig:
     """Optimizer steps and batch sizes. ``global_batch_size`` samples (all data-parallel ranks
     together) make one optimizer step (paper: 8), split into micro-batches of ``micro_batch_size``
@@ -362,6 +388,7 @@ class TrainConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     tcs: TCSConfig = field(default_factory=TCSConfig)
     lift: LIFTConfig = field(default_factory=LIFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -394,6 +421,10 @@ class TrainConfig:
         if self.model.attention_backend:
             config = config.replace(attention_backend=self.model.attention_backend)
         return config
+
+    def end_of_turn_ids(self, config) -> List[int]:
+        """The tokens that end an answer: ``loss.end_of_turn_ids``, else the student's EOS ids."""
+        return list(self.loss.end_of_turn_ids if self.loss.end_of_turn_ids is not None else config.eos_token_ids)
 
     @property
     def updates_per_rollout(self) -> int:

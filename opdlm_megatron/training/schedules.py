@@ -11,8 +11,11 @@ at lr/5, step 4 at the full lr.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
-from .config import CurriculumConfig, OptimConfig, RolloutConfig
+from ..distill.answers import mix_seed
+from ..rollout.config import DecodeConfig
+from .config import CurriculumConfig, OptimConfig, RolloutConfig, TrainConfig
 
 
 def rollout_length(rollout: int, curriculum: CurriculumConfig) -> int:
@@ -35,6 +38,16 @@ def rollout_threshold(rollout: int, cfg: RolloutConfig) -> float:
         return cfg.threshold
     progress = min(1.0, (rollout - schedule.hold_rollouts) / schedule.ramp_rollouts)
     return cfg.threshold + (schedule.final - cfg.threshold) * progress
+
+
+def rollout_decode_config(cfg: TrainConfig, rollout: int, max_new_tokens: int,
+                          end_of_turn_ids: Sequence[int]) -> DecodeConfig:
+    """How the student decodes rollout ``rollout``: its threshold (``rollout_threshold``), the rollout
+    section's sampling, a seed of its own, stopping at the end-of-turn tokens."""
+    r = cfg.rollout
+    return DecodeConfig(max_new_tokens=max_new_tokens, threshold=rollout_threshold(rollout, r),
+                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, tokens_per_step=r.tokens_per_step,
+                        seed=mix_seed(cfg.seed, rollout, 0, 2), eos_token_ids=list(end_of_turn_ids) or None)
 
 
 def lr_for_step(step: int, optim: OptimConfig, total_steps: int) -> float:

@@ -37,7 +37,7 @@ from ..rollout.types import RolloutResult
 from ..runtime.distributed import data_parallel_mean, data_parallel_share
 from .config import TrainConfig
 from .metrics import PhaseTimers
-from .schedules import rollout_length, rollout_threshold
+from .schedules import rollout_decode_config, rollout_length, rollout_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class StepData:
         self.rollout_fn = rollout_fn
         self.rank = rank
         self.timers = timers or PhaseTimers()
-        self.end_of_turn_ids = list(cfg.loss.end_of_turn_ids if cfg.loss.end_of_turn_ids is not None
-                                    else config.eos_token_ids)
+        self.end_of_turn_ids = cfg.end_of_turn_ids(config)
         # the model being trained, no grad, for objectives that read it (LIFT's scores, TCS's routing)
         self.score_student = StudentScorer(student, config, cfg.train.micro_batch_size, cfg.loss.chunk_tokens)
         self.state_context = StateContext(
@@ -112,11 +111,7 @@ class StepData:
                                lambda r: rollout_length(r, cfg.curriculum), self.rollout_fn)
 
     def decode_config(self, rollout: int, max_new_tokens: int) -> DecodeConfig:
-        r = self.cfg.rollout
-        return DecodeConfig(max_new_tokens=max_new_tokens, threshold=rollout_threshold(rollout, r),
-                            temperature=r.temperature,
-                            top_k=r.top_k, top_p=r.top_p, tokens_per_step=r.tokens_per_step,
-                            seed=mix_seed(self.cfg.seed, rollout, 0, 2), eos_token_ids=self.end_of_turn_ids or None)
+        return rollout_decode_config(self.cfg, rollout, max_new_tokens, self.end_of_turn_ids)
 
     def _step_generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, 0, 1))

@@ -52,7 +52,8 @@ from ..runtime.exit_signals import ExitSignals
 from ..runtime.outputs import check_output
 from ..runtime.platform import compute_device
 from ..runtime.run_lock import RunDirectoryLock
-from .build import build_student_model, build_teacher, load_run_samples, step_record, student_architecture
+from .build import (build_student_model, build_teacher, load_run_samples, quantize_student, step_record,
+                    student_architecture)
 from .config import TrainConfig
 from .metrics import LossSpikeDetector, MetricsLogger, PhaseTimers, compact, progress_bar
 from .router_stats import RouterStatistics
@@ -186,11 +187,6 @@ class Trainer:
             )
 
         self.student, self.config, self.teacher = self._build_models()
-        # megatron shards the distributed optimizer over data x context parallel ranks (their gradients agree)
-        self.model, self.optimizer, self.distributed_optimizer = wrap_and_build_optimizer(
-            self.student, cfg, self.dp_size * parallel_state.get_context_parallel_world_size(), not runtime.is_cpu)
-        self.divergence = cfg.loss.divergence_config()
-        self.router_stats = RouterStatistics.for_student(self.student, self.config, cfg.moe)  # None: dense
         if samples is None:
             samples = load_run_samples(cfg, self.config)
         else:
@@ -199,6 +195,15 @@ class Trainer:
         self.timers = PhaseTimers()
         self.data = StepData(cfg, self.objective, self.student, self.config, self.teacher, samples,
                              self.rollout_fn, self.rank, self.timers)
+        resume_from = self._resume_directory() if cfg.checkpoint.resume else None
+        # quantization-aware training: before the optimizer copies the weights; a resumed run's checkpoint
+        # brings the ranges, so only a fresh run calibrates
+        quantize_student(cfg, self.student, self.config, samples, calibrate=resume_from is None)
+        # megatron shards the distributed optimizer over data x context parallel ranks (their gradients agree)
+        self.model, self.optimizer, self.distributed_optimizer = wrap_and_build_optimizer(
+            self.student, cfg, self.dp_size * parallel_state.get_context_parallel_world_size(), not runtime.is_cpu)
+        self.divergence = cfg.loss.divergence_config()
+        self.router_stats = RouterStatistics.for_student(self.student, self.config, cfg.moe)  # None: dense
         self.total_steps = cfg.train.steps or self.steps_for_epochs(len(samples))
         self.lr_schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
         # FLOPs (eq. 7) run through the active parameters (a mixture of experts: top-k experts per token)
@@ -212,8 +217,10 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.run_dir, cfg.logging, cfg.to_dict(), is_writer=self.rank == 0)
         self.history: List[Dict[str, float]] = []
         self.stopped_by: Optional[str] = None  # the signal that ended fit() early
-        if cfg.checkpoint.resume:
-            self.maybe_resume()
+        if resume_from is not None:
+            self.resume(resume_from)
+        elif cfg.checkpoint.resume:
+            self.metrics.drop_from(0)  # a run restarted before its first save redoes what it logged
 
     def steps_for_epochs(self, num_samples: int) -> int:
         """Optimizer steps of ``data.epochs`` passes over ``num_samples`` samples (whole rollouts)."""
@@ -379,13 +386,13 @@ class Trainer:
                                         rollout_buffer=self.data.buffer.answers if self.data.mid_rollout else None,
                                         tokenizer_dir=self.cfg.model.tokenizer_dir, run_config=self.cfg.to_dict())
 
-    def maybe_resume(self) -> bool:
+    def _resume_directory(self) -> Optional[str]:
+        """The checkpoint this run resumes from, None when there is none."""
         remove_stale_partials(self.cfg.checkpoint_dir)
         # rank 0 verifies the manifests (hashing every file once) and tells the others which to load
-        directory = broadcast_object(latest_checkpoint(self.cfg.checkpoint_dir) if self.rank == 0 else None)
-        if directory is None:
-            self.metrics.drop_from(0)  # a run restarted before its first save redoes what it logged
-            return False
+        return broadcast_object(latest_checkpoint(self.cfg.checkpoint_dir) if self.rank == 0 else None)
+
+    def resume(self, directory: str) -> None:
         changes = resume_config_changes(directory, self.cfg.to_dict())
         if changes and self.rank == 0:
             logger.warning("resuming %s with changed settings: %s", directory, "; ".join(changes))
@@ -414,7 +421,6 @@ class Trainer:
                                             int(saved["next_update"]), dict(saved["metrics"]))
         self.metrics.drop_from(self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
-        return True
 
     def close(self) -> None:
         if self.router_stats is not None:

@@ -45,8 +45,9 @@ from ...checkpoint.model import load_model_checkpoint, load_model_config
 from ...config.model import ModelConfig
 from ...distill.answers import engine_rollout
 from ...distill.teacher import FrozenTeacher
+from ...model.quantization import quantization_exclude_of, quantization_of
 from ...objectives import get_objective
-from ...training.build import build_student_model, build_teacher, load_run_samples, step_record
+from ...training.build import build_student_model, build_teacher, load_run_samples, quantize_student, step_record
 from ...training.config import TrainConfig
 from ...training.metrics import MetricsLogger
 from ...training.router_stats import RouterStatistics
@@ -118,6 +119,13 @@ class OPDPlugin:
             # the starting weights are --opd-student's (pretrain() then loads --load over them when
             # resuming); with --pretrained-checkpoint, pretrain() loads that instead, as usual
             self._load_weights(model, self.cfg.model.student_checkpoint)
+        elif self.cfg.quantization.format is not None:
+            raise ValueError("quantization.format calibrates the starting weights before pretrain() loads "
+                             "--pretrained-checkpoint: pass those weights as --opd-student instead")
+        # quantization-aware training, as the project's trainer does it (before the optimizer); a resumed
+        # run calibrates too, and --load then replaces the ranges with the saved ones
+        quantize_student(self.cfg, model, self.config, load_run_samples(self.cfg, self.config)
+                         if self.cfg.quantization.format is not None else [])
         return model
 
     def datasets_provider(self, _num_samples=None, vp_stage=None):
@@ -190,7 +198,8 @@ class OPDPlugin:
 
         os.makedirs(save, exist_ok=True)
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.config.replace(padded_vocab=self.config.padded_vocab_size(tp)).save(save)
+        self.config.replace(padded_vocab=self.config.padded_vocab_size(tp), quantization=quantization_of(self.student),
+                            quantization_exclude=quantization_exclude_of(self.student)).save(save)
         tokenizer = self.cfg.model.tokenizer_dir
         target = os.path.join(save, "tokenizer")
         if tokenizer and os.path.isdir(tokenizer) and not os.path.isdir(target):
