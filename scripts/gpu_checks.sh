@@ -3,7 +3,8 @@
 # activation count on the GPU, and with Transformer Engine: FP8 student loss vs BF16 over 20 steps, the
 # FP8 teacher's KL to BF16), the student-step throughput benchmark (TFLOP/s, MFU, FP8 speed-up) and the
 # rollout benchmark (the engine vs HF generate with its KV cache, bf16, SmolLM2's and a ~1.7B Qwen3 shape,
-# batch 1 and 64, 1 / 2 / 4 tokens per forward).
+# batch 1 and 64, 1 / 2 / 4 tokens per forward) and the decoding speed of ModelOpt-quantized students (FP8, INT8
+# SmoothQuant, NVFP4 fake quantization against the unquantized student; skips without ModelOpt).
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]      # logs in OUT_DIR (default: $OUT, else runs/gpu_checks)
 #
@@ -37,5 +38,7 @@ tests=${PIPESTATUS[0]}
 bench=${PIPESTATUS[0]}
 "$PY" benchmarks/gpu_rollout.py 2>&1 | tee "$OUT_DIR/gpu_rollout.txt"
 rollout=${PIPESTATUS[0]}
-echo "gpu_checks: tests exit $tests, benchmarks exit $bench / $rollout; logs in $OUT_DIR"
-exit $(( tests != 0 || bench != 0 || rollout != 0 ))
+"$PY" benchmarks/gpu_quantized_decode.py 2>&1 | tee "$OUT_DIR/gpu_quantized_decode.txt"
+quantized=${PIPESTATUS[0]}
+echo "gpu_checks: tests exit $tests, benchmarks exit $bench / $rollout / $quantized; logs in $OUT_DIR"
+exit $(( tests != 0 || bench != 0 || rollout != 0 || quantized != 0 ))

@@ -344,3 +344,82 @@ def test_opdlm_quantize_refuses_bad_input_in_one_line(quantize_assets, tmp_path,
     refused(opdlm_eval, ["--student", quantize_assets["ckpt"], "--teacher", str(out), *common], "opdlm-eval",
             f"--teacher {out} is quantized (fp8); the teacher must be the unquantized AR model")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_quantized_student_exports_as_modelopts_unified_hf_checkpoint(quantize_assets, tmp_path):
+    """opdlm-convert-megatron-to-hf on an FP8 checkpoint writes ModelOpt's unified HF checkpoint: FP8 weights
+    whose dequantized values are the student's weights rounded by torch's float8 with the checkpoint's ranges,
+    scales = ranges / 448, ModelOpt's quantization config beside the student's own fields, the vocabulary cut to
+    the tokenizer's rows, the tokenizer copied."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.commands import quantize
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.tools.convert_megatron_to_hf import export
+
+    ckpt, out = str(tmp_path / "fp8"), str(tmp_path / "hf")
+    quantize.main(["--checkpoint", quantize_assets["ckpt"], "--prompts", quantize_assets["prompts"], "--out", ckpt,
+                   "--format", "fp8", *CLI_DECODE])
+    export(ckpt, out)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["quantization_config"]["quant_algo"] == "FP8" and config["quantization_config"]["quant_method"] == "modelopt"
+    assert config["opdlm_block_size"] == 4 and json.load(open(os.path.join(out, "hf_quant_config.json")))
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+
+    def tensor(name):
+        with safe_open(os.path.join(out, index[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    assert tensor("model.embed_tokens.weight").shape[0] == config["vocab_size"]
+    with initialize_runtime(device="cpu", seed=0):
+        model, _ = build_from_checkpoint(ckpt, "student")
+    for i, layer in enumerate(model.decoder.layers):
+        hf = f"model.layers.{i}."
+        pairs = {"self_attn.o_proj": layer.self_attention.linear_proj, "mlp.down_proj": layer.mlp.linear_fc2,
+                 "self_attn.q_proj": layer.self_attention.linear_qkv, "mlp.gate_proj": layer.mlp.linear_fc1}
+        for name, module in pairs.items():
+            assert float(tensor(hf + name + ".weight_scale")) * FP8_MAX == pytest.approx(
+                float(module.weight_quantizer.amax), rel=1e-6), name
+            assert float(tensor(hf + name + ".input_scale")) * FP8_MAX == pytest.approx(
+                float(module.input_quantizer.amax), rel=1e-6), name
+        for name, expected in (("self_attn.o_proj", layer.self_attention.linear_proj),
+                               ("mlp.down_proj", layer.mlp.linear_fc2)):
+            weight = tensor(hf + name + ".weight")
+            assert weight.dtype == torch.float8_e4m3fn
+            dequantized = weight.double() * tensor(hf + name + ".weight_scale").double()
+            assert torch.allclose(dequantized, _fp8(expected.weight.detach(), expected.weight_quantizer.amax),
+                                  rtol=1e-6, atol=0), name
+        fc1 = layer.mlp.linear_fc1
+        gate_up = torch.cat([tensor(hf + "mlp.gate_proj.weight").double() * tensor(hf + "mlp.gate_proj.weight_scale"),
+                             tensor(hf + "mlp.up_proj.weight").double() * tensor(hf + "mlp.up_proj.weight_scale")])
+        assert torch.allclose(gate_up, _fp8(fc1.weight.detach(), fc1.weight_quantizer.amax), rtol=1e-6, atol=0)
+
+
+def test_the_benchmarks_quick_modes_print_their_last_lines(tmp_path):
+    """benchmarks/quantization.py --quick (a tiny teacher, its weights as the student, 2 QAT steps) and
+    benchmarks/gpu_quantized_decode.py --quick --device cpu: every variant measured, the fixed last lines."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "quantization.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.fullmatch(r"format=fp8 ptq_acc_ratio=\S+ qat_acc_ratio=\S+ ptq_tpf_ratio=[0-9.]+ qat_tpf_ratio=[0-9.]+",
+                        proc.stdout.strip().splitlines()[-1]), proc.stdout[-2000:]
+    results = json.load(open(tmp_path / "quantization_quick.json"))["results"]
+    assert set(results) == {"unquantized", "fp8 PTQ", "int8_sq PTQ", "fp8 QAT", "unquantized, continued"}
+    assert all(0 <= r["accuracy"] <= 1 and r["tpf"] >= 1 for r in results.values())
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_quantized_decode.py"), "--quick",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.fullmatch(r"gpu_quantized_decode device=cpu fp8_over_unquantized=[0-9.]+ int8_sq_over_unquantized=[0-9.]+ "
+                        r"nvfp4_over_unquantized=nan", proc.stdout.strip().splitlines()[-1]), proc.stdout[-2000:]

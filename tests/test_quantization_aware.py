@@ -125,6 +125,12 @@ def test_quantization_settings_are_checked(assets, tmp_path):
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             train_config_from_dict(tiny_train_dict(str(tmp_path / "x"), assets["data"], assets["ckpt"],
                                                    quantization=section))
+    from opdlm_megatron.training.build import student_architecture
+
+    nvfp4 = train_config_from_dict(tiny_train_dict(str(tmp_path / "y"), assets["data"], assets["ckpt"],
+                                                   quantization=dict(format="nvfp4")))
+    with pytest.raises(ValueError, match="'nvfp4' runs on CUDA GPUs only"):
+        student_architecture(nvfp4, ModelConfig.load(assets["ckpt"]), "cpu")
     with initialize_runtime(device="cpu", seed=0):
         model, config = build_from_checkpoint(assets["ckpt"], "student")
         quantize_on_rollouts(model.eval(), config, "fp8", [[5, 6, 7]], DecodeConfig(max_new_tokens=4))

@@ -37,3 +37,10 @@ def argument_parser(program: str, doc: Optional[str], **kwargs) -> argparse.Argu
     parser.add_argument("--verbose", action="store_true",
                         help="show third-party logging and warnings on the screen too (also: OPDLM_DEBUG=1)")
     return parser
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tp`` / ``--pp`` (the layout a checkpoint is loaded at; under torchrun) and ``--device``."""
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

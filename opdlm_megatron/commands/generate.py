@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 from ..rollout.config import CONFIDENCES, DecodeConfig
 from ..runtime.console import setup_console
 from ..runtime.outputs import check_output
-from .base import argument_parser, refuse_bad_input
+from .base import add_layout_arguments, argument_parser, refuse_bad_input
 
 PROGRAM = "opdlm-generate"
 
@@ -130,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence", choices=CONFIDENCES, default="probability")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
+    add_chat_arguments(parser)
+    add_layout_arguments(parser)
+    return parser
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """How prompt records become token ids: ``--chat-template``, ``--enable-thinking``."""
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--enable-thinking", action="store_true",
                         help="let Qwen3-style chat templates open a thinking section (off by default, as in training)")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -24,7 +24,8 @@ from ..config.choices import QUANT_FORMATS
 from ..rollout.config import CONFIDENCES, DecodeConfig
 from ..runtime.console import setup_console
 from ..runtime.outputs import check_output
-from .base import argument_parser, refuse_bad_input
+from .base import add_layout_arguments, argument_parser, refuse_bad_input
+from .generate import add_chat_arguments
 
 PROGRAM = "opdlm-quantize"
 
@@ -100,11 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence", choices=CONFIDENCES, default="probability")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--chat-template", action="store_true")
-    parser.add_argument("--enable-thinking", action="store_true")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_chat_arguments(parser)
+    add_layout_arguments(parser)
     return parser
 
 

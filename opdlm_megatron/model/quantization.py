@@ -55,6 +55,14 @@ def modelopt_quantization():
     return mtq
 
 
+def modelopt_export():
+    """``modelopt.torch.export`` (its unified HF exporter), or a ValueError saying how to install it."""
+    modelopt_quantization()
+    import modelopt.torch.export as export
+
+    return export
+
+
 def quantization_recipe(fmt: str, device_type: str) -> dict:
     """A copy of ModelOpt's recipe for ``fmt``; a ValueError naming the format for one this machine cannot run."""
     if fmt not in QUANT_FORMATS:
@@ -112,6 +120,11 @@ def insert_quantizers(model, fmt: str, device_type: Optional[str] = None, exclud
     training = model.training
     model.eval()
     with torch.no_grad():
+        for parameter in model.parameters():
+            # uninitialised memory (a build for loading: perform_initialization=False): ModelOpt refuses to
+            # take a range of NaN; the load that follows replaces these weights anyway
+            if not torch.isfinite(parameter).all():
+                parameter.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         quantize(model, fmt, feed_ones, device_type, exclude)
     model.train(training)
     return model

@@ -96,6 +96,10 @@ def export(
         state = model.state_dict()
 
         def write(tmp: str) -> None:
+            if config.quantization is not None:
+                write_quantized(model, hf_config, rows, torch_dtype, tmp)
+                copy_tokenizer_files(os.path.join(megatron_dir, TOKENIZER_SUBDIR), tmp)
+                return
             writer = ShardedSafetensorsWriter(tmp, shard_bytes)
             for mapping in model_mappings(config):
                 if mapping.megatron not in state:
@@ -107,5 +111,32 @@ def export(
             copy_tokenizer_files(os.path.join(megatron_dir, TOKENIZER_SUBDIR), tmp)
 
         atomic_directory_save(out, write)
-    logger.info("exported %s -> %s (%s, vocab rows %d)", megatron_dir, out, dtype, rows)
+    logger.info("exported %s -> %s (%s, vocab rows %d%s)", megatron_dir, out, dtype, rows,
+                f", ModelOpt {config.quantization}" if config.quantization else "")
     return out
+
+
+def write_quantized(model, hf_config: dict, rows: int, dtype: torch.dtype, directory: str) -> None:
+    """A quantized student as ModelOpt's unified HF checkpoint (what TensorRT-LLM, vLLM and SGLang load):
+    ModelOpt's exporter writes the quantized linear layers in their format (FP8: ``float8_e4m3fn`` weights
+    with ``weight_scale`` / ``input_scale``) and ``quantization_config`` / ``hf_quant_config.json``; the
+    config keeps the student's ``opdlm_*`` fields (mask token, block size, logit shift); the embedding and
+    output rows are cut to the exported vocabulary, as the unquantized export does."""
+    import json
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from ..model.quantization import modelopt_export
+
+    with tempfile.TemporaryDirectory() as source:  # the architecture ModelOpt maps the layers by
+        write_json(os.path.join(source, "config.json"), hf_config)
+        modelopt_export().export_mcore_gpt_to_hf(model, source, dtype=dtype, export_dir=directory)
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weight_map:
+            shard = os.path.join(directory, weight_map[name])
+            tensors = load_file(shard)
+            tensors[name] = tensors[name][:rows].contiguous()
+            save_file(tensors, shard, metadata={"format": "pt"})

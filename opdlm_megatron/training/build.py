@@ -26,7 +26,7 @@ from ..config.model import ModelConfig, canonical_dtype
 from ..data.samples import Sample, SampleList, check_token_ids, load_samples, load_tokenizer
 from ..distill.teacher import FrozenTeacher
 from ..model.build import build_model
-from ..model.quantization import insert_quantizers
+from ..model.quantization import insert_quantizers, quantization_recipe
 from ..rollout.calibration import quantize_on_rollouts
 from .config import ModelPaths, TrainConfig
 from .schedules import rollout_decode_config, rollout_length
@@ -48,6 +48,8 @@ def student_architecture(cfg: TrainConfig, config: ModelConfig, device_type: str
                          f"parallel.sequence_parallel=true (megatron's MoE layer); set it, or split the experts "
                          f"with parallel.expert_model_parallel_size instead")
     q = cfg.quantization
+    if q.format is not None:  # a format this machine cannot run, or ModelOpt missing: before anything is built
+        quantization_recipe(q.format, device_type)
     if config.quantization is not None and (q.format, list(q.exclude)) != (config.quantization,
                                                                           list(config.quantization_exclude)):
         raise ValueError(f"the student checkpoint is quantized ({config.quantization}, exclude "
