@@ -423,3 +423,38 @@ def test_the_benchmarks_quick_modes_print_their_last_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.fullmatch(r"gpu_quantized_decode device=cpu fp8_over_unquantized=[0-9.]+ int8_sq_over_unquantized=[0-9.]+ "
                         r"nvfp4_over_unquantized=nan", proc.stdout.strip().splitlines()[-1]), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq"])
+def test_a_quantized_student_reloads_through_modelopts_hf_path_with_its_logits(quantize_assets, tmp_path, fmt):
+    """``--quantized-format modelopt_state``: the HF model fake-quantized with the student's ranges (and
+    SmoothQuant scales), loaded back by ModelOpt's HF path (``enable_huggingface_checkpointing`` +
+    ``from_pretrained``), gives the quantized megatron student's causal logits; the plain HF weights without
+    the quantizers do not."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint
+    from opdlm_megatron.commands import quantize
+    from opdlm_megatron.runtime.platform import initialize_runtime
+    from opdlm_megatron.tools.convert_megatron_to_hf import export
+    from tests.distributed.convert_common import hf_logits, max_valid_diff, megatron_logits
+    from tests.helpers import random_batch
+
+    ckpt, out = str(tmp_path / fmt), str(tmp_path / "hf")
+    quantize.main(["--checkpoint", quantize_assets["ckpt"], "--prompts", quantize_assets["prompts"], "--out", ckpt,
+                   "--format", fmt, *CLI_DECODE])
+    export(ckpt, out, quantized_format="modelopt_state")
+    with initialize_runtime(device="cpu", seed=0):
+        model, config = build_from_checkpoint(ckpt, "student")
+        batch = random_batch(config, batch_size=3, seq_len=16, seed=1)
+        expected = megatron_logits(model.eval(), config, batch)
+    mto.enable_huggingface_checkpointing()
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert any(name.endswith("q_proj.input_quantizer") for name, _ in hf.named_modules())
+    got = hf_logits(hf, batch)[..., :config.vocab_size]
+    assert max_valid_diff(got, expected, batch["valid"]) <= 1e-4
+    # the same weights with the quantizers off
+    mtq.disable_quantizer(hf, "*")
+    assert max_valid_diff(hf_logits(hf, batch)[..., :config.vocab_size], expected, batch["valid"]) > 1e-3

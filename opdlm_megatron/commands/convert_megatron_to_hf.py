@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from ..config.choices import DTYPE_CHOICES
+from ..config.choices import DTYPE_CHOICES, QUANTIZED_EXPORTS
 from ..runtime.console import setup_console
 from .base import argument_parser, refuse_bad_input
 
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the appended [MASK] row: auto = if it was added with --add-mask-token")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quantized-format", default="unified", choices=QUANTIZED_EXPORTS,
+                        help="a quantized student: ModelOpt's unified deployment checkpoint (TensorRT-LLM, vLLM, SGLang) "
+                             "or the fake-quantized HF model with ModelOpt's state (ModelOpt's HF loading path)")
     return parser
 
 
@@ -39,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ..tools.convert_megatron_to_hf import export
 
         export(args.megatron_dir, args.out, args.dtype, MASK_TOKEN_CHOICES[args.mask_token], args.max_shard_size,
-               args.overwrite)
+               args.overwrite, args.quantized_format)
         return 0
 
     return refuse_bad_input(PROGRAM, run)

@@ -12,6 +12,8 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("dense", "flex")
 # NVIDIA ModelOpt's quantization recipes a student takes (model/quantization.py maps them)
 QUANT_FORMATS = ("fp8", "int8_sq", "nvfp4")
+# how a quantized student is exported to HF: ModelOpt's deployment checkpoint | the fake-quantized HF model
+QUANTIZED_EXPORTS = ("unified", "modelopt_state")
 
 # the loss (model/losses.py, training/student.py) and the supervised states (distill/states.py)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")

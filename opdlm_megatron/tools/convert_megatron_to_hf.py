@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoint.tokenizer import copy_tokenizer_files
+from ..config.choices import QUANTIZED_EXPORTS
 from ..config.model import DTYPES, canonical_dtype
 from ..runtime.outputs import check_output
 from .convert_hf_to_megatron import TOKENIZER_SUBDIR
@@ -66,12 +67,17 @@ def export(
     include_mask_token: Optional[bool] = None,
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
+    quantized_format: str = "unified",
 ) -> str:
     """Writes the HF export of ``megatron_dir`` to ``out`` atomically; returns ``out``.
 
     ``dtype``: defaults to the checkpoint's. ``include_mask_token``: keep the appended [MASK] row
-    (None: when the checkpoint recorded it as added on purpose).
+    (None: when the checkpoint recorded it as added on purpose). A quantized checkpoint: ``quantized_format``
+    ``unified`` (ModelOpt's deployment checkpoint, ``write_quantized``) or ``modelopt_state`` (the HF model
+    fake-quantized, with ModelOpt's state: ``write_modelopt_state``).
     """
+    if quantized_format not in QUANTIZED_EXPORTS:
+        raise ValueError(f"quantized export format {quantized_format!r} is not one of {list(QUANTIZED_EXPORTS)}")
     from ..checkpoint.atomic import atomic_directory_save
     from ..checkpoint.model import build_from_checkpoint, is_checkpoint, load_model_config
 
@@ -96,18 +102,19 @@ def export(
         state = model.state_dict()
 
         def write(tmp: str) -> None:
-            if config.quantization is not None:
+            if config.quantization is not None and quantized_format == "unified":
                 write_quantized(model, hf_config, rows, torch_dtype, tmp)
-                copy_tokenizer_files(os.path.join(megatron_dir, TOKENIZER_SUBDIR), tmp)
-                return
-            writer = ShardedSafetensorsWriter(tmp, shard_bytes)
-            for mapping in model_mappings(config):
-                if mapping.megatron not in state:
-                    raise ConversionError(f"checkpoint model has no parameter {mapping.megatron!r}")
-                for name, tensor in hf_tensors(config, mapping, state[mapping.megatron], rows).items():
-                    writer.add(name, tensor.to(torch_dtype))
-            writer.close()
-            write_json(os.path.join(tmp, "config.json"), hf_config)
+            else:
+                writer = ShardedSafetensorsWriter(tmp, shard_bytes)
+                for mapping in model_mappings(config):
+                    if mapping.megatron not in state:
+                        raise ConversionError(f"checkpoint model has no parameter {mapping.megatron!r}")
+                    for name, tensor in hf_tensors(config, mapping, state[mapping.megatron], rows).items():
+                        writer.add(name, tensor.to(torch_dtype))
+                writer.close()
+                write_json(os.path.join(tmp, "config.json"), hf_config)
+                if config.quantization is not None:
+                    write_modelopt_state(model, config, torch_dtype, tmp)
             copy_tokenizer_files(os.path.join(megatron_dir, TOKENIZER_SUBDIR), tmp)
 
         atomic_directory_save(out, write)
@@ -140,3 +147,55 @@ def write_quantized(model, hf_config: dict, rows: int, dtype: torch.dtype, direc
             tensors = load_file(shard)
             tensors[name] = tensors[name][:rows].contiguous()
             save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def write_modelopt_state(model, config, dtype: torch.dtype, directory: str) -> None:
+    """Turns the plain HF export in ``directory`` into ModelOpt's fake-quantized HF checkpoint: the HF model
+    gets the format's quantizers (ModelOpt's recipe on transformers' modules), their ranges and smoothing
+    scales are the student's (a fused megatron layer's go to each HF projection it is made of, per-channel
+    ones split as the weight rows are), and ``save_pretrained`` with ModelOpt's HF checkpointing on writes
+    them with ``modelopt_state.pth``. It loads back with ModelOpt's HF path
+    (``mto.enable_huggingface_checkpointing()``, then ``from_pretrained``) as the same quantized model."""
+    from transformers import AutoModelForCausalLM
+
+    from ..model.quantization import modelopt_export, quantization_exclude_of, quantization_of, quantize
+    from .hf_mapping import split_qkv
+
+    if quantization_exclude_of(model):
+        raise ConversionError("a student quantized with exclude patterns (megatron module names) exports only as "
+                              "--quantized-format unified")
+    fmt = quantization_of(model)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+    with torch.no_grad():
+        # ModelOpt makes the quantizers' buffers while it calibrates: one forward (SmoothQuant rescales the
+        # weights on the way; they are put back below), then every range is replaced by the student's
+        quantize(hf, fmt, lambda m: m(input_ids=torch.zeros(1, config.block_size, dtype=torch.long)), "cpu")
+        hf.load_state_dict(weights, strict=False)
+
+        def split(tensor, layout):
+            if tensor is None or tensor.numel() == 1:
+                return [tensor] * {"qkv": 3, "fc1": 2}.get(layout, 1)
+            if layout == "qkv":
+                return list(split_qkv(config, tensor))
+            return list(torch.chunk(tensor, 2, dim=0)) if layout == "fc1" else [tensor]
+
+        for number, layer in enumerate(model.decoder.layers):
+            target = hf.model.layers[number]
+            for megatron, parent, names, layout in (
+                    (layer.self_attention.linear_qkv, target.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
+                    (layer.self_attention.linear_proj, target.self_attn, ("o_proj",), "row"),
+                    (layer.mlp.linear_fc1, target.mlp, ("gate_proj", "up_proj"), "fc1"),
+                    (layer.mlp.linear_fc2, target.mlp, ("down_proj",), "row")):
+                pre_quant = getattr(megatron.input_quantizer, "pre_quant_scale", None)
+                for name, weight_amax in zip(names, split(megatron.weight_quantizer.amax, layout)):
+                    module = getattr(parent, name)
+                    module.weight_quantizer.amax = weight_amax.clone()
+                    module.input_quantizer.amax = megatron.input_quantizer.amax.clone()
+                    if pre_quant is not None:
+                        module.input_quantizer.pre_quant_scale = pre_quant.clone()
+    modelopt_export()  # ModelOpt present (quantize above needed it too)
+    import modelopt.torch.opt as mto
+
+    mto.enable_huggingface_checkpointing()
+    hf.save_pretrained(directory)
