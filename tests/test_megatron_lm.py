@@ -253,8 +253,9 @@ def test_pretrained_checkpoint_in_megatron_lm_layout_starts_the_run(assets, refe
 @pytest.mark.distributed
 def test_quantization_aware_pretrain_matches_the_projects_trainer(assets, reference, tmp_path):
     """``quantization: {format: fp8}`` under Megatron-LM at TP 2: the student calibrated in model_provider on
-    its own decoding, then trained fake-quantized: the losses and gradient norms of the project's trainer at
-    TP 1 with the same section; the run's --save describes a quantized student."""
+    its own decoding, then trained fake-quantized, stopped after one iteration and resumed from its --save: the
+    losses and gradient norms of the project's trainer at TP 1 with the same section; the run's --save
+    describes a quantized student."""
     from opdlm_megatron.training.trainer import Trainer
 
     section = dict(format="fp8", calibration_prompts=3)
@@ -271,9 +272,14 @@ def test_quantization_aware_pretrain_matches_the_projects_trainer(assets, refere
     opd["quantization"] = section
     opd_yaml = tmp_path / "opd_fp8.yaml"
     opd_yaml.write_text(yaml.safe_dump(opd))
+    # interrupted after the first iteration (--exit-interval) and resumed with --load: the checkpoint brings the
+    # ranges back over the resumed run's own calibration
+    save = str(tmp_path / "save")
     flags = _megatron_flags(dict(assets, opd_yaml=str(opd_yaml)), 2, "--tensor-model-parallel-size", "2",
-                            "--save", str(tmp_path / "save"), "--save-interval", "2", run_dir=tmp_path / "run")
-    stdout = run_torchrun(ENTRY, *flags)
+                            "--save", save, "--save-interval", "1", run_dir=tmp_path / "run")
+    run_torchrun(ENTRY, *flags, "--exit-interval", "1")
+    stdout = run_torchrun(ENTRY, *flags, "--load", save)
+    assert re.search(r"successfully loaded checkpoint from .* at iteration 1", stdout), stdout[-3000:]
     got = _steps(tmp_path / "run")
     assert [g[0] for g in got] == [1, 2], stdout[-3000:]
     for (it, loss, norm), (_, ref_loss, ref_norm) in zip(got, quantized, strict=True):

@@ -458,3 +458,28 @@ def test_a_quantized_student_reloads_through_modelopts_hf_path_with_its_logits(q
     # the same weights with the quantizers off
     mtq.disable_quantizer(hf, "*")
     assert max_valid_diff(hf_logits(hf, batch)[..., :config.vocab_size], expected, batch["valid"]) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq"])
+def test_a_quantized_mixture_of_experts_student_reloads_with_its_logits(runtime, tmp_path, fmt):
+    """ModelOpt quantizes every expert's linear layers (the routers stay unquantized); the checkpoint rebuilds the
+    same student: equal ranges and logits."""
+    from opdlm_megatron.checkpoint.model import build_from_checkpoint, save_model_checkpoint
+    from opdlm_megatron.rollout.calibration import quantize_on_rollouts
+
+    config = tiny_config(num_layers=2, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48)
+    model = build_model(config, "student", init_method_std=0.5, moe_token_dispatcher_type="alltoall").eval()
+    quantize_on_rollouts(model, config, fmt, PROMPTS, DECODE)
+    experts = [m for name, m in model.named_modules() if ".experts." in name and hasattr(m, "weight_quantizer")]
+    assert len(experts) == 2 * 4 * 2 and all(m.weight_quantizer.is_enabled for m in experts)
+    assert not any(m.weight_quantizer.is_enabled for name, m in model.named_modules()
+                   if name.endswith("router") and hasattr(m, "weight_quantizer"))
+    save_model_checkpoint(model, str(tmp_path / "moe"), config)
+    reloaded, _ = build_from_checkpoint(str(tmp_path / "moe"), "student", moe_token_dispatcher_type="alltoall")
+    reloaded.eval()
+    expected, got = _buffers(model), _buffers(reloaded)
+    assert set(expected) == set(got)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    for prompt in PROMPTS:
+        assert torch.equal(_logits(reloaded, prompt), _logits(model, prompt))
