@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Optional, TypeVar
 
+from ..rollout.config import DecodeConfig
 from ..runtime.console import error_message
 from ..runtime.distributed import global_rank
 
@@ -44,3 +46,13 @@ def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def decode_config_from_flags(**fields) -> DecodeConfig:
+    """``DecodeConfig(**fields)`` from command-line flags of the same names; a refused value is named by
+    the flag the user typed (``--tokens-per-step``), not by the dataclass field."""
+    try:
+        return DecodeConfig(**fields)
+    except ValueError as error:
+        raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                                str(error))) from None

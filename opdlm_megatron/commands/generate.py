@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from typing import List, Optional, Sequence
 
-from ..rollout.config import CONFIDENCES, DecodeConfig
+from ..rollout.config import CONFIDENCES
 from ..runtime.console import setup_console
 from ..runtime.outputs import check_output
-from .base import add_layout_arguments, argument_parser, refuse_bad_input
+from .base import add_layout_arguments, argument_parser, decode_config_from_flags, refuse_bad_input
 
 PROGRAM = "opdlm-generate"
 
@@ -58,15 +57,12 @@ def run(args) -> None:
     from ..rollout import DiffusionRolloutEngine
     from ..runtime.platform import initialize_runtime
 
-    try:
-        decode = DecodeConfig(
-            max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
-            tokens_per_step=args.tokens_per_step, steps_per_block=args.steps_per_block,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
-            seed=args.seed,
-        )
-    except ValueError as error:  # name the flag the user typed, not the dataclass field
-        raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
+    decode = decode_config_from_flags(
+        max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
+        tokens_per_step=args.tokens_per_step, steps_per_block=args.steps_per_block,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
+        seed=args.seed,
+    )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     from ..checkpoint.model import is_checkpoint

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import Optional, Sequence
 
 from ..config.choices import QUANT_FORMATS
-from ..rollout.config import CONFIDENCES, DecodeConfig
+from ..rollout.config import CONFIDENCES
 from ..runtime.console import setup_console
 from ..runtime.outputs import check_output
-from .base import add_layout_arguments, argument_parser, refuse_bad_input
+from .base import add_layout_arguments, argument_parser, decode_config_from_flags, refuse_bad_input
 from .generate import add_chat_arguments
 
 PROGRAM = "opdlm-quantize"
@@ -41,12 +40,9 @@ def run(args) -> None:
     from ..runtime.platform import initialize_runtime, resolve_device
     from .generate import encode_prompt, read_prompts
 
-    try:
-        decode = DecodeConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                              threshold=args.threshold, tokens_per_step=args.tokens_per_step,
-                              confidence=args.confidence)
-    except ValueError as error:  # name the flag the user typed, not the dataclass field
-        raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
+    decode = decode_config_from_flags(max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+                                      threshold=args.threshold, tokens_per_step=args.tokens_per_step,
+                                      confidence=args.confidence)
     for flag, value in (("--batch-size", args.batch_size), ("--num-prompts", args.num_prompts)):
         if value < 1:
             raise ValueError(f"{flag} must be positive, got {value}")

@@ -124,10 +124,11 @@ def run(args, spec: TaskSpec) -> Optional[dict]:
     rules = settings(args)
     seeds = list(range(args.seeds))
     teacher_path = None if args.no_teacher else (args.teacher or args.student)
-    if teacher_path and load_model_config(teacher_path).quantization is not None:
+    teacher_format = load_model_config(teacher_path).quantization if teacher_path else None
+    if teacher_format is not None:
         # the teacher row is the AR model in its training precision; a quantized one is the thing measured
         flag = "--teacher" if args.teacher else "--student (the default teacher)"
-        raise ValueError(f"{flag} {teacher_path} is quantized ({load_model_config(teacher_path).quantization}); "
+        raise ValueError(f"{flag} {teacher_path} is quantized ({teacher_format}); "
                          f"the teacher must be the unquantized AR model: give --teacher, or --no-teacher")
     total = len(items) * (len(rules) * len(seeds) + (1 if teacher_path else 0))
 

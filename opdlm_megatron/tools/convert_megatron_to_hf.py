@@ -27,7 +27,8 @@ from ..config.model import DTYPES, canonical_dtype
 from ..runtime.outputs import check_output
 from .convert_hf_to_megatron import TOKENIZER_SUBDIR
 from .hf_io import ShardedSafetensorsWriter, write_json
-from .hf_mapping import ConversionError, hf_config_from_model_config, hf_tensors, hf_vocab_rows, model_mappings
+from .hf_mapping import (ConversionError, hf_config_from_model_config, hf_ranges, hf_tensors, hf_vocab_rows,
+                         mapping_for, model_mappings)
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,6 @@ def write_modelopt_state(model, config, dtype: torch.dtype, directory: str) -> N
     from transformers import AutoModelForCausalLM
 
     from ..model.quantization import modelopt_export, quantization_exclude_of, quantization_of, quantize
-    from .hf_mapping import split_qkv
 
     if quantization_exclude_of(model):
         raise ConversionError("a student quantized with exclude patterns (megatron module names) exports only as "
@@ -173,23 +173,14 @@ def write_modelopt_state(model, config, dtype: torch.dtype, directory: str) -> N
         quantize(hf, fmt, lambda m: m(input_ids=torch.zeros(1, config.block_size, dtype=torch.long)), "cpu")
         hf.load_state_dict(weights, strict=False)
 
-        def split(tensor, layout):
-            if tensor is None or tensor.numel() == 1:
-                return [tensor] * {"qkv": 3, "fc1": 2}.get(layout, 1)
-            if layout == "qkv":
-                return list(split_qkv(config, tensor))
-            return list(torch.chunk(tensor, 2, dim=0)) if layout == "fc1" else [tensor]
-
         for number, layer in enumerate(model.decoder.layers):
-            target = hf.model.layers[number]
-            for megatron, parent, names, layout in (
-                    (layer.self_attention.linear_qkv, target.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
-                    (layer.self_attention.linear_proj, target.self_attn, ("o_proj",), "row"),
-                    (layer.mlp.linear_fc1, target.mlp, ("gate_proj", "up_proj"), "fc1"),
-                    (layer.mlp.linear_fc2, target.mlp, ("down_proj",), "row")):
+            for local in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                          "mlp.linear_fc2"):
+                megatron = layer.get_submodule(local)
+                mapping = mapping_for(config, f"decoder.layers.{number}.{local}.weight")
                 pre_quant = getattr(megatron.input_quantizer, "pre_quant_scale", None)
-                for name, weight_amax in zip(names, split(megatron.weight_quantizer.amax, layout)):
-                    module = getattr(parent, name)
+                for hf_name, weight_amax in hf_ranges(config, mapping, megatron.weight_quantizer.amax).items():
+                    module = hf.get_submodule(hf_name.rsplit(".", 1)[0])
                     module.weight_quantizer.amax = weight_amax.clone()
                     module.input_quantizer.amax = megatron.input_quantizer.amax.clone()
                     if pre_quant is not None:

@@ -642,6 +642,14 @@ def hf_tensors(
     return {mapping.hf[0]: full[:hf_vocab_rows]}
 
 
+def hf_ranges(config: ModelConfig, mapping: TensorMapping, amax: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+    """A quantized Megatron layer's weight range for each HF projection it is made of: a per-tensor range
+    (one number) is every projection's, a per-channel one is split as the weight's rows are."""
+    if amax is None or amax.numel() == 1:
+        return {name: amax for name in mapping.hf}
+    return hf_tensors(config, mapping, amax, hf_vocab_rows=0)
+
+
 def layer_offset_names(model) -> Callable[[str], str]:
     """Maps a rank's local parameter names to global ones: a pipeline stage's layers are numbered
     from 0 locally (``layer_number`` is global and 1-based), and an expert-parallel rank's experts

@@ -43,6 +43,7 @@ import torch
 from ...checkpoint.megatron_lm import has_model_config, is_megatron_lm_root, load_megatron_lm_model
 from ...checkpoint.model import load_model_checkpoint, load_model_config
 from ...config.model import ModelConfig
+from ...data.samples import SampleList
 from ...distill.answers import engine_rollout
 from ...distill.teacher import FrozenTeacher
 from ...model.quantization import quantization_exclude_of, quantization_of
@@ -99,6 +100,7 @@ class OPDPlugin:
         self.data: Optional[StepData] = None
         self.metrics: Optional[MetricsLogger] = None
         self.student = None
+        self.samples: Optional[SampleList] = None  # loaded once: by model_provider when it calibrates, else by _setup
         self.router_stats = None
         self.forward_step = forward_step
 
@@ -124,8 +126,9 @@ class OPDPlugin:
                              "--pretrained-checkpoint: pass those weights as --opd-student instead")
         # quantization-aware training, as the project's trainer does it (before the optimizer); a resumed
         # run calibrates too, and --load then replaces the ranges with the saved ones
-        quantize_student(self.cfg, model, self.config, load_run_samples(self.cfg, self.config)
-                         if self.cfg.quantization.format is not None else [])
+        if self.cfg.quantization.format is not None:
+            self.samples = load_run_samples(self.cfg, self.config)
+        quantize_student(self.cfg, model, self.config, self.samples if self.samples is not None else [])
         return model
 
     def datasets_provider(self, _num_samples=None, vp_stage=None):
@@ -146,7 +149,9 @@ class OPDPlugin:
         teacher = None
         if self.objective.needs_teacher:
             teacher = self._build_teacher(args)
-        samples = load_run_samples(self.cfg, self.config)
+        if self.samples is None:
+            self.samples = load_run_samples(self.cfg, self.config)
+        samples = self.samples
         self.skipped_long_prompts = samples.skipped_long_prompts
         rank = torch.distributed.get_rank()
         # one writer: the first tensor-, context- and data-parallel rank of the last pipeline stage (it holds the loss)
