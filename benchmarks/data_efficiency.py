@@ -445,6 +445,17 @@ def tokens_to_reach(rows: List[dict], arm: str, accuracy: float, unit: str = "pa
     return min(hits) if hits else None
 
 
+def teacher_accuracy_of(rows: List[dict]) -> Optional[float]:
+    """The teacher's held-out greedy accuracy as the CSV records it: an untrained student with the logit
+    shift (a budget-0 row) decoded with blocks of one token is the teacher decoding causally, so its
+    ``acc_block1`` is the teacher's accuracy (the rows of one CSV come from one teacher)."""
+    for r in rows:
+        base = r["arm"].partition("@")[0]
+        if r["budget_tokens"] == 0 and r["steps"] == 0 and base in ARMS and ARMS[base].shift:
+            return r["acc_block1"]
+    return None
+
+
 def best_point(rows: List[dict], arm: str) -> Optional[dict]:
     points = [r for r in rows if r["arm"] == arm and r["budget_tokens"] > 0]
     return max(points, key=lambda r: (r["acc_tau09"], -r["paper_tokens"])) if points else None
@@ -575,7 +586,9 @@ def parse_args():
     p.add_argument("--held-out", type=int, default=200)
     p.add_argument("--max-answer", type=int, default=64, help="generation length of rollouts and evaluations")
     p.add_argument("--eval-batch", type=int, default=200)
-    p.add_argument("--summary-only", action="store_true", help="plots and the last line from the CSV, no training")
+    p.add_argument("--summary-only", action="store_true",
+                   help="plots and the last line from the CSV, no teacher, no training (the teacher's accuracy "
+                        "is read off the CSV's untrained students)")
     args = p.parse_args()
     if args.quick:
         args.layers, args.hidden, args.teacher_steps, args.teacher_eval_every = 2, 64, 20, 20
@@ -604,9 +617,15 @@ def main() -> None:
     for name in arms:
         arm_spec(name, args.decay_steps, 1)  # refuse a bad arm before hours of work
 
-    teacher_ckpt, teacher_acc = train_teacher(args, train, held, args.work)
-    log(f"teacher: {teacher_ckpt} held-out greedy accuracy {teacher_acc:.3f}")
-    if not args.summary_only:
+    if args.summary_only:
+        # the rows may come from a teacher that is not under --work (another machine's): never train one here
+        teacher_acc = teacher_accuracy_of(read_rows(csv_path))
+        if teacher_acc is None:
+            raise SystemExit(f"data_efficiency.py: error: --summary-only needs an arm's untrained student (budget 0) "
+                             f"in {csv_path}, whose causal decoding gives the teacher's accuracy")
+    else:
+        teacher_ckpt, teacher_acc = train_teacher(args, train, held, args.work)
+        log(f"teacher: {teacher_ckpt} held-out greedy accuracy {teacher_acc:.3f}")
         inits = {shift: student_init(teacher_ckpt, os.path.join(args.work, f"student_shift{int(shift)}"), shift)
                  for shift in (True, False)}
         writer = RowWriter(csv_path)

@@ -30,7 +30,7 @@ def test_data_efficiency_quick_produces_every_artefact_and_resumes(tmp_path):
     work = tmp_path / "work"
     script = str(REPO_ROOT / "benchmarks" / "data_efficiency.py")
     arms = "opd_all_rounds,mdlm,sft,opd_block@from=kd_off:1024"
-    stdout = _python(script, "--quick", "--out", str(out), "--work", str(work), "--arms", arms)
+    stdout = first = _python(script, "--quick", "--out", str(out), "--work", str(work), "--arms", arms)
     last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"teacher_acc=\S+ opd_acc=\S+ opd_tpf=\S+ opd_static_drop=\S+ sft_static_drop=\S+ "
                         r"mdlm_tokens_over_opd=\S+", last), last
@@ -51,6 +51,14 @@ def test_data_efficiency_quick_produces_every_artefact_and_resumes(tmp_path):
     with open(out / "data_efficiency.csv") as f:
         again = list(csv.DictReader(f))
     assert again[:len(rows)] == rows and {r["arm"] for r in again[len(rows):]} == {"kd_off"}
+    # the summary alone, on a machine without the teacher (an empty --work): nothing is trained, and the
+    # teacher's accuracy read off the untrained students' causal decoding is the one the teacher measured
+    teacher_acc = re.search(r"held-out greedy accuracy (\S+)", first).group(1)
+    summary = _python(script, "--quick", "--summary-only", "--out", str(out), "--work", str(tmp_path / "empty"),
+                      "--arms", arms)
+    assert "teacher step" not in summary and not os.listdir(tmp_path / "empty")
+    assert summary.strip().splitlines()[-1] == stdout.strip().splitlines()[-1]
+    assert summary.strip().splitlines()[-1].startswith(f"teacher_acc={teacher_acc} ")
 
 
 @pytest.fixture(scope="module")
