@@ -100,7 +100,7 @@ class OPDPlugin:
         self.data: Optional[StepData] = None
         self.metrics: Optional[MetricsLogger] = None
         self.student = None
-        self.samples: Optional[SampleList] = None  # loaded once: by model_provider when it calibrates, else by _setup
+        self.samples: Optional[SampleList] = None  # _run_samples()
         self.router_stats = None
         self.forward_step = forward_step
 
@@ -126,10 +126,15 @@ class OPDPlugin:
                              "--pretrained-checkpoint: pass those weights as --opd-student instead")
         # quantization-aware training, as the project's trainer does it (before the optimizer); a resumed
         # run calibrates too, and --load then replaces the ranges with the saved ones
-        if self.cfg.quantization.format is not None:
-            self.samples = load_run_samples(self.cfg, self.config)
-        quantize_student(self.cfg, model, self.config, self.samples if self.samples is not None else [])
+        quantize_student(self.cfg, model, self.config,
+                         self._run_samples() if self.cfg.quantization.format is not None else [])
         return model
+
+    def _run_samples(self) -> SampleList:
+        """The run's samples, loaded once: model_provider needs them first when it calibrates, _setup always."""
+        if self.samples is None:
+            self.samples = load_run_samples(self.cfg, self.config)
+        return self.samples
 
     def datasets_provider(self, _num_samples=None, vp_stage=None):
         return self.queue, None, None
@@ -149,9 +154,7 @@ class OPDPlugin:
         teacher = None
         if self.objective.needs_teacher:
             teacher = self._build_teacher(args)
-        if self.samples is None:
-            self.samples = load_run_samples(self.cfg, self.config)
-        samples = self.samples
+        samples = self._run_samples()
         self.skipped_long_prompts = samples.skipped_long_prompts
         rank = torch.distributed.get_rank()
         # one writer: the first tensor-, context- and data-parallel rank of the last pipeline stage (it holds the loss)
