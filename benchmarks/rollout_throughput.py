@@ -35,6 +35,7 @@ teacher_acc=A student_acc=B student_tpf=C speedup_vs_ar=D`` (batch 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -120,8 +121,6 @@ def _train_student(model, config, prompts, runtime, steps: int, root: str) -> st
     """A diffusion-trained student when none is given: ``steps`` OPD steps (the project's trainer,
     self-distillation) from the benchmark's own starting weights on its prompts; returns its
     checkpoint. A few minutes on SmolLM2 at the default 12 steps."""
-    import json
-
     from opdlm_megatron.checkpoint.model import save_model_checkpoint
     from opdlm_megatron.checkpoint.training import latest_checkpoint
     from opdlm_megatron.training.config_files import train_config_from_dict
@@ -275,7 +274,8 @@ def _task_prompts(args, hf_dir):
     from opdlm_megatron.eval.tasks import TaskSpec, load_task
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    items = load_task(TaskSpec(args.task, num_samples=args.task_prompts, seed=args.task_seed))
+    items = load_task(TaskSpec(args.task, options=args.task_options, num_samples=args.task_prompts,
+                               seed=args.task_seed))
     prompts = encode(items, tokenizer, True, args.system_prompt)
     return items, prompts, tokenizer
 
@@ -340,7 +340,7 @@ def task_mode(args, runtime):
         texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         return sum(item.score(text) for item, text in zip(items, texts)) / len(items)
 
-    results = {}
+    results, examples = {}, []
     for batch in (1, args.task_batch):
         hf_out, t_hf = _hf_answers(hf, prompts, args.new_tokens, stops, batch)
         st_out, t_st, forwards = _engine_answers(engine, prompts, decode, batch)
@@ -348,13 +348,39 @@ def task_mode(args, runtime):
         # tokens per forward of one sequence: at batch 1 every forward is that sequence's
         results[batch] = dict(hf_rate=hf_tokens / t_hf, st_rate=st_tokens / t_st, tpf=st_tokens / max(1, forwards),
                               teacher_acc=score(hf_out), student_acc=score(st_out))
+        if batch == 1:  # every prompt's two answers, so that a reader can rescore them
+            examples = [dict(question=item.question, reference=item.reference,
+                             teacher=tokenizer.decode(a, skip_special_tokens=True),
+                             student=tokenizer.decode(b, skip_special_tokens=True))
+                        for item, a, b in zip(items, hf_out, st_out)]
         r = results[batch]
         print(f"  {args.task} batch {batch}: student {r['st_rate']:.1f} answer tok/s (acc {r['student_acc']:.3f}"
               + (f", TPF {r['tpf']:.2f}" if batch == 1 else "") + f") vs HF generate {r['hf_rate']:.1f} tok/s "
               f"(acc {r['teacher_acc']:.3f}): {r['st_rate'] / r['hf_rate']:.2f}x", flush=True)
     r = results[1]
+    record = dict(teacher_acc=r["teacher_acc"], student_acc=r["student_acc"], student_tpf=r["tpf"],
+                  speedup_vs_ar=r["st_rate"] / r["hf_rate"], task_options=args.task_options,
+                  trained_checkpoint=args.trained_checkpoint, prompts=len(prompts), new_tokens=args.new_tokens,
+                  threshold=args.threshold, batches={str(b): v for b, v in results.items()},
+                  examples=examples)
+    if args.json_out:
+        _merge_record(args.json_out, args.task, record)
     print(f"real_model family={args.task} teacher_acc={r['teacher_acc']:.3f} student_acc={r['student_acc']:.3f} "
           f"student_tpf={r['tpf']:.2f} speedup_vs_ar={r['st_rate'] / r['hf_rate']:.2f}")
+
+
+def _merge_record(path: str, family: str, record: dict) -> None:
+    """Adds (or replaces) one family's record in the JSON file ``path`` ({family: record}), written
+    whole-or-not-at-all so that a run of several families never leaves half a file."""
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            records = json.load(f)
+    records[family] = record
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def main() -> None:
@@ -384,8 +410,19 @@ def main() -> None:
     parser.add_argument("--task-prompts", type=int, default=40)
     parser.add_argument("--task-batch", type=int, default=8)
     parser.add_argument("--task-seed", type=int, default=999, help="held-out prompts (training uses other seeds)")
+    parser.add_argument("--task-options", default="{}", help="the family's options (JSON), as in training")
     parser.add_argument("--system-prompt", default="Give only the final answer, with no explanation.")
+    parser.add_argument("--json-out", default=None,
+                        help="with --task: add the family's record (both batches, every prompt's two answers) to "
+                             "this JSON file ({family: record}; other families' records are kept)")
     args = parser.parse_args()
+    try:
+        options = json.loads(args.task_options)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        parser.error(f"--task-options must be a JSON object, got {args.task_options!r}")
+    args.task_options = options
     if args.quick:
         args.random_weights, args.new_tokens, args.batch_prompts = True, 16, min(args.batch_prompts, 4)
         args.train_steps = min(args.train_steps, 2)

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -307,8 +308,35 @@ def main(argv=None) -> dict:
     return summary
 
 
-CONFIDENCE_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
-                                "teacher_confidence.json")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+CONFIDENCE_TABLE = os.path.join(RESULTS, "teacher_confidence.json")
+# the longer run's per-family records (benchmarks/rollout_throughput.py --task F --json-out ...)
+FAMILIES_RESULTS = os.path.join(RESULTS, "smollm2_families", "real_model.json")
+
+
+def full_run_lines(path: str = FAMILIES_RESULTS) -> list:
+    """What the longer run on the families (configs/smollm2_opd_families.yaml) reached, one line per family
+    from its committed records: accuracy against the teacher's, tokens per forward, end-to-end speed against
+    HF generate with its KV cache (batch 1, each stopping at its own end of answer). Empty when none are
+    committed."""
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        return []
+    lines = []
+    for family, r in sorted(records.items()):
+        try:
+            step = re.search(r"step_0*(\d+)", r.get("trained_checkpoint") or "")
+            lines.append(f"  {family}: {r['student_acc']:.3f} vs the teacher's {r['teacher_acc']:.3f} at "
+                         f"{r['student_tpf']:.2f} tokens per forward, {r['speedup_vs_ar']:.2f}x HF generate's answer "
+                         f"tokens per second" + (f" (after {step.group(1)} steps)" if step else ""))
+        except (KeyError, TypeError, ValueError):
+            continue
+    if lines:
+        lines.insert(0, "the longer run on the families where the teacher is surest (configs/smollm2_opd_families.yaml"
+                        ", BENCHMARKS.md), as committed:")
+    return lines
 
 
 def verdict(summary: dict) -> list:
@@ -341,7 +369,7 @@ def verdict(summary: dict) -> list:
             pass
         lines.append(f"why not yet: {why}. The full run: configs/smollm2_opd_families.yaml; measured results: "
                      f"BENCHMARKS.md")
-    return lines
+    return lines + full_run_lines()
 
 
 def format_table(summary: dict) -> str:

@@ -118,3 +118,27 @@ def test_smollm2_main_job_reports_its_accuracy_table(tmp_path):
     summary = json.load(open(run / "summary.json"))
     assert "teacher (AR)" in summary["table"] and "trained student tau=0.9" in summary["table"]
     assert "=== OPDLM main job" in stdout and (run / "hf_student" / "tokenizer.json").exists()
+
+
+def test_demo_reports_the_committed_full_run_per_family(tmp_path):
+    """The main job's screen carries the longer run's committed per-family records (rollout_throughput
+    --task --json-out): one line per family with its numbers, nothing when there are none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_smollm2", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    path = tmp_path / "real_model.json"
+    assert demo.full_run_lines(str(path)) == []
+    path.write_text(json.dumps({
+        "opdlm/count_up": {"teacher_acc": 0.1, "student_acc": 0.125, "student_tpf": 2.25, "speedup_vs_ar": 1.75,
+                           "trained_checkpoint": "runs/x/checkpoints/step_00000240"},
+        "chain_sum": {"teacher_acc": 0.4, "student_acc": 0.3, "student_tpf": 1.0, "speedup_vs_ar": 0.8}}))
+    lines = demo.full_run_lines(str(path))
+    assert len(lines) == 3 and "configs/smollm2_opd_families.yaml" in lines[0]
+    assert lines[1] == ("  chain_sum: 0.300 vs the teacher's 0.400 at 1.00 tokens per forward, 0.80x HF generate's "
+                        "answer tokens per second")
+    assert lines[2].startswith("  opdlm/count_up: 0.125 vs the teacher's 0.100 at 2.25 tokens per forward, 1.75x")
+    assert lines[2].endswith("(after 240 steps)")
+    if os.path.exists(demo.FAMILIES_RESULTS):  # the committed records parse, one line each
+        assert len(demo.full_run_lines()) == 1 + len(json.load(open(demo.FAMILIES_RESULTS)))

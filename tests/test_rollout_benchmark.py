@@ -2,7 +2,13 @@
 forward breakdown, batch throughput), the engine's tokens equal the naive decoder's, and the last
 line has the decoding-speed issue's fixed form. Speed itself is not asserted (benchmarks, not tests)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.test_main_job import _python
@@ -36,3 +42,39 @@ def test_gpu_rollout_code_path_on_cpu():
     if not torch.cuda.is_available():
         skipped = _python(script).strip().splitlines()
         assert len(skipped) == 1 and skipped[0].startswith("gpu_rollout: skipped: no CUDA GPU"), skipped
+
+
+def test_rollout_throughput_task_mode_records_what_it_scored(tmp_path):
+    """--task on a tiny model exported to HF: the per-family line, and a JSON record whose accuracies are
+    the family's own scorer applied to the answers it stores (rescored here), whose other families'
+    records survive a second run, and whose bad --task-options are refused by name."""
+    from opdlm_megatron.eval.tasks import TaskSpec, load_task
+    from opdlm_megatron.tools.convert_megatron_to_hf import export
+    from tests.helpers import save_tiny_student
+
+    ckpt = save_tiny_student(tmp_path / "tiny", seed=3, max_sequence_length=256)
+    export(ckpt, str(tmp_path / "hf"))
+    script = str(REPO_ROOT / "benchmarks" / "rollout_throughput.py")
+    out = tmp_path / "real_model.json"
+    out.write_text(json.dumps({"other_family": {"student_acc": 0.5}}))
+    common = ["--checkpoint", ckpt, "--hf-dir", str(tmp_path / "hf"), "--trained-checkpoint", ckpt,
+              "--task-prompts", "3", "--task-batch", "2", "--new-tokens", "8", "--json-out", str(out)]
+    stdout = _python(script, "--task", "opdlm/count_up", *common)
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"real_model family=opdlm/count_up teacher_acc=[\d.]+ student_acc=[\d.]+ "
+                        r"student_tpf=[\d.]+ speedup_vs_ar=[\d.]+", last), last
+    records = json.loads(out.read_text())
+    assert records["other_family"] == {"student_acc": 0.5}
+    record = records["opdlm/count_up"]
+    items = load_task(TaskSpec("opdlm/count_up", num_samples=3, seed=999))
+    assert [e["question"] for e in record["examples"]] == [item.question for item in items]
+    for who in ("teacher", "student"):
+        rescored = sum(item.score(e[who]) for item, e in zip(items, record["examples"])) / 3
+        assert record[f"{who}_acc"] == pytest.approx(rescored)
+    assert set(record["batches"]) == {"1", "2"} and record["student_tpf"] == record["batches"]["1"]["tpf"]
+    assert f"student_tpf={record['student_tpf']:.2f}" in last
+
+    proc = subprocess.run([sys.executable, script, "--task", "opdlm/count_up", "--task-options", "[1]", *common],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 2 and "--task-options must be a JSON object, got '[1]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
