@@ -29,7 +29,10 @@ checkpoint; V at one token per forward). ``--quick`` runs everything on a 2-laye
 (reasoning-gym or ``opdlm/...``), EOS respected (each decoder stops at its own end of answer), answer
 tokens per second of the engine against HF ``generate`` with its KV cache at batch 1 and
 ``--task-batch``, and both accuracies by the family's scorer; last line ``real_model family=F
-teacher_acc=A student_acc=B student_tpf=C speedup_vs_ar=D`` (batch 1).
+teacher_acc=A student_acc=B student_tpf=C speedup_vs_ar=D`` (batch 1). ``--task-options JSON`` sets the
+family's difficulty as in training; ``--json-out FILE`` adds the family's record (both batches and every
+prompt's two answers) to FILE, keeping the other families' records (what the demo's screen reads from
+``benchmarks/results/smollm2_families/real_model.json``).
 """
 
 from __future__ import annotations
