@@ -51,6 +51,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from opdlm_megatron.config.model import ModelConfig  # noqa: E402
+from opdlm_megatron.eval.tasks import TaskError, task_options_from_json  # noqa: E402
+from opdlm_megatron.tools.hf_io import read_json, write_json  # noqa: E402
 
 SMOLLM2_135M = dict(
     num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
@@ -375,14 +377,10 @@ def task_mode(args, runtime):
 def _merge_record(path: str, family: str, record: dict) -> None:
     """Adds (or replaces) one family's record in the JSON file ``path`` ({family: record}), written
     whole-or-not-at-all so that a run of several families never leaves half a file."""
-    records = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            records = json.load(f)
+    records = read_json(path) if os.path.exists(path) else {}
     records[family] = record
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(records, f, indent=2, sort_keys=True)
+    write_json(path + ".tmp", records)
     os.replace(path + ".tmp", path)
 
 
@@ -420,12 +418,9 @@ def main() -> None:
                              "this JSON file ({family: record}; other families' records are kept)")
     args = parser.parse_args()
     try:
-        options = json.loads(args.task_options)
-    except ValueError:
-        options = None
-    if not isinstance(options, dict):
-        parser.error(f"--task-options must be a JSON object, got {args.task_options!r}")
-    args.task_options = options
+        args.task_options = task_options_from_json(args.task_options)
+    except TaskError as error:
+        parser.error(str(error))
     if args.quick:
         args.random_weights, args.new_tokens, args.batch_prompts = True, 16, min(args.batch_prompts, 4)
         args.train_steps = min(args.train_steps, 2)

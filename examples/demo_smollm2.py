@@ -113,9 +113,10 @@ def prepare_checkpoint(logit_shift: bool) -> str:
 
 
 def task_items(args, seed: int, count: int):
-    from opdlm_megatron.eval.tasks import TaskSpec, load_task
+    from opdlm_megatron.eval.tasks import TaskSpec, load_task, task_options_from_json
 
-    return load_task(TaskSpec(args.task, options=json.loads(args.task_options), num_samples=count, seed=seed))
+    return load_task(TaskSpec(args.task, options=task_options_from_json(args.task_options), num_samples=count,
+                              seed=seed))
 
 
 def accuracy_table(trainer, items, prompts, tokenizer, args, who: str, student: bool) -> dict:
@@ -222,6 +223,7 @@ def main(argv=None) -> dict:
     from opdlm_megatron.distill.answers import results_from_answers
     from opdlm_megatron.data.samples import load_tokenizer
     from opdlm_megatron.eval.evaluation import encode
+    from opdlm_megatron.eval.tasks import task_options_from_json
     from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.tools.convert_megatron_to_hf import export
     from opdlm_megatron.training.config_files import train_config_from_dict
@@ -237,7 +239,7 @@ def main(argv=None) -> dict:
                 box = [ckpt]
                 torch.distributed.broadcast_object_list(box, src=0)
                 ckpt = box[0]
-        options = json.loads(args.task_options)
+        options = task_options_from_json(args.task_options)
         cfg = train_config_from_dict({
             "objective": "opd", "seed": 1234, "run_dir": args.run_dir,
             "train": {"steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.micro_batch_size},

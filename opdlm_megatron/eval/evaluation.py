@@ -12,7 +12,7 @@ import os
 from typing import List, Optional
 
 from ..runtime.outputs import check_output
-from .tasks import TaskSpec
+from .tasks import TaskSpec, task_options_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ def validate(args) -> TaskSpec:
         raise EvalInputError(f"--temperature must be >= 0, got {args.temperature}")
     if args.seeds > 1 and args.temperature == 0:
         raise EvalInputError("--seeds > 1 needs --temperature > 0 (greedy decoding gives one answer)")
-    try:
-        options = json.loads(args.task_options)
-    except json.JSONDecodeError as error:
-        raise EvalInputError(f"--task-options is not JSON ({error.msg}): {args.task_options!r}") from None
-    if not isinstance(options, dict):
-        raise EvalInputError(f"--task-options must be a JSON object, got {args.task_options!r}")
+    options = task_options_from_json(args.task_options)
     _checkpoint(args.student, "--student")
     if args.teacher and not args.no_teacher:
         _checkpoint(args.teacher, "--teacher")

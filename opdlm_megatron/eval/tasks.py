@@ -15,6 +15,7 @@ left out of the evaluated items).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -26,6 +27,17 @@ FILE_TASKS = ("math_jsonl", "jsonl")
 
 class TaskError(ValueError):
     """A task that cannot be built (unknown name, bad file, missing field); the message names it."""
+
+
+def task_options_from_json(text: str) -> dict:
+    """A task's ``--task-options``: a JSON object (TaskError naming the flag and the text otherwise)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TaskError(f"--task-options is not JSON ({error.msg}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise TaskError(f"--task-options must be a JSON object, got {text!r}")
+    return options
 
 
 @dataclass
