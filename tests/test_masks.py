@@ -33,39 +33,8 @@ def brute_block_causal(lengths, seq_len, block_size, prompt_lengths=None):
 
 
 def brute_opd(prompt_lens, answer_lens, plen_max, alen_max, block_size):
-    """[B, S, S] allowed-matrix of the [prompt | x0 | xt] layout, written from the paper's description."""
-    seq = plen_max + 2 * alen_max
-    out = torch.zeros(len(prompt_lens), seq, seq, dtype=torch.bool)
-    for r, (p, a) in enumerate(zip(prompt_lens, answer_lens)):
-        def describe(c):  # -> (kind, index within its part) or None for padding
-            if c < plen_max:
-                return ("prompt", c - (plen_max - p)) if c >= plen_max - p else None
-            if c < plen_max + alen_max:
-                i = c - plen_max
-                return ("x0", i) if i < a else None
-            i = c - plen_max - alen_max
-            return ("xt", i) if i < a else None
-
-        for qc in range(seq):
-            q = describe(qc)
-            for kc in range(seq):
-                k = describe(kc)
-                if q is None:
-                    out[r, qc, kc] = True
-                    continue
-                if k is None:
-                    continue
-                qkind, qi = q
-                kkind, ki = k
-                if qkind == "prompt":
-                    ok = kkind == "prompt" and ki // block_size <= qi // block_size
-                elif qkind == "x0":
-                    ok = kkind == "prompt" or (kkind == "x0" and ki // block_size <= qi // block_size)
-                else:  # xt of answer block qi // b: prompt, x0 of earlier blocks, xt of its own block
-                    ok = (kkind == "prompt" or (kkind == "x0" and ki // block_size < qi // block_size)
-                          or (kkind == "xt" and ki // block_size == qi // block_size))
-                out[r, qc, kc] = ok
-    return out
+    """[B, S, S] allowed-matrix of the [prompt | x0 | xt] layout: the packed definition with one copy."""
+    return brute_packed_opd(prompt_lens, answer_lens, [1] * len(prompt_lens), plen_max, alen_max, 1, block_size)
 
 
 def left_padded_valid(lengths, seq_len):
@@ -124,6 +93,107 @@ def test_opd_layout_matches_brute_force(data):
     assert torch.equal(pos[:, plen_max:plen_max + alen_max], pos[:, plen_max + alen_max:])
     for r, p in enumerate(prompt_lens):
         assert pos[r, plen_max - 1] == p - 1 and pos[r, plen_max] == p
+
+
+def _has_flex() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def brute_packed_opd(prompt_lens, answer_lens, copies_per_row, plen_max, alen_max, copies, block_size):
+    """[B, S, S] allowed-matrix of the packed [prompt | x0 | xt_1 | .. | xt_R] layout, written from its
+    definition: copy r of block j sees the prompt, x0 of earlier blocks and copy r of block j only. With
+    several copies they lie back to back at the row's answer length a (copy r at P + A + r a), one copy
+    at P + A."""
+    width = alen_max if copies == 1 else max(1, max(a * n for a, n in zip(answer_lens, copies_per_row)))
+    seq = plen_max + alen_max + width
+    out = torch.zeros(len(prompt_lens), seq, seq, dtype=torch.bool)
+    for row, (p, a, n) in enumerate(zip(prompt_lens, answer_lens, copies_per_row)):
+        stride = alen_max if copies == 1 else a
+
+        def describe(c):  # -> (kind, copy, index) or None for padding and the row's missing copies
+            if c < plen_max:
+                return ("prompt", 0, c - (plen_max - p)) if c >= plen_max - p else None
+            if c < plen_max + alen_max:
+                i = c - plen_max
+                return ("x0", 0, i) if i < a else None
+            offset = c - plen_max - alen_max
+            if stride == 0 or offset // stride >= n or offset % stride >= a:
+                return None
+            return ("xt", 1 + offset // stride, offset % stride)
+
+        for qc in range(seq):
+            q = describe(qc)
+            for kc in range(seq):
+                k = describe(kc)
+                if q is None:
+                    out[row, qc, kc] = True
+                    continue
+                if k is None:
+                    continue
+                (qkind, qr, qi), (kkind, kr, ki) = q, k
+                if qkind == "prompt":
+                    ok = kkind == "prompt" and ki // block_size <= qi // block_size
+                elif qkind == "x0":
+                    ok = kkind == "prompt" or (kkind == "x0" and ki // block_size <= qi // block_size)
+                else:
+                    ok = (kkind == "prompt" or (kkind == "x0" and ki // block_size < qi // block_size)
+                          or (kkind == "xt" and kr == qr and ki // block_size == qi // block_size))
+                out[row, qc, kc] = ok
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_packed_opd_layout_matches_brute_force_and_each_copy_alone(data):
+    batch = data.draw(st.integers(1, 3))
+    plen_max = data.draw(st.integers(1, 5))
+    alen_max = data.draw(st.integers(1, 7))
+    copies = data.draw(st.integers(1, 4))
+    block = data.draw(st.integers(1, 4))
+    shift = data.draw(st.booleans())
+    prompt_lens = data.draw(st.lists(st.integers(1, plen_max), min_size=batch, max_size=batch))
+    answer_lens = data.draw(st.lists(st.integers(0, alen_max), min_size=batch, max_size=batch))
+    copies_per_row = data.draw(st.lists(st.integers(1, copies), min_size=batch, max_size=batch))
+    copies_per_row[0] = copies  # some row has every copy (the builder's R is the most any row has)
+    prompt = torch.randint(0, 50, (batch, plen_max))
+    prompt_valid, answer_valid = left_padded_valid(prompt_lens, plen_max), right_padded_valid(answer_lens, alen_max)
+    x0 = torch.randint(0, 50, (batch, alen_max))
+    xt = torch.randint(0, 50, (batch, copies, alen_max))
+    copy_valid = torch.arange(copies)[None] < torch.tensor(copies_per_row)[:, None]
+    packed = masks.opd_packed_training_batch(prompt, prompt_valid, x0, xt, copy_valid, answer_valid, block, shift)
+    allowed = packed.layout.allowed()
+    assert torch.equal(allowed, brute_packed_opd(prompt_lens, answer_lens, copies_per_row, plen_max, alen_max,
+                                                 copies, block))
+    # each real copy sees, column for column, what it sees as the xt of opd_training_batch's row of its own
+    for r in range(copies):
+        alone = masks.opd_training_batch(prompt, prompt_valid, x0, xt[:, r], answer_valid, block, shift)
+        for b in range(batch):
+            a = answer_lens[b]
+            if r >= copies_per_row[b] or a == 0:
+                continue
+            # the packed columns of alone's row: prompt and x0 where they are, alone's xt at copy r
+            own = torch.cat([torch.arange(plen_max + alen_max), packed.xt_columns[b, r, :a]])
+            queries = packed.xt_columns[b, r, :a]
+            alone_keys = torch.arange(plen_max + alen_max + a)
+            assert torch.equal(allowed[b][queries][:, own], alone.layout.allowed()[b][alone.xt_columns[b, :a]][:, alone_keys])
+            assert allowed[b][queries].sum() == allowed[b][queries][:, own].sum()  # nothing of another copy
+            assert torch.equal(packed.input_ids[b, queries], xt[b, r, :a])
+            # the prediction column holds the same token and position as in the row of its own
+            assert torch.equal(packed.input_ids[b, packed.prediction_columns[b, r, :a]],
+                               alone.input_ids[b, alone.prediction_columns[b, :a]])
+            assert torch.equal(packed.position_ids[b, packed.prediction_columns[b, r, :a]],
+                               alone.position_ids[b, alone.prediction_columns[b, :a]])
+    if copies > 1 and _has_flex():
+        dense_from_flex = packed.layout.flex_block_mask(block_size=4).to_dense()
+        tiles = -(-allowed.shape[-1] // 4)
+        for b in range(batch):
+            for i in range(tiles):
+                for j in range(tiles):
+                    assert bool(dense_from_flex[b, 0, i, j]) == bool(allowed[b, i * 4:(i + 1) * 4, j * 4:(j + 1) * 4].any())
 
 
 def test_prediction_columns_with_and_without_shift():

@@ -304,3 +304,53 @@ def test_activation_estimate_per_rank_at_tp2_and_pp2(tmp_path):
         assert len(ratios) == 2 * len(models) * 2  # ranks x models x top-k variants
         for key, ratio in ratios.items():
             assert ratio == pytest.approx(1.0, abs=0.15), (layout, key)
+
+
+def test_activation_estimate_of_packed_states_and_the_plans_row_shape(tmp_path):
+    """loss.pack_states: a micro-batch of ``m`` answers with every round of every block is ``m`` rows of
+    ``prompt + (1 + block_size) x answer`` columns; the planner's count for that shape is within 15% of
+    what the real student keeps for backward, and the plan names that shape (one row per state without it)."""
+    from opdlm_megatron.distill.states import all_round_states
+    from opdlm_megatron.distill.teacher import TeacherTargets
+    from opdlm_megatron.model.build import build_model
+    from opdlm_megatron.model.losses import DivergenceConfig
+    from opdlm_megatron.objectives.base import StateContext, masked_state_batch
+    from opdlm_megatron.planning.activations import ActivationShape, activation_bytes
+    from opdlm_megatron.rollout.types import RolloutResult
+    from opdlm_megatron.training.student import StudentStepPlan
+
+    prompt, answer, answers = 24, 32, 2
+    with initialize_runtime(device="cpu", seed=1):
+        config = ModelConfig(num_layers=2, vocab_size=2000, max_sequence_length=1024, block_size=4,
+                             **ACTIVATION_MODELS["smollm2_fp32"])
+        model = build_model(config, "student")
+        g = torch.Generator().manual_seed(0)
+        rollout = RolloutResult(torch.randint(3, 2000, (answers, prompt), generator=g),
+                                torch.ones(answers, prompt, dtype=torch.bool),
+                                torch.randint(3, 2000, (answers, answer), generator=g),
+                                torch.ones(answers, answer, dtype=torch.bool),
+                                torch.arange(answer)[None].repeat(answers, 1),  # one token per round
+                                torch.full((answers,), answer), torch.ones(answers, dtype=torch.bool), answer)
+        source, xt = all_round_states(rollout, 4, config.mask_token_id)
+        ctx = StateContext(mask_token_id=config.mask_token_id, block_size=4, end_of_turn_ids=())
+        batch = masked_state_batch(rollout.rows(source, trim=False), xt, ctx, distill=True, groups=source)
+        targets = TeacherTargets.dense(torch.randn(batch.batch_size, answer, config.padded_vocab_size(1)),
+                                       (batch.batch_size, answer))
+        plan_ = StudentStepPlan(model, config, batch, targets, DivergenceConfig(), answers, pack_states=True)
+        assert len(plan_.microbatches) == 1 and plan_.seq_length == prompt + 5 * answer
+        measured, supervised_tokens = _saved_for_backward(plan_, model)
+        assert supervised_tokens == answers * answer * (4 + 3 + 2 + 1) // 4  # round r of a block masks 4 - r slots
+        estimate = activation_bytes(config, ActivationShape(plan_.seq_length, answers, supervised_tokens, 1,
+                                                            None, True, False, 1), 1, num_microbatches=1)
+        assert estimate == pytest.approx(measured, rel=0.15)
+
+    def activation_part(pack_states):
+        cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), "unused.jsonl", "unused",
+                                                     loss=dict(state_selection="all_rounds", pack_states=pack_states),
+                                                     train=dict(micro_batch_size=2, global_batch_size=2),
+                                                     curriculum=dict(min_length=32, max_length=32)))
+        out = plan(cfg, config, world_size=1, prompt_tokens=24)
+        return next(name for name in out.parts if name.startswith("activations"))
+
+    assert activation_part(True).startswith(f"activations ({prompt + 5 * 32} columns x 2 rows")
+    assert activation_part(False).startswith(f"activations ({prompt + 2 * 32} columns x 8 rows")

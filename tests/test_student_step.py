@@ -165,3 +165,65 @@ def test_gradients_accumulate_into_megatron_ddp_main_grad(runtime):
     student_forward_backward(ddp, config, *args)  # gradients accumulate until zeroed
     for (name, p), (_, q) in zip(bare.named_parameters(), wrapped_module.named_parameters()):
         assert torch.allclose(q.main_grad, 2 * p.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("logit_shift,micro_batch_size", [(False, 1), (True, 2)])
+def test_packed_states_match_the_hand_computed_loss_of_each_state_alone(runtime, logit_shift, micro_batch_size):
+    """loss.pack_states: every round of every block of answers of mixed lengths (one with an EOS inside,
+    blocks of 1-4 rounds, so answers have different numbers of states) forwarded one packed row per
+    answer; the loss and gradients are the hand-computed ones of every state run alone on its own
+    [prompt | x0 | xt] row (row normalisation), and the same as the unpacked step's."""
+    from opdlm_megatron.distill.states import all_round_states
+    from opdlm_megatron.distill.teacher import TeacherTargets
+    from opdlm_megatron.objectives.base import StateContext, masked_state_batch
+    from opdlm_megatron.training.student import StudentStepPlan, student_step
+
+    config = student_config(logit_shift=logit_shift)
+    model = build_model(config, "student")
+    result = synthetic_rollout(config.vocab_size, config.block_size, batch_size=3, prompt_len=7, answer_len=11, seed=5)
+    ctx = StateContext(mask_token_id=config.mask_token_id, block_size=config.block_size, end_of_turn_ids=[EOS])
+    source, xt = all_round_states(result, config.block_size, config.mask_token_id)
+    states = result.rows(source, trim=False)
+    batch = masked_state_batch(states, xt, ctx, distill=True, groups=source)
+    assert len(set(torch.bincount(source).tolist())) > 1, "answers should have different numbers of states"
+    teacher_logits = torch.randn(3, result.answer_ids.shape[1], config.padded_vocab_size(1),
+                                 generator=torch.Generator().manual_seed(2)) * 3
+    per_state = teacher_logits[source]
+
+    model.zero_grad(set_to_none=True)
+    expected = hand_loss(model, config, states, xt, teacher_logits=per_state)
+    expected.backward()
+    expected_grads = grads(model)
+
+    targets = TeacherTargets.dense(per_state, tuple(xt.shape))
+    plan = StudentStepPlan(model, config, batch, targets, DivergenceConfig(chunk_tokens=5), micro_batch_size,
+                           "row", pack_states=True)
+    assert plan.packed and all(mb["ids"].shape[0] == micro_batch_size for mb in plan.microbatches)
+    found = {}
+    for pack in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = student_step(model, config, batch, targets, DivergenceConfig(chunk_tokens=5), micro_batch_size,
+                           normalization="row", pack_states=pack)
+        found[pack] = grads(model)
+        assert math.isclose(out["loss"], float(expected), rel_tol=1e-5, abs_tol=1e-6), pack
+    for name, g in expected_grads.items():
+        for pack in (True, False):
+            assert torch.allclose(found[pack][name], g, rtol=1e-4, atol=1e-6), (name, pack)
+
+
+def test_packed_states_benchmark_quick():
+    """benchmarks/packed_states.py --quick: the fixed last line, fewer input columns packed, the same loss."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "packed_states.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"packed_states tokens_ratio=(\S+) step_speedup=(\S+) loss_rel_diff=(\S+) grad_rel_diff=(\S+)", last)
+    assert m, last
+    assert float(m.group(1)) > 1.2 and float(m.group(2)) > 0
+    assert float(m.group(3)) < 1e-5 and float(m.group(4)) < 1e-4

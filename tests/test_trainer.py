@@ -156,18 +156,20 @@ def test_step_loss_matches_dense_reference(assets, tmp_path, normalization):
     assert metrics["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("normalization", ["token", "row"])
-def test_all_rounds_loss_matches_dense_reference_of_each_state_alone(assets, tmp_path, normalization):
+@pytest.mark.parametrize("normalization,pack_states", [("token", True), ("row", True), ("token", False)])
+def test_all_rounds_loss_matches_dense_reference_of_each_state_alone(assets, tmp_path, normalization, pack_states):
     """loss.state_selection=all_rounds: every round of every block is a row (built here by the authors'
     round loop, token by token), each scored alone by the dense float64 reference; the step's loss is
-    theirs, with the teacher run once per answer and 2 answers per step cut into micro-batches of one."""
+    theirs, with the teacher run once per answer and 2 answers per step cut into micro-batches of one -
+    the student forwarding the states of an answer packed into one row (loss.pack_states) or one row each."""
     from opdlm_megatron.training.trainer import Trainer
     from tests.distributed.student_data import authors_rounds
 
     cfg = train_config_from_dict(tiny_train_dict(str(tmp_path / "run"), assets["data"], assets["ckpt"],
                                                  train=dict(steps=1), checkpoint=dict(resume=False),
                                                  rollout=dict(threshold=0.2),
-                                                 loss=dict(normalization=normalization, state_selection="all_rounds")))
+                                                 loss=dict(normalization=normalization, state_selection="all_rounds",
+                                                           pack_states=pack_states)))
     rec = RecordingRollout(naive_rollout)
     with initialize_runtime(device="cpu", seed=cfg.seed) as rt:
         trainer = Trainer(cfg, rt, rollout_fn=rec)
@@ -432,10 +434,20 @@ def test_tp2_and_pp2_match_tp1(assets, tmp_path):
             assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), ("tp2sp vs tp2", ref["step"], key)
 
 
+def _after_adam(step: int, rel: float) -> float:
+    """The tolerance of a layout comparison at ``step``: ``rel`` for the first step (same weights, only
+    the layout's summation order between them), at least 1e-4 after an optimizer step. A CP rank
+    multiplies half of the queries, a matmul of another shape, whose last bits depend on the BLAS
+    kernel (on AVX-512 machines they differ), and Adam's normalised update moves a near-zero-gradient
+    weight by lr whatever those bits (measured: step-1 loss 3.8e-5 relative at CP=2 on an AMD EPYC)."""
+    return rel if step == 0 else max(rel, 1e-4)
+
+
 def test_context_parallel_matches_tp1(assets, tmp_path):
     """CP=2: each rank forwards a zigzag half of every training row, keys and values gathered over the
-    pair. Every objective trains 3 steps as at TP=1: losses, gradient norms and the final weights to
-    rel 1e-5 (keys gathered back into column order, so attention sums in the same order)."""
+    pair. Every objective trains 3 steps as at TP=1: losses and gradient norms of the first step and the
+    final weights to rel 1e-5 (keys gathered back into column order, so attention sums in the same
+    order), of later steps to 1e-4 (``_after_adam``)."""
     from opdlm_megatron.checkpoint.model import build_from_checkpoint
 
     objectives = ("opd", "mdlm", "opd_tcs", "lift", "sft")  # (all ten measured alike, 2026-12-03)
@@ -446,7 +458,8 @@ def test_context_parallel_matches_tp1(assets, tmp_path):
         assert [h["step"] for h in histories[objective]] == [0, 1, 2]
         for ref, res in zip(histories[objective], got[_name(objective, "cp2")], strict=True):
             for key in ("loss", "grad_norm"):
-                assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (objective, ref["step"], key)
+                rel = _after_adam(ref["step"], 1e-5)
+                assert res[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (objective, ref["step"], key)
     with initialize_runtime(device="cpu"):
         for objective in ("opd", "mdlm"):
             ref, _ = build_from_checkpoint(str(tmp_path / objective / "checkpoints" / "step_00000003"), "student")
@@ -468,7 +481,8 @@ def test_four_rank_layouts_match_tp1(assets, tmp_path):
     for layout, rel in (("tp2pp2sp", 1e-4), ("tp2spcp2", 1e-4), ("pp2cp2", 1e-5)):
         for ref, res in zip(histories["opd"], got[layout], strict=True):
             for key in ("loss", "teacher_nll", "grad_norm"):
-                assert res[key] == pytest.approx(ref[key], rel=rel, abs=1e-7), (layout, ref["step"], key)
+                tol = _after_adam(ref["step"], rel)
+                assert res[key] == pytest.approx(ref[key], rel=tol, abs=1e-7), (layout, ref["step"], key)
 
 
 @pytest.mark.distributed
@@ -558,15 +572,16 @@ def test_other_objectives_with_sequence_parallelism_match_tp1(assets, tmp_path):
                 assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, ref["step"], key)
 
 
-def test_all_rounds_tp2_and_pp2_match_tp1(assets, tmp_path):
-    """loss.state_selection=all_rounds for opd and opd_tcs at TP=2 and PP=2 (one torchrun launch; PP
-    exchanges micro-batches of one answer's rounds, filled up to one row count) as at TP=1."""
+def test_all_rounds_tp2_pp2_and_cp2_match_tp1(assets, tmp_path):
+    """loss.state_selection=all_rounds for opd and opd_tcs at TP=2, PP=2 and CP=2 (one torchrun launch) as
+    at TP=1: the packed rows (loss.pack_states) at one width under PP and split over the CP ranks, cut
+    per micro-batch at TP=1."""
     objectives = ("opd", "opd_tcs")
-    histories, got = _against_tp1(assets, tmp_path, objectives, ["tp2", "pp2"],
+    histories, got = _against_tp1(assets, tmp_path, objectives, ["tp2", "pp2", "cp2"],
                                   ["loss.state_selection=all_rounds", "tcs.route_prob=0.5", "rollout.threshold=0.3"])
     assert all(h["rows_per_answer"] > 1 for h in histories["opd"])
     for objective in objectives:
-        for layout in ("tp2", "pp2"):
+        for layout in ("tp2", "pp2", "cp2"):
             for ref, res in zip(histories[objective], got[_name(objective, layout)], strict=True):
                 for key in ("loss", "grad_norm", "rows_per_answer", "teacher_nll"):
                     assert res[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (objective, layout, ref["step"], key)

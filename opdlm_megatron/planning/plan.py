@@ -155,9 +155,14 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # all_rounds: an answer is up to block_size rows (one per round), and round r of a block masks at most
     # block_size - r of its slots, so the student's loss sees at most (block_size + 1) / 2 x its tokens
     all_rounds = cfg.objective in ("opd", "opd_tcs") and cfg.loss.state_selection == "all_rounds"
-    rows_per_answer = config.block_size if all_rounds else 1
+    # loss.pack_states: those rows become one row [prompt | x0 | xt_1 .. xt_R] per answer
+    packed = all_rounds and cfg.loss.pack_states
+    rows_per_answer = config.block_size if all_rounds and not packed else 1
     supervised_per_answer = answer * (config.block_size + 1) / 2 if all_rounds else answer
-    if all_rounds:
+    if packed:
+        out.notes.append(f"loss.state_selection all_rounds, packed (loss.pack_states): one row of up to "
+                         f"{config.block_size} xt copies per answer; a micro-batch of {micro} answers is {micro} rows")
+    elif all_rounds:
         out.notes.append(f"loss.state_selection all_rounds: up to {rows_per_answer} rows per answer (one per round); "
                          f"a micro-batch of {micro} answers holds up to {micro * rows_per_answer} rows")
     if cfg.objective not in ("mdlm", "ar", "sft"):
@@ -175,6 +180,8 @@ def plan(cfg: TrainConfig, config: ModelConfig, world_size: int, teacher: Option
     # activations of [prompt | x0 | xt]: what the student's layers keep for backward (activations.py),
     # the worst case of every answer token supervised
     seq = prompt + 2 * answer if cfg.objective not in ("ar", "sft") else prompt + answer
+    if packed:
+        seq = prompt + (1 + config.block_size) * answer
     distill = get_objective(cfg.objective).distill  # else the targets are token ids (cross entropy)
     micro_rows = micro * rows_per_answer
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1

@@ -196,6 +196,10 @@ class LossConfig:
     # rarely supervises partly revealed blocks). A rollout feeds tasks_per_rollout / global_batch_size steps
     # in every mode; with all_rounds a micro-batch of m answers holds up to m x block_size rows.
     state_selection: str = "all_rounds"
+    # with several states per answer (all_rounds): the student forwards them packed, one row per answer
+    # [prompt | x0 | xt_1 | .. | xt_R] with each copy attending as in a row of its own - the same loss and
+    # gradients from about half the tokens at block 4 (benchmarks/packed_states.py); false: one row per state
+    pack_states: bool = True
     # "token": one weight per supervised token over the global batch (Algorithm 1 sums the KL over
     # masked positions, w(t) = 1); "row": mean over each row's tokens, then over rows (first layout)
     normalization: str = "token"
@@ -209,6 +213,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         one_of("loss.state_selection", self.state_selection, STATE_SELECTIONS)
+        boolean("loss.pack_states", self.pack_states)
         one_of("loss.divergence", self.divergence, DIVERGENCES)
         one_of("loss.normalization", self.normalization, LOSS_NORMALIZATIONS)
         one_of("loss.t_sampling", self.t_sampling, NOISE_LEVELS)

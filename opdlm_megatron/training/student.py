@@ -11,6 +11,11 @@ Layouts (``SupervisedBatch.layout``):
 
 The output layer runs only on the columns the loss reads (``model.select_output_columns``).
 
+Packed states (``loss.pack_states``, with several states per answer: ``all_rounds``): the ``R`` states of
+an answer share one row ``[prompt | x0 | xt_1 | .. | xt_R]`` whose attention gives every copy exactly what
+a row of its own gives it (``masks.opd_packed_training_batch``), so the loss and gradients are the same
+and the prompt and x0 are forwarded once per answer instead of once per state.
+
 Targets: the teacher's distributions (``TeacherTargets``: packed logits or top-k of the supervised
 positions; the per-token loss is the configured divergence, paper: forward KL), or the answer tokens
 themselves (cross entropy, times ``weights`` when given: 1/t for the masked-diffusion losses).
@@ -55,11 +60,38 @@ from ..model.losses import (
     masked_diffusion_nll,
     unused_vocab_columns,
 )
-from ..model.masks import causal_layout, opd_training_batch
+from ..model.masks import causal_layout, opd_packed_training_batch, opd_training_batch
 from ..model.microbatches import microbatch_groups, microbatch_rows
 from ..objectives.base import SupervisedBatch
 from ..runtime.distributed import broadcast_from_last_stage, data_parallel_sum
 
+
+
+def packs_states(batch: SupervisedBatch, pack_states: bool) -> bool:
+    """Whether the student step packs ``batch``'s states of one answer into one row: asked for, and the
+    batch holds several OPD states per answer (``loss.state_selection="all_rounds"``)."""
+    return pack_states and batch.layout == "opd" and batch.groups is not None
+
+
+def packed_model_input(config: ModelConfig, batch: SupervisedBatch):
+    """``(input_ids [U, S], layout, prediction_columns [B, A], input_row [B])``: one row
+    ``[prompt | x0 | xt_1 | .. | xt_R]`` per answer for the ``B`` state rows of its ``U`` answers
+    (``masks.opd_packed_training_batch``); state row ``b``'s answer token i is predicted at column
+    ``prediction_columns[b, i]`` of row ``input_row[b]``. The same attention as one row per state, so the
+    same loss and gradients, with the prompt and x0 forwarded once per answer instead of once per state
+    (about half the tokens of the step at block 4: ``P + 5A`` instead of ``4 (P + 2A)``)."""
+    r = batch.answers
+    first, inverse = batch.answer_rows()
+    rank = torch.arange(batch.batch_size) - first[inverse]  # the rows of one answer are adjacent
+    copies = int(rank.max()) + 1
+    x0 = r.answer_ids[first]
+    xt = x0[:, None].repeat(1, copies, 1)
+    xt[inverse, rank] = batch.xt
+    copy_valid = torch.zeros((first.numel(), copies), dtype=torch.bool)
+    copy_valid[inverse, rank] = True
+    opd = opd_packed_training_batch(r.prompt_ids[first], r.prompt_valid[first], x0, xt, copy_valid,
+                                    r.answer_valid[first], config.block_size, config.logit_shift)
+    return opd.input_ids, opd.layout, opd.prediction_columns[inverse, rank], inverse
 
 
 def model_input(config: ModelConfig, batch: SupervisedBatch):
@@ -95,6 +127,41 @@ def _check_targets(config: ModelConfig, batch: SupervisedBatch, targets, last_st
                              f"student {excluded.shape[0]}: the vocabularies differ")
 
 
+def _output_slots(rows: Tensor, real: Tensor, input_row: Tensor, supervised: Tensor, columns: Tensor) -> Dict:
+    """The output slots of a micro-batch of input rows ``rows`` (``real``: not a filler): for each input row,
+    the supervised ``(state row, answer position)`` pairs it predicts (state rows in order, positions
+    ascending), padded to the widest row. ``input_row [B]`` is each state row's input row, ``columns
+    [B, A]`` the column predicting each of its answer tokens. Returns ``state_rows``, ``answer_index``,
+    ``columns`` (all ``[n, width]`` long) and ``slot_valid`` (bool)."""
+    owner = (input_row[:, None] == rows[None, :]) & real[None, :]  # [B, n]: real rows are distinct
+    position = torch.where(owner.any(1), owner.long().argmax(1), -1)
+    state, answer = (supervised & (position >= 0)[:, None]).nonzero(as_tuple=True)
+    slot_of = position[state]
+    order = torch.sort(slot_of, stable=True).indices
+    state, answer, slot_of = state[order], answer[order], slot_of[order]
+    counts = torch.bincount(slot_of, minlength=len(rows))
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    offset = torch.arange(slot_of.numel()) - (torch.cumsum(counts, 0) - counts)[slot_of]
+    out = {name: torch.zeros((len(rows), width), dtype=torch.long) for name in ("state_rows", "answer_index", "columns")}
+    out["state_rows"][slot_of, offset] = state
+    out["answer_index"][slot_of, offset] = answer
+    out["columns"][slot_of, offset] = columns[state, answer]
+    out["slot_valid"] = torch.zeros((len(rows), width), dtype=torch.bool)
+    out["slot_valid"][slot_of, offset] = True
+    return out
+
+
+def _without_padding_columns(ids: Tensor, layout, multiple: int, pad_token_id: Optional[int]):
+    """``(ids, layout, start)``: the columns ``[start, end)`` that hold a valid token in some row (the rest
+    are attended by nothing and read by no loss), padded again to ``multiple``."""
+    used = layout.valid.any(0).nonzero().flatten()
+    if used.numel() == 0:
+        return ids, layout, 0
+    start, end = int(used[0]), int(used[-1]) + 1
+    ids, layout = pad_batch(ids[:, start:end], layout.columns(start, end), multiple, pad_token_id)
+    return ids, layout, start
+
+
 class StudentStepPlan:
     """One student step on ``batch`` cut into micro-batches, for any caller of megatron's pipeline
     schedules: ``student_step`` here, and Megatron-LM's ``train_step`` (``megatron_lm/``), whose
@@ -103,7 +170,8 @@ class StudentStepPlan:
 
     def __init__(self, model, config: ModelConfig, batch: SupervisedBatch, targets: Optional[TeacherTargets],
                  divergence_cfg: Optional[DivergenceConfig], micro_batch_size: int, normalization: str = "token",
-                 num_rows: Optional[float] = None, pad_multiple: Optional[int] = None) -> None:
+                 num_rows: Optional[float] = None, pad_multiple: Optional[int] = None,
+                 pack_states: bool = False) -> None:
         if normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; expected one of {LOSS_NORMALIZATIONS}")
         if batch.distill and divergence_cfg is None:
@@ -126,7 +194,12 @@ class StudentStepPlan:
         self.global_normalizer, self.global_supervised, self.global_rows = (float(x) for x in sizes)
         self.local_rows = float(rows_with_tokens.sum()) if num_rows is None else float(num_rows)
 
-        input_ids, layout, prediction_columns = model_input(config, batch)
+        self.packed = packs_states(batch, pack_states)
+        if self.packed:
+            input_ids, layout, prediction_columns, input_row = packed_model_input(config, batch)
+        else:
+            input_ids, layout, prediction_columns = model_input(config, batch)
+            input_row = torch.arange(batch.batch_size)
         multiple = pad_multiple if pad_multiple is not None else sequence_multiple(model)
         # context parallelism: each CP rank forwards a zigzag share of every row's columns (2 x CP chunks
         # of whole multiples) and projects the supervised columns it holds (context_parallel.py)
@@ -140,7 +213,9 @@ class StudentStepPlan:
             local_columns = self.split.position[prediction_columns]
             supervised = supervised & (local_columns >= 0)
             prediction_columns = local_columns.clamp_min(0)
-        if batch.groups is None:
+        if self.packed:  # one input row per answer: micro_batch_size answers, as for the grouped rows below
+            plan = microbatch_rows(input_ids.shape[0], micro_batch_size)
+        elif batch.groups is None:
             plan = microbatch_rows(batch.batch_size, micro_batch_size)
         else:  # the rows of micro_batch_size answers per micro-batch, equal in number under PP (fixed p2p shapes)
             plan = microbatch_groups(batch.groups, micro_batch_size,
@@ -153,17 +228,17 @@ class StudentStepPlan:
         self.excluded = unused_vocab_columns(config).to(self.device)
         self.chunk = divergence_cfg.chunk_tokens if divergence_cfg is not None else 1024
 
+        # without pipeline or context parallelism each micro-batch may have its own width: cut the columns
+        # that are padding in all of its rows (left prompt padding, the packed copies' tail)
+        trim = parallel_state.get_pipeline_model_parallel_world_size() == 1 and self.split is None
         self.microbatches = []
         for rows, real in plan:
-            sup = supervised[rows] & real[:, None]
-            # the supervised answer positions of each row first (stable), padded to the widest row
-            width = max(1, int(sup.sum(-1).max()))
-            order = torch.sort((~sup).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            slot_valid = sup.gather(1, order)
-            self.microbatches.append(dict(
-                plan=self, ids=input_ids[rows], layout=layout.rows(rows), rows=rows, answer_index=order,
-                slot_valid=slot_valid, columns=prediction_columns[rows].gather(1, order),
-            ))
+            slots = _output_slots(rows, real, input_row, supervised, prediction_columns)
+            ids, lay = input_ids[rows], layout.rows(rows)
+            if trim:
+                ids, lay, start = _without_padding_columns(ids, lay, multiple, config.pad_token_id)
+                slots["columns"] = (slots["columns"] - start).clamp_min(0)
+            self.microbatches.append(dict(plan=self, ids=ids, layout=lay, rows=rows, **slots))
         for _ in range(self.num_microbatches - len(plan)):
             self.microbatches.append(dict(plan=self, **idle_microbatch(self.rows_per_microbatch, self.seq_length,
                                                                        config.pad_token_id or 0)))
@@ -179,7 +254,7 @@ class StudentStepPlan:
         slot_valid = mb["slot_valid"].to(output.device)
         which_row, which_slot = slot_valid.nonzero(as_tuple=True)
         student_logits = output[which_row, which_slot]
-        global_rows = mb["rows"].to(output.device)[which_row]
+        global_rows = mb["state_rows"].to(output.device)[which_row, which_slot]
         answer_idx = mb["answer_index"].to(output.device)[which_row, which_slot]
         if batch.distill:
             teacher_logits = targets.lookup(global_rows, answer_idx, output.device)
@@ -282,12 +357,14 @@ def student_step(
     normalization: str = "token",
     forward_only: bool = False,
     num_rows: Optional[float] = None,
+    pack_states: bool = False,
 ) -> Dict[str, float]:
     """Runs the student on ``batch`` over micro-batches; gradients accumulate in ``model``.
 
     ``model``: this rank's part of the student (bare or megatron-DDP-wrapped); ``batch``: this data-
     parallel rank's rows; ``targets``: the teacher's targets for them (last pipeline stage; ignored
     for cross-entropy batches). ``num_rows`` overrides the row count of the ``"row"`` normalisation.
+    ``pack_states`` (``loss.pack_states``): the states of one answer share one input row (``packed_model_input``).
 
     Returns floats identical on every rank: ``loss`` (the objective over the global batch),
     ``num_tokens`` (supervised tokens, global), ``num_rows`` (rows with a supervised token, global),
@@ -295,7 +372,8 @@ def student_step(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    plan = StudentStepPlan(model, config, batch, targets, divergence_cfg, micro_batch_size, normalization, num_rows)
+    plan = StudentStepPlan(model, config, batch, targets, divergence_cfg, micro_batch_size, normalization, num_rows,
+                           pack_states=pack_states)
     results = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(plan.microbatches), model=[model],
         num_microbatches=plan.num_microbatches, seq_length=plan.seq_length,

@@ -253,7 +253,8 @@ class Trainer:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             out = student_step(self.model, self.config, batch, targets, self.divergence,
-                               cfg.train.micro_batch_size, normalization=cfg.loss.normalization)
+                               cfg.train.micro_batch_size, normalization=cfg.loss.normalization,
+                               pack_states=cfg.loss.pack_states)
         loss = float(out["loss"])
         routing = self.router_stats.collect() if self.router_stats is not None else {}
 

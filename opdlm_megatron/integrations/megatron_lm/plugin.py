@@ -224,7 +224,8 @@ class OPDPlugin:
         inputs = self.data.prepare(step)
         args = get_args()
         plan = StudentStepPlan(model[0], self.config, inputs.batch, inputs.targets, self.divergence,
-                               args.micro_batch_size, self.cfg.loss.normalization)
+                               args.micro_batch_size, self.cfg.loss.normalization,
+                               pack_states=self.cfg.loss.pack_states)
         plan.megatron_lm_logging = True
         if plan.num_microbatches != get_num_microbatches():
             raise RuntimeError(f"OPD planned {plan.num_microbatches} micro-batches, Megatron-LM runs "
