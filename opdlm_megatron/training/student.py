@@ -79,7 +79,9 @@ def packed_model_input(config: ModelConfig, batch: SupervisedBatch):
     (``masks.opd_packed_training_batch``); state row ``b``'s answer token i is predicted at column
     ``prediction_columns[b, i]`` of row ``input_row[b]``. The same attention as one row per state, so the
     same loss and gradients, with the prompt and x0 forwarded once per answer instead of once per state
-    (about half the tokens of the step at block 4: ``P + 5A`` instead of ``4 (P + 2A)``)."""
+    (at block 4 and one token per round, ``P + A + 4a`` columns for an answer of ``a`` tokens padded to
+    ``A``, instead of ``4 (P + 2A)``). Callers choose it with ``pack_states`` (the trainer and the
+    Megatron-LM plugin pass ``loss.pack_states``, default on); off by default here, for direct callers."""
     r = batch.answers
     first, inverse = batch.answer_rows()
     rank = torch.arange(batch.batch_size) - first[inverse]  # the rows of one answer are adjacent
