@@ -310,14 +310,16 @@ def _hf_answers(hf, prompts, new_tokens, stops, batch):
 
 
 def _engine_answers(engine, prompts, decode, batch):
-    """The engine's answers (each stops at its own end of answer), seconds and forwards."""
-    answers, seconds, forwards = [], 0.0, 0
+    """The engine's answers (each stops at its own end of answer), seconds and denoising rounds summed
+    over the sequences (a sequence's rounds are the forwards it took part in, so answer tokens over
+    rounds is tokens per forward of one sequence at any batch size)."""
+    answers, seconds, rounds = [], 0.0, 0
     for start in range(0, len(prompts), batch):
         result, t = _timed(lambda: engine.generate(prompts[start:start + batch], decode))
         seconds += t
-        forwards += result.num_forward_passes
+        rounds += int(result.num_rounds.sum())
         answers += result.completions()
-    return answers, seconds, forwards
+    return answers, seconds, rounds
 
 
 def task_mode(args, runtime):
@@ -348,10 +350,9 @@ def task_mode(args, runtime):
     results, examples = {}, []
     for batch in (1, args.task_batch):
         hf_out, t_hf = _hf_answers(hf, prompts, args.new_tokens, stops, batch)
-        st_out, t_st, forwards = _engine_answers(engine, prompts, decode, batch)
+        st_out, t_st, rounds = _engine_answers(engine, prompts, decode, batch)
         hf_tokens, st_tokens = sum(map(len, hf_out)), sum(map(len, st_out))
-        # tokens per forward of one sequence: at batch 1 every forward is that sequence's
-        results[batch] = dict(hf_rate=hf_tokens / t_hf, st_rate=st_tokens / t_st, tpf=st_tokens / max(1, forwards),
+        results[batch] = dict(hf_rate=hf_tokens / t_hf, st_rate=st_tokens / t_st, tpf=st_tokens / max(1, rounds),
                               teacher_acc=score(hf_out), student_acc=score(st_out))
         if batch == 1:  # every prompt's two answers, so that a reader can rescore them
             examples = [dict(question=item.question, reference=item.reference,
@@ -360,7 +361,7 @@ def task_mode(args, runtime):
                         for item, a, b in zip(items, hf_out, st_out)]
         r = results[batch]
         print(f"  {args.task} batch {batch}: student {r['st_rate']:.1f} answer tok/s (acc {r['student_acc']:.3f}"
-              + (f", TPF {r['tpf']:.2f}" if batch == 1 else "") + f") vs HF generate {r['hf_rate']:.1f} tok/s "
+              + f", TPF {r['tpf']:.2f}) vs HF generate {r['hf_rate']:.1f} tok/s "
               f"(acc {r['teacher_acc']:.3f}): {r['st_rate'] / r['hf_rate']:.2f}x", flush=True)
     r = results[1]
     record = dict(teacher_acc=r["teacher_acc"], student_acc=r["student_acc"], student_tpf=r["tpf"],

@@ -72,6 +72,9 @@ def test_rollout_throughput_task_mode_records_what_it_scored(tmp_path):
         rescored = sum(item.score(e[who]) for item, e in zip(items, record["examples"])) / 3
         assert record[f"{who}_acc"] == pytest.approx(rescored)
     assert set(record["batches"]) == {"1", "2"} and record["student_tpf"] == record["batches"]["1"]["tpf"]
+    # tokens per forward of one sequence at every batch size: batching the same greedy answers changes
+    # the forwards a batch runs, not the rounds each sequence takes
+    assert record["batches"]["2"]["tpf"] == pytest.approx(record["batches"]["1"]["tpf"])
     assert f"student_tpf={record['student_tpf']:.2f}" in last
 
     proc = subprocess.run([sys.executable, script, "--task", "opdlm/count_up", "--task-options", "[1]", *common],
