@@ -11,6 +11,14 @@ grades them, and the teacher's probability of each of its greedy tokens (teacher
 answer: the same context it decoded with) gives the share of tokens with p >= 0.9 and >= 0.7 and of
 consecutive token pairs both >= 0.9 (end-of-turn token included).
 
+``--student LABEL=CKPT`` (repeatable) measures where a block-diffusion student stands against that
+ceiling: on the teacher's answers, every block's first round (the block all [MASK], the earlier blocks
+the teacher's tokens: what the student sees when it has so far decoded what the teacher would), the
+share of tokens the student is >= 0.9 sure of (per slot of the block, too), how many of those it would
+commit right (its choice is the teacher's token), and the tokens the round would commit at the
+threshold (at least one, at most the block's). All blocks' first rounds come from one forward of the
+training layout ``[prompt | x0 | xt]`` with every answer token masked in xt.
+
 Writes ``benchmarks/results/teacher_confidence.json``; the last line names the families where the
 teacher is accurate (>= 0.6) and confident (>= 0.5 of its tokens at p >= 0.9):
 ``families=N accurate_and_confident=F1,F2,...``.
@@ -23,6 +31,8 @@ import json
 import os
 import sys
 import time
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,6 +59,53 @@ def confidence(nll, valid):
             float(pairs.sum() / max(1, int(pair_count))), float(p[valid].mean()))
 
 
+def per_slot(sure, valid, block_size):
+    """Share of ``sure`` among the ``valid`` answer tokens at each slot of a block (answers start a block)."""
+    slot = torch.arange(sure.shape[1]) % block_size
+    return [float((sure & valid & (slot == s)).sum() / max(1, int((valid & (slot == s)).sum())))
+            for s in range(block_size)]
+
+
+def first_round(model, config, answers, micro_batch_size):
+    """The student's top probability ``[B, A]`` and whether its top token is the answer's ``[B, A]`` at
+    every answer token in its block's first round: the block all [MASK], earlier blocks the answer's."""
+    from opdlm_megatron.model.build import forward_answer_columns, mask_unused_vocab
+    from opdlm_megatron.model.masks import opd_training_batch
+
+    ids, valid = answers.answer_ids, answers.answer_valid
+    xt = torch.where(valid, torch.full_like(ids, config.mask_token_id), ids)
+    batch = opd_training_batch(answers.prompt_ids, answers.prompt_valid, ids, xt, valid, config.block_size,
+                               config.logit_shift)
+    top, right = torch.zeros(ids.shape), torch.zeros(ids.shape, dtype=torch.bool)
+
+    def consume(rows, answer_index, slot_valid, logits):
+        p, choice = mask_unused_vocab(logits.float(), config).softmax(-1).max(-1)
+        r, i = rows[:, None].expand_as(answer_index)[slot_valid], answer_index[slot_valid]
+        top[r, i] = p[slot_valid].cpu()
+        right[r, i] = choice[slot_valid].cpu() == ids[r, i]
+
+    with torch.no_grad():
+        forward_answer_columns(model, config, batch.input_ids, batch.layout, batch.prediction_columns, valid,
+                               micro_batch_size, consume)
+    return top, right
+
+
+def first_round_summary(top, right, valid, block_size, threshold=0.9):
+    """What the first rounds say: shares of sure tokens (all, per slot), of sure tokens that are right,
+    and the tokens a round commits at ``threshold`` (>= 1, <= the block's tokens), averaged over blocks."""
+    sure = (top >= threshold) & valid
+    bsz, length = valid.shape
+    blocks = -(-length // block_size)
+    pad = blocks * block_size - length
+    sure_b = torch.nn.functional.pad(sure, (0, pad)).view(bsz, blocks, block_size).sum(-1)
+    real_b = torch.nn.functional.pad(valid, (0, pad)).view(bsz, blocks, block_size).sum(-1)
+    has = real_b > 0
+    commits = torch.minimum(sure_b.clamp_min(1), real_b)[has].double()
+    return {"p_ge_0.9": float(sure.sum() / valid.sum()), "per_slot_p_ge_0.9": per_slot(sure, valid, block_size),
+            "sure_and_right": float((sure & right).sum() / max(1, int(sure.sum()))),
+            "commits_per_round": float(commits.mean())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=100)
@@ -59,6 +116,10 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=0,
                    help="solved examples before each question of the opdlm/ families (their option 'shots'); the "
                         "table goes to teacher_confidence_shotsK.json")
+    p.add_argument("--checkpoint", default=None,
+                   help="the teacher: a converted checkpoint (default: SmolLM2-135M-Instruct converted in the cache)")
+    p.add_argument("--student", action="append", default=[], metavar="LABEL=CKPT",
+                   help="a block-diffusion student to measure on the teacher's answers (repeatable)")
     p.add_argument("--quick", action="store_true", help="two families, 4 prompts, a tiny random model")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "teacher_confidence.json"))
@@ -76,6 +137,12 @@ def main() -> None:
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.distill.teacher import FrozenTeacher
 
+    students = []
+    for spec in args.student:
+        label, _, path = spec.partition("=")
+        if not label or not path or not os.path.isdir(path):
+            sys.exit(f"teacher_confidence: error: --student wants LABEL=CKPT with an existing directory, got {spec!r}")
+        students.append((label, path))
     shots = {"shots": args.shots} if args.shots else {}
     candidates = [(name, options) for name, options in GYM] + [(name, dict(shots)) for name in family_names()]
     if args.families:
@@ -93,6 +160,9 @@ def main() -> None:
                                  max_sequence_length=256)
         candidates, args.prompts, args.max_new_tokens = candidates[:1] + [("opdlm/copy_sentence", {})], 4, 8
         args.out = os.path.join(os.path.dirname(ckpt), "teacher_confidence.json")
+        students = students or [("tiny", ckpt)]
+    elif args.checkpoint:
+        ckpt = args.checkpoint
     else:
         from opdlm_megatron.tools.convert_hf_to_megatron import convert
         from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2
@@ -105,6 +175,11 @@ def main() -> None:
     with initialize_runtime(device="cpu", seed=0):
         model, config = build_from_checkpoint(ckpt, "teacher")
         teacher = FrozenTeacher(model, config, config)
+        student_models = [(label, *build_from_checkpoint(path, "student")) for label, path in students]
+        for label, _, student_config in student_models:
+            if student_config.num_tokens != config.num_tokens:
+                sys.exit(f"teacher_confidence: error: --student {label} has {student_config.num_tokens} tokens, "
+                         f"the teacher {config.num_tokens}: they must share a tokenizer")
         decode = teacher_decode(DecodeConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=config.eos_token_ids))
         for task, options in candidates:
             began = time.time()
@@ -126,6 +201,18 @@ def main() -> None:
             rows.append(row)
             print(f"{task:28s} acc {row['accuracy']:.3f} ±{row['accuracy_se']:.3f} len {row['answer_tokens']:5.1f} "
                   f"p>=0.9 {p90:.3f} p>=0.7 {p70:.3f} pairs>=0.9 {pairs90:.3f} ({row['seconds']:.0f} s)", flush=True)
+            if student_models:
+                valid = answers.answer_valid
+                row["teacher_per_slot_p_ge_0.9"] = per_slot((-nll).exp() >= 0.9, valid, student_models[0][2].block_size)
+                row["students"] = {}
+                for label, student, student_config in student_models:
+                    top, right = first_round(student, student_config, answers, args.batch_size)
+                    got = first_round_summary(top, right, valid, student_config.block_size)
+                    row["students"][label] = got
+                    print(f"{'':28s} {label}: first rounds p>=0.9 {got['p_ge_0.9']:.3f} (per slot "
+                          + " ".join(f"{x:.2f}" for x in got["per_slot_p_ge_0.9"])
+                          + f"), sure and right {got['sure_and_right']:.3f}, "
+                          f"commits per round {got['commits_per_round']:.2f}", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "shots": args.shots, "rows": rows},

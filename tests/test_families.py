@@ -86,3 +86,73 @@ def test_teacher_confidence_quick_measures_accuracy_and_confidence(tmp_path):
     assert [r["family"] for r in rows] == ["chain_sum", "opdlm/copy_sentence"]
     assert all(0 <= r[k] <= 1 for r in rows for k in ("accuracy", "p_ge_0.9", "p_ge_0.7", "pairs_ge_0.9", "mean_p"))
     assert all(r["p_ge_0.9"] <= r["p_ge_0.7"] for r in rows) and all(r["answer_tokens"] > 0 for r in rows)
+    for r in rows:  # --quick measures the tiny model as a student on its own answers
+        got = r["students"]["tiny"]
+        assert len(got["per_slot_p_ge_0.9"]) == len(r["teacher_per_slot_p_ge_0.9"]) == 4
+        assert all(0 <= x <= 1 for x in [got["p_ge_0.9"], got["sure_and_right"], *got["per_slot_p_ge_0.9"]])
+        assert 1 <= got["commits_per_round"] <= 4
+
+
+def _teacher_confidence_module():
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("teacher_confidence", REPO_ROOT / "benchmarks" / "teacher_confidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_first_round_confidence_matches_each_decoding_state(runtime, logit_shift):
+    """teacher_confidence.first_round (every block's first round from one forward of the training layout)
+    against the plain-torch reference forward of each block's decoding state on a row of its own: the
+    prompt, the answer's earlier blocks, the block's slots all [MASK] (block-causal by a brute-force rule:
+    the prompt tiled from its start, the answer starting a fresh block)."""
+    import torch
+
+    from opdlm_megatron.distill.answers import results_from_answers
+    from opdlm_megatron.model.build import build_model
+    from tests.helpers import reference_forward, tiny_config
+
+    bench = _teacher_confidence_module()
+    config = tiny_config(logit_shift=logit_shift)
+    model = build_model(config, "student").eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    answer_ids = [[20, 21, 22, 23, 24, 25], [30, 31, 32]]  # a partial last block in both
+    answers = results_from_answers(prompts, answer_ids, [True, True], config.pad_token_id or 0)
+    top, right = bench.first_round(model, config, answers, 2)
+    b, unused = config.block_size, config.unused_token_mask(0, config.padded_vocab_size(1))
+    for i, (prompt, answer) in enumerate(zip(prompts, answer_ids)):
+        for start in range(0, len(answer), b):
+            n = min(b, len(answer) - start)
+            ids = prompt + answer[:start] + [config.mask_token_id] * n
+            P = len(prompt)
+            block = [k // b if k < P else -(-P // b) + (k - P) // b for k in range(len(ids))]
+            allowed = torch.tensor([[block[k] <= block[q] for k in range(len(ids))] for q in range(len(ids))])
+            with torch.no_grad():
+                logits = reference_forward(state, config, torch.tensor([ids]), allowed[None],
+                                           torch.arange(len(ids))[None])[0].double()
+            for s in range(n):
+                column = P + start + s - (1 if logit_shift else 0)
+                probs = logits[column].masked_fill(unused, float("-inf")).softmax(-1)
+                assert float(top[i, start + s]) == pytest.approx(float(probs.max()), rel=1e-4)
+                assert bool(right[i, start + s]) == (int(probs.argmax()) == answer[start + s])
+    assert bool((top[answers.answer_valid] > 0).all()) and bool((top[~answers.answer_valid] == 0).all())
+
+
+def test_first_round_summary_counts_commits_per_block():
+    """commits per round: the sure slots of each block's first round, at least one, at most the block's tokens."""
+    import torch
+
+    bench = _teacher_confidence_module()
+    top = torch.tensor([[0.95, 0.2, 0.91, 0.99, 0.1, 0.0], [0.3, 0.2, 0.1, 0.2, 0.97, 0.0]])
+    right = torch.tensor([[True, False, False, True, False, False], [False] * 4 + [True, False]])
+    valid = torch.tensor([[True] * 5 + [False], [True] * 5 + [False]])
+    got = bench.first_round_summary(top, right, valid, 4)
+    # blocks: [0.95 .2 .91 .99] -> 3, [.1] -> 1, [.3 .2 .1 .2] -> 1, [.97] -> 1
+    assert got["commits_per_round"] == pytest.approx(6 / 4)
+    assert got["p_ge_0.9"] == pytest.approx(4 / 10) and got["sure_and_right"] == pytest.approx(3 / 4)
+    assert got["per_slot_p_ge_0.9"] == pytest.approx([2 / 4, 0, 1 / 2, 1 / 2])
