@@ -102,7 +102,8 @@ def first_round_summary(top, right, valid, block_size, threshold=0.9):
     has = real_b > 0
     commits = torch.minimum(sure_b.clamp_min(1), real_b)[has].double()
     return {"p_ge_0.9": float(sure.sum() / valid.sum()), "per_slot_p_ge_0.9": per_slot(sure, valid, block_size),
-            "sure_and_right": float((sure & right).sum() / max(1, int(sure.sum()))),
+            # None where the student is sure of nothing
+            "sure_and_right": float((sure & right).sum() / sure.sum()) if bool(sure.any()) else None,
             "commits_per_round": float(commits.mean())}
 
 
@@ -137,12 +138,18 @@ def main() -> None:
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.distill.teacher import FrozenTeacher
 
+    def refuse(message):  # bad input: one line, exit code 2, nothing written
+        print(f"teacher_confidence: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     students = []
     for spec in args.student:
         label, _, path = spec.partition("=")
         if not label or not path or not os.path.isdir(path):
-            sys.exit(f"teacher_confidence: error: --student wants LABEL=CKPT with an existing directory, got {spec!r}")
+            refuse(f"--student wants LABEL=CKPT with an existing checkpoint directory, got {spec!r}")
         students.append((label, path))
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        refuse(f"--checkpoint must be an existing checkpoint directory, got {args.checkpoint!r}")
     shots = {"shots": args.shots} if args.shots else {}
     candidates = [(name, options) for name, options in GYM] + [(name, dict(shots)) for name in family_names()]
     if args.families:
@@ -178,8 +185,8 @@ def main() -> None:
         student_models = [(label, *build_from_checkpoint(path, "student")) for label, path in students]
         for label, _, student_config in student_models:
             if student_config.num_tokens != config.num_tokens:
-                sys.exit(f"teacher_confidence: error: --student {label} has {student_config.num_tokens} tokens, "
-                         f"the teacher {config.num_tokens}: they must share a tokenizer")
+                refuse(f"--student {label} has {student_config.num_tokens} tokens, the teacher "
+                       f"{config.num_tokens}: they must share a tokenizer")
         decode = teacher_decode(DecodeConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=config.eos_token_ids))
         for task, options in candidates:
             began = time.time()
@@ -211,11 +218,13 @@ def main() -> None:
                     row["students"][label] = got
                     print(f"{'':28s} {label}: first rounds p>=0.9 {got['p_ge_0.9']:.3f} (per slot "
                           + " ".join(f"{x:.2f}" for x in got["per_slot_p_ge_0.9"])
-                          + f"), sure and right {got['sure_and_right']:.3f}, "
+                          + "), sure and right " + ("n/a" if got["sure_and_right"] is None else
+                                                   f"{got['sure_and_right']:.3f}") + ", "
                           f"commits per round {got['commits_per_round']:.2f}", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "shots": args.shots, "rows": rows},
+        json.dump({"system_prompt": args.system_prompt, "prompts": args.prompts, "shots": args.shots,
+                   "teacher": ckpt, "students": dict(students), "rows": rows},
                   f, indent=1)
     good = [r["family"] for r in rows if r["accuracy"] >= ACCURATE and r["p_ge_0.9"] >= CONFIDENT]
     print(f"table: {args.out}")

@@ -89,8 +89,23 @@ def test_teacher_confidence_quick_measures_accuracy_and_confidence(tmp_path):
     for r in rows:  # --quick measures the tiny model as a student on its own answers
         got = r["students"]["tiny"]
         assert len(got["per_slot_p_ge_0.9"]) == len(r["teacher_per_slot_p_ge_0.9"]) == 4
-        assert all(0 <= x <= 1 for x in [got["p_ge_0.9"], got["sure_and_right"], *got["per_slot_p_ge_0.9"]])
+        assert all(0 <= x <= 1 for x in [got["p_ge_0.9"], *got["per_slot_p_ge_0.9"]])
+        assert (got["sure_and_right"] is None) == (got["p_ge_0.9"] == 0)  # undefined where nothing is sure
         assert 1 <= got["commits_per_round"] <= 4
+
+
+def test_teacher_confidence_refuses_a_student_that_is_not_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "teacher_confidence.py"), "--quick",
+                           "--student", f"late={tmp_path / 'missing'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "teacher_confidence: error: --student wants LABEL=CKPT with an existing checkpoint directory, "
+        f"got 'late={tmp_path / 'missing'}'")
+    assert "Traceback" not in proc.stderr
 
 
 def _teacher_confidence_module():
