@@ -138,18 +138,14 @@ def main() -> None:
     from opdlm_megatron.rollout.config import DecodeConfig
     from opdlm_megatron.distill.teacher import FrozenTeacher
 
-    def refuse(message):  # bad input: one line, exit code 2, nothing written
-        print(f"teacher_confidence: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
     students = []
     for spec in args.student:
         label, _, path = spec.partition("=")
         if not label or not path or not os.path.isdir(path):
-            refuse(f"--student wants LABEL=CKPT with an existing checkpoint directory, got {spec!r}")
+            raise ValueError(f"--student wants LABEL=CKPT with an existing checkpoint directory, got {spec!r}")
         students.append((label, path))
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
-        refuse(f"--checkpoint must be an existing checkpoint directory, got {args.checkpoint!r}")
+        raise ValueError(f"--checkpoint must be an existing checkpoint directory, got {args.checkpoint!r}")
     shots = {"shots": args.shots} if args.shots else {}
     candidates = [(name, options) for name, options in GYM] + [(name, dict(shots)) for name in family_names()]
     if args.families:
@@ -185,8 +181,8 @@ def main() -> None:
         student_models = [(label, *build_from_checkpoint(path, "student")) for label, path in students]
         for label, _, student_config in student_models:
             if student_config.num_tokens != config.num_tokens:
-                refuse(f"--student {label} has {student_config.num_tokens} tokens, the teacher "
-                       f"{config.num_tokens}: they must share a tokenizer")
+                raise ValueError(f"--student {label} has {student_config.num_tokens} tokens, the teacher "
+                                 f"{config.num_tokens}: they must share a tokenizer")
         decode = teacher_decode(DecodeConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=config.eos_token_ids))
         for task, options in candidates:
             began = time.time()
@@ -232,4 +228,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from opdlm_megatron.commands.base import refuse_bad_input
+
+    refuse_bad_input("teacher_confidence", main)  # bad input: one line, exit code 2, nothing written

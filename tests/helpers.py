@@ -183,6 +183,16 @@ def save_word_tokenizer(directory, size: int = 250, chat_template: bool = True):
     return hf
 
 
+def load_script(path, name: str):
+    """A script that is not part of the package (a benchmark, the demo) as a module, to call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_tiny_student(ckpt, seed: int, max_sequence_length: int = 128, **overrides) -> str:
     """A tiny random student checkpoint (250-token vocabulary, EOS 2; ``overrides``: other ModelConfig
     fields) with ``save_word_tokenizer``'s chat tokenizer in ``<ckpt>/tokenizer``, as the CLI tests'

@@ -109,14 +109,10 @@ def test_teacher_confidence_refuses_a_student_that_is_not_a_checkpoint(tmp_path)
 
 
 def _teacher_confidence_module():
-    import importlib.util
-
     from tests.conftest import REPO_ROOT
+    from tests.helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("teacher_confidence", REPO_ROOT / "benchmarks" / "teacher_confidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / "teacher_confidence.py", "teacher_confidence")
 
 
 @pytest.mark.parametrize("logit_shift", [False, True])

@@ -123,11 +123,9 @@ def test_smollm2_main_job_reports_its_accuracy_table(tmp_path):
 def test_demo_reports_the_committed_full_run_per_family(tmp_path):
     """The main job's screen carries the longer run's committed per-family records (rollout_throughput
     --task --json-out): one line per family with its numbers, nothing when there are none."""
-    import importlib.util
+    from tests.helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("demo_smollm2", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script(DEMO, "demo_smollm2")
     path = tmp_path / "real_model.json"
     assert demo.full_run_lines(str(path)) == []
     path.write_text(json.dumps({
