@@ -160,7 +160,10 @@ def test_sampling_seeds_average_per_item(tiny, tmp_path):
 
     out = tmp_path / "seeds"
     assert main(["--student", tiny["ckpt"], "--task", "jsonl", "--data", tiny["data"], "--max-new-tokens", "8",
-                 "--temperature", "1.0", "--seeds", "2", "--no-teacher", "--no-progress", "--out", str(out)]) == 0
+                 "--temperature", "1.0", "--seeds", "2", "--no-teacher", "--no-progress", "--out", str(out),
+                 "--system-prompt", "Answer briefly.", "--data-seed", "3"]) == 0
+    recorded = json.load(open(out / "summary.json"))  # what decides the prompts, to reproduce the numbers
+    assert (recorded["system_prompt"], recorded["data_seed"], recorded["data"]) == ("Answer briefly.", 3, tiny["data"])
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == 2 * len(tiny["questions"])
     assert any(a["completion_ids"] != b["completion_ids"] for a, b in zip(rows[:6], rows[6:]))  # seeds differ
