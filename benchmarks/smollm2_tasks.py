@@ -49,12 +49,9 @@ def main() -> None:
     from opdlm_megatron.eval.evaluation import encode
     from opdlm_megatron.runtime.platform import initialize_runtime
     from opdlm_megatron.rollout.config import DecodeConfig
-    from opdlm_megatron.tools.convert_hf_to_megatron import convert
-    from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2
+    from opdlm_megatron.tools.convert_hf_to_megatron import ensure_converted_smollm2
 
-    ckpt = os.path.join(default_cache_dir(), "smollm2-135m-instruct-opd-b4")
-    if not os.path.isdir(ckpt):
-        convert(ensure_smollm2(), ckpt, block_size=4)
+    ckpt = ensure_converted_smollm2(block_size=4)
     tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
     rows = []
     with initialize_runtime(device="cpu", seed=0):

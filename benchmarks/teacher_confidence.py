@@ -167,12 +167,9 @@ def main() -> None:
     elif args.checkpoint:
         ckpt = args.checkpoint
     else:
-        from opdlm_megatron.tools.convert_hf_to_megatron import convert
-        from opdlm_megatron.tools.prepare_smollm2 import default_cache_dir, ensure_smollm2
+        from opdlm_megatron.tools.convert_hf_to_megatron import ensure_converted_smollm2
 
-        ckpt = os.path.join(default_cache_dir(), "smollm2-135m-instruct-opd-b4")
-        if not os.path.isdir(ckpt):
-            convert(ensure_smollm2(), ckpt, block_size=4)
+        ckpt = ensure_converted_smollm2(block_size=4)
     tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
     rows = []
     with initialize_runtime(device="cpu", seed=0):

@@ -9,8 +9,8 @@ import torch
 from opdlm_megatron.checkpoint.model import build_from_checkpoint
 from opdlm_megatron.model.masks import causal_layout
 from opdlm_megatron.model.build import attention_mask, mask_unused_vocab
-from opdlm_megatron.tools.convert_hf_to_megatron import TOKENIZER_SUBDIR, convert
-from opdlm_megatron.tools.prepare_smollm2 import ensure_smollm2
+from opdlm_megatron.tools.convert_hf_to_megatron import TOKENIZER_SUBDIR, ensure_converted_smollm2
+from opdlm_megatron.tools.prepare_smollm2 import CACHE_SUBDIR, ensure_smollm2
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 16
@@ -40,8 +40,15 @@ def megatron_forward(model, config, ids):
 
 def test_smollm2_logits_and_greedy_match_hf(smollm2, tmp_path, runtime):
     hf_dir, ids, hf_logits, hf_continuation = smollm2
-    convert(hf_dir, str(tmp_path / "ckpt"))
-    model, config = build_from_checkpoint(str(tmp_path / "ckpt"), "teacher")
+    # the benchmarks' cached teacher: converted on first use into the cache (here a temporary one holding
+    # the prepared HF directory), found there afterwards
+    os.symlink(hf_dir, tmp_path / CACHE_SUBDIR)
+    ckpt = ensure_converted_smollm2(block_size=4, cache_dir=str(tmp_path))
+    stamp = os.stat(os.path.join(ckpt, "opdlm_model_config.json")).st_mtime_ns
+    assert ensure_converted_smollm2(block_size=4, cache_dir=str(tmp_path)) == ckpt
+    assert os.stat(os.path.join(ckpt, "opdlm_model_config.json")).st_mtime_ns == stamp  # not converted again
+    model, config = build_from_checkpoint(ckpt, "teacher")
+    assert config.block_size == 4 and not config.logit_shift
     assert config.eos_token_ids == [2, 0] and config.mask_token_id == 49152 and config.tie_word_embeddings
 
     logits = megatron_forward(model, config, ids)[..., : config.vocab_size]
@@ -63,6 +70,6 @@ def test_smollm2_logits_and_greedy_match_hf(smollm2, tmp_path, runtime):
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt" / TOKENIZER_SUBDIR))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ckpt, TOKENIZER_SUBDIR))
     assert tokenizer.chat_template and tokenizer.decode(continuation).strip()
-    assert os.path.isfile(tmp_path / "ckpt" / TOKENIZER_SUBDIR / "generation_config.json")
+    assert os.path.isfile(os.path.join(ckpt, TOKENIZER_SUBDIR, "generation_config.json"))

@@ -38,6 +38,7 @@ from .hf_mapping import (
     megatron_shard,
     model_config_from_hf,
 )
+from .prepare_smollm2 import default_cache_dir, ensure_smollm2
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +207,13 @@ def convert(
         atomic_directory_save(out, write)
     logger.info("converted %s -> %s (TP=%d, PP=%d, EP=%d, %s)", hf_dir, out, tp, pp, ep, config.params_dtype)
     return config
+
+
+def ensure_converted_smollm2(block_size: int = 4, cache_dir: Optional[str] = None) -> str:
+    """Path of SmolLM2-135M-Instruct converted as it is (no [MASK] added, no logit shift: the AR teacher the
+    benchmarks measure), converting it into the cache on first use. ``convert`` renames a complete directory
+    into place, so an existing one is a finished conversion."""
+    ckpt = os.path.join(cache_dir or default_cache_dir(), f"smollm2-135m-instruct-opd-b{block_size}")
+    if not os.path.isdir(ckpt):
+        convert(ensure_smollm2(cache_dir), ckpt, block_size=block_size)
+    return ckpt
