@@ -210,7 +210,7 @@ def convert(
 
 
 def ensure_converted_smollm2(block_size: int = 4, cache_dir: Optional[str] = None) -> str:
-    """Path of SmolLM2-135M-Instruct converted as it is (no [MASK] added, no logit shift: the AR teacher the
+    """Path of SmolLM2-135M-Instruct converted with ``convert``'s defaults (no logit shift: the AR teacher the
     benchmarks measure), converting it into the cache on first use. ``convert`` renames a complete directory
     into place, so an existing one is a finished conversion."""
     ckpt = os.path.join(cache_dir or default_cache_dir(), f"smollm2-135m-instruct-opd-b{block_size}")
