@@ -163,8 +163,8 @@ def run(args, spec: TaskSpec) -> Optional[dict]:
     summary = {"task": spec.task, "task_options": spec.options, "data": spec.data, "data_seed": spec.seed,
                "few_shot": spec.few_shot, "system_prompt": args.system_prompt, "items": len(items),
                "student": args.student, "teacher": teacher_path, "block_size": block,
-               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seeds": args.seeds, "chat_template": args.chat_template,
-               "results": {}}
+               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seeds": args.seeds,
+               "chat_template": args.chat_template, "results": {}}
     if teacher_path:
         summary["results"]["teacher"] = summarize_run([r for r in records if r["model"] == "teacher"])
     for setting in rules:
